@@ -1,0 +1,77 @@
+"""The API process: FastAPI app, its Redis connection and its shared pub/sub reader."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq.connections import ArqRedis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from api.dispatch import Dispatcher
+from api.errors import install_error_handlers
+from api.ollama_routes import router as ollama_router
+from api.pubsub import FrameMultiplexer
+from common.redis_conn import connect
+from common.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# The Ollama version whose API we follow; clients gate features on it.
+OLLAMA_API_VERSION = "0.12.0"
+
+
+def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if redis is None and not settings.redis_url:
+            raise RuntimeError("VLLAMA_REDIS_URL is not set (or use `vllama serve`, which starts Redis)")
+        conn = redis or await connect(settings.redis_url)
+        mux = FrameMultiplexer(conn)
+        await mux.start()
+        app.state.redis = conn
+        app.state.dispatcher = Dispatcher(conn, mux, settings)
+        try:
+            yield
+        finally:
+            await mux.stop()
+            if redis is None:
+                await conn.aclose()
+
+    app = FastAPI(title="vLLama", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(ollama_router)
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    async def root() -> str:
+        return "Ollama is running"
+
+    @app.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version() -> dict[str, str]:
+        return {"version": OLLAMA_API_VERSION}
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        """Ready when Redis answers and at least one worker is ready to generate."""
+        dispatcher: Dispatcher = request.app.state.dispatcher
+        try:
+            await request.app.state.redis.ping()
+            workers = await dispatcher.live_workers(fresh=True)
+        except Exception as exc:  # noqa: BLE001 - any Redis failure means "cannot serve"
+            return JSONResponse({"status": "unavailable", "redis": f"error: {exc}", "workers": []}, 503)
+        ready = [w for w in workers if w.state == "ready"]
+        body = {
+            "status": "ok" if ready else "unavailable",
+            "redis": "ok",
+            "workers": [w.model_dump(include={"worker_id", "host", "models", "state", "running", "max_jobs"})
+                        for w in workers],
+        }
+        if not ready:
+            body["reason"] = "no worker is ready; start one with `vllama worker` (or wait for it to load)"
+        return JSONResponse(body, 200 if ready else 503)
+
+    return app

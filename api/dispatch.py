@@ -1,0 +1,173 @@
+"""From a job spec to a stream of frames: admission, subscribe-then-enqueue, watchdog, abort.
+
+The API never runs a model. It checks that some live worker serves the model (404 if none),
+that the model's queue is not over its limit (503), subscribes to the job's channel, enqueues
+the job for arq, and then yields the worker's frames in order. While waiting it watches the
+worker that took the job: if that worker's heartbeat stops, the client gets an error within
+seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss
+from pydantic import TypeAdapter
+
+from api.pubsub import FrameMultiplexer
+from common import keys, registry
+from common.errors import (
+    ModelNotFound,
+    ServerBusy,
+    StreamBroken,
+    Unavailable,
+    VllamaError,
+    WorkerLost,
+    from_code,
+)
+from common.protocol import DoneFrame, ErrorFrame, Frame, GenerationJob, StartFrame
+from common.settings import Settings
+
+_frame = TypeAdapter(Frame)
+WORKER_CACHE_S = 0.5
+
+
+class Dispatcher:
+    def __init__(self, redis: ArqRedis, mux: FrameMultiplexer, settings: Settings) -> None:
+        self.redis = redis
+        self.mux = mux
+        self.settings = settings
+        self._workers: list[registry.WorkerInfo] = []
+        self._workers_at = 0.0
+
+    async def live_workers(self, fresh: bool = False) -> list[registry.WorkerInfo]:
+        """Live workers, cached briefly: every request asks, Redis need not answer each."""
+        now = time.monotonic()
+        if fresh or now - self._workers_at > WORKER_CACHE_S:
+            self._workers = await registry.live_workers(self.redis, self.settings.heartbeat_ttl_s)
+            self._workers_at = now
+        return self._workers
+
+    async def workers_for(self, model: str, fresh: bool = False) -> list[registry.WorkerInfo]:
+        return [w for w in await self.live_workers(fresh) if model in w.models]
+
+    async def require_model(self, model: str) -> list[registry.WorkerInfo]:
+        workers = await self.workers_for(model)
+        if not workers:
+            workers = await self.workers_for(model, fresh=True)
+        if not workers:
+            raise ModelNotFound(model)
+        return workers
+
+    async def submit(self, job: GenerationJob) -> JobStream:
+        workers = await self.require_model(job.model)
+        queue = keys.generation_queue(job.model)
+        # arq keeps running jobs in the queue zset until they finish; what waits is the rest.
+        waiting = await self.redis.zcard(queue) - sum(w.running for w in workers)
+        if waiting >= self.settings.max_queue:
+            raise ServerBusy()
+        stream = JobStream(self, job)
+        await stream.open()
+        return stream
+
+    async def record(self, job: GenerationJob, status: str, **fields: object) -> None:
+        record = {"job_id": job.job_id, "model": job.model, "kind": job.kind, "status": status,
+                  "created_at": job.created_at, "updated_at": time.time(), **fields}
+        await self.redis.set(keys.job_record(job.job_id), json.dumps(record), ex=self.settings.keep_result_s)
+
+
+class JobStream:
+    """One submitted job as seen by the request that submitted it."""
+
+    def __init__(self, dispatcher: Dispatcher, job: GenerationJob) -> None:
+        self._d = dispatcher
+        self.job = job
+        self._channel = keys.frames_channel(job.job_id)
+        self._queue: asyncio.Queue[bytes] | None = None
+        self.worker_id: str | None = None
+        self.finished = False
+
+    async def open(self) -> None:
+        d = self._d
+        self._queue = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
+        try:
+            await d.record(self.job, "queued")
+            enqueued = await d.redis.enqueue_job(
+                "generate",
+                self.job.model_dump(mode="json"),
+                _job_id=self.job.job_id,
+                _queue_name=keys.generation_queue(self.job.model),
+            )
+            if enqueued is None:
+                raise VllamaError(f"job id {self.job.job_id} already exists; retry the request")
+        except BaseException:
+            await d.mux.unsubscribe(self._channel)
+            raise
+
+    async def frames(self) -> AsyncIterator[StartFrame | DoneFrame | ErrorFrame | Frame]:
+        """Frames in order, ending with a DoneFrame; a worker's error frame is raised."""
+        expected = 0
+        tick = self._d.settings.heartbeat_interval_s
+        while True:
+            try:
+                raw = await asyncio.wait_for(self._queue.get(), tick)
+            except TimeoutError:
+                await self._check_progress()
+                continue
+            frame = _frame.validate_json(raw)
+            if frame.seq != expected:
+                raise StreamBroken(
+                    f"lost part of the answer (frame {expected} expected, {frame.seq} received); "
+                    "retry the request"
+                )
+            expected += 1
+            if isinstance(frame, StartFrame):
+                self.worker_id = frame.worker_id
+            elif isinstance(frame, ErrorFrame):
+                self.finished = True
+                raise from_code(frame.code, frame.message)
+            elif isinstance(frame, DoneFrame):
+                self.finished = True
+                yield frame
+                return
+            yield frame
+
+    async def _check_progress(self) -> None:
+        """Called after a quiet tick: is whoever should be producing frames still alive?"""
+        d = self._d
+        if self.worker_id is not None:
+            if not await registry.worker_alive(d.redis, self.worker_id):
+                message = (
+                    f"the worker running this request ({self.worker_id}) stopped responding; "
+                    "the answer is incomplete, retry the request"
+                )
+                await d.record(self.job, "failed", worker_id=self.worker_id, error=message)
+                self.finished = True
+                raise WorkerLost(message)
+            return
+        if not await d.workers_for(self.job.model, fresh=True):
+            await self.cancel()
+            raise Unavailable(
+                f"no worker is serving '{self.job.model}' any more; start one "
+                f"(vllama worker --model {self.job.model}) and retry"
+            )
+
+    async def cancel(self) -> None:
+        """Ask arq to abort the job: a queued job never starts, a running one is cancelled
+        in its worker, which aborts the engine request."""
+        await self._d.redis.zadd(abort_jobs_ss, {self.job.job_id: int(time.time() * 1000)})
+        self.finished = True
+        if self.worker_id is None:
+            await self._d.record(self.job, "cancelled", error="cancelled before it started")
+
+    async def close(self) -> None:
+        """Always called: unsubscribes, and aborts the job if the client left before the end."""
+        try:
+            if not self.finished:
+                await self.cancel()
+        finally:
+            await self._d.mux.unsubscribe(self._channel)

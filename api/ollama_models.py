@@ -1,0 +1,197 @@
+"""Ollama's request bodies (exact field names) and their conversion to job specs.
+
+Validation here is the single place bad input is caught: each message says what is wrong and
+what to send instead. Unknown fields and unknown ``options`` keys are ignored, as Ollama does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.errors import BadRequest
+from common.models import canonical_name
+from common.protocol import ChatMessage, GenerationJob, Sampling
+
+Format = dict[str, Any] | str | None
+
+
+class Options(BaseModel):
+    """The ``options`` keys that affect generation; others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    num_predict: int | None = None
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    num_ctx: int | None = None
+
+    def to_sampling(self, fmt: Format) -> Sampling:
+        s = Sampling()
+        if self.temperature is not None:
+            if self.temperature < 0:
+                raise BadRequest("options.temperature must be 0 or more")
+            s.temperature = self.temperature
+        if self.top_k is not None:
+            if self.top_k < 0:
+                raise BadRequest("options.top_k must be 0 (off) or more")
+            s.top_k = self.top_k
+        if self.top_p is not None:
+            if not 0 < self.top_p <= 1:
+                raise BadRequest("options.top_p must be more than 0 and at most 1")
+            s.top_p = self.top_p
+        if self.min_p is not None:
+            if not 0 <= self.min_p <= 1:
+                raise BadRequest("options.min_p must be between 0 and 1")
+            s.min_p = self.min_p
+        if self.num_predict is not None:
+            # Ollama: -1 means no limit, -2 means fill the context; both end at the context.
+            if self.num_predict < -2:
+                raise BadRequest(
+                    f"options.num_predict is {self.num_predict}: use a positive number of tokens, "
+                    "or -1 for no limit"
+                )
+            s.max_tokens = self.num_predict if self.num_predict >= 0 else None
+        if self.stop is not None:
+            s.stop = [self.stop] if isinstance(self.stop, str) else [x for x in self.stop if x]
+        if self.seed is not None and self.seed >= 0:  # Ollama: -1 means random
+            s.seed = self.seed
+        if self.repeat_penalty is not None:
+            if self.repeat_penalty <= 0:
+                raise BadRequest("options.repeat_penalty must be more than 0 (1 means off)")
+            s.repetition_penalty = self.repeat_penalty
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                if not -2 <= value <= 2:
+                    raise BadRequest(f"options.{name} must be between -2 and 2")
+                setattr(s, name, value)
+        if self.num_ctx is not None:
+            if self.num_ctx < 1:
+                raise BadRequest("options.num_ctx must be a positive number of tokens")
+            s.num_ctx = self.num_ctx
+        _apply_format(s, fmt)
+        return s
+
+
+def _apply_format(s: Sampling, fmt: Format) -> None:
+    if fmt is None or fmt == "":
+        return
+    if fmt == "json":
+        s.json_object = True
+    elif isinstance(fmt, dict):
+        s.json_schema = fmt
+    else:
+        raise BadRequest(f'invalid format {fmt!r}: use "json" or a JSON schema object')
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    stream: bool = True
+    format: Format = None
+    options: Options = Field(default_factory=Options)
+    keep_alive: float | str | None = None  # accepted; models stay loaded while a worker runs
+    think: bool | str | None = None
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _null_options(cls, v: object) -> object:
+        return {} if v is None else v
+
+    def canonical_model(self) -> str:
+        return canonical_name(self.model)
+
+    def _check_think(self) -> None:
+        if self.think not in (None, False, "", "false"):
+            raise BadRequest(f'"{self.model}" does not support thinking')
+
+
+class GenerateRequest(_Request):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+    def is_load_only(self) -> bool:
+        return not self.prompt and not self.suffix
+
+    def to_job(self) -> GenerationJob:
+        if self.raw and (self.template or self.system or self.context):
+            raise BadRequest("raw mode does not support template, system, or context")
+        if self.template:
+            raise BadRequest("custom templates are not supported: the model's own chat template is used; "
+                             "send the full text with \"raw\": true instead")
+        if self.suffix:
+            raise BadRequest(f"{self.model} does not support insert")
+        if self.images:
+            raise BadRequest(f"{self.model} does not support images")
+        self._check_think()
+        return GenerationJob(
+            job_id=new_job_id(),
+            model=self.canonical_model(),
+            kind="generate",
+            prompt=self.prompt,
+            system=self.system,
+            raw=self.raw,
+            context=self.context or [],
+            sampling=self.options.to_sampling(self.format),
+            stream=True,
+            created_at=time.time(),
+        )
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        role = v.lower()
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"role must be system, user, assistant or tool, not {v!r}")
+        return role
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+    def is_load_only(self) -> bool:
+        return not self.messages
+
+    def to_job(self) -> GenerationJob:
+        self._check_think()
+        if any(m.images for m in self.messages):
+            raise BadRequest(f"{self.model} does not support images")
+        return GenerationJob(
+            job_id=new_job_id(),
+            model=self.canonical_model(),
+            kind="chat",
+            messages=[ChatMessage(role=m.role, content=m.content or "") for m in self.messages],
+            sampling=self.options.to_sampling(self.format),
+            stream=True,
+            created_at=time.time(),
+        )
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex

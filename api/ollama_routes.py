@@ -1,0 +1,104 @@
+"""Ollama's native generation endpoints: /api/generate and /api/chat."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from api import ndjson
+from api.errors import parse_body
+from api.disconnect import unless_disconnected
+from api.dispatch import Dispatcher, JobStream
+from api.ollama_models import ChatRequest, GenerateRequest
+from common.errors import VllamaError
+from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame
+
+router = APIRouter()
+Kind = Literal["generate", "chat"]
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    return await _serve(request, await parse_body(request, GenerateRequest), "generate")
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    return await _serve(request, await parse_body(request, ChatRequest), "chat")
+
+
+def _is_unload(keep_alive: float | str | None) -> bool:
+    return keep_alive in (0, "0", "0s", "0m", "0h")
+
+
+async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Kind) -> Response:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    model = body.canonical_model()
+    if body.is_load_only():
+        await dispatcher.require_model(model)
+        reason = "unload" if _is_unload(body.keep_alive) else "load"
+        return JSONResponse(ndjson.load_response(kind, body.model, reason))
+
+    stream = await dispatcher.submit(body.to_job())
+    frames = stream.frames()
+    try:
+        first = await unless_disconnected(request, _first_output(frames))
+        if not body.stream:
+            text, done = await unless_disconnected(request, _collect(first, frames))
+            render = ndjson.generate_final if kind == "generate" else ndjson.chat_final
+            await _close(stream)
+            return JSONResponse(render(body.model, done, text))
+    except BaseException:
+        await _close(stream)
+        raise
+    return StreamingResponse(_relay(body.model, kind, first, frames, stream), media_type=ndjson.NDJSON)
+
+
+async def _first_output(frames: AsyncIterator[Frame]) -> TokenFrame | DoneFrame:
+    """Wait past the start frame, so an error before any output gets a real HTTP status."""
+    async for frame in frames:
+        if not isinstance(frame, StartFrame):
+            return frame
+    raise VllamaError("the answer ended before it began; retry the request")
+
+
+async def _collect(first: Frame, frames: AsyncIterator[Frame]) -> tuple[str, DoneFrame]:
+    parts: list[str] = []
+    frame = first
+    while not isinstance(frame, DoneFrame):
+        if isinstance(frame, TokenFrame):
+            parts.append(frame.text)
+        frame = await anext(frames)
+    return "".join(parts), frame
+
+
+async def _relay(
+    model: str, kind: Kind, first: Frame, frames: AsyncIterator[Frame], stream: JobStream
+) -> AsyncIterator[bytes]:
+    chunk = ndjson.generate_chunk if kind == "generate" else ndjson.chat_chunk
+    final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
+    try:
+        frame = first
+        while True:
+            if isinstance(frame, TokenFrame):
+                yield ndjson.line(chunk(model, frame.text))
+            elif isinstance(frame, DoneFrame):
+                yield ndjson.line(final(model, frame))
+                return
+            frame = await anext(frames)
+    except VllamaError as exc:
+        # Headers are sent: the error travels in-band, as Ollama does.
+        yield ndjson.line({"error": exc.message})
+    finally:
+        await _close(stream)
+
+
+async def _close(stream: JobStream) -> None:
+    # Shielded: this runs while the request is being cancelled (client gone), which is
+    # exactly when the job must still be aborted and the channel released.
+    with anyio.CancelScope(shield=True):
+        await stream.close()

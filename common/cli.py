@@ -1,0 +1,120 @@
+"""The `vllama` command.
+
+  vllama serve    Redis (private, unless VLLAMA_REDIS_URL is set), the API and one worker
+  vllama api      the API alone (needs VLLAMA_REDIS_URL)
+  vllama worker   one generation worker (needs VLLAMA_REDIS_URL)
+  vllama bench    throughput and time to first token, stack vs engine in-process
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from pydantic import ValidationError
+
+from common.settings import Settings
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # fail fast, naming the variable to fix
+        lines = [f"VLLAMA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        sys.exit("invalid configuration:\n  " + "\n  ".join(lines))
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(settings, key, value)
+    return settings
+
+
+def _run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=5)
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    settings = _settings(host=args.host, port=args.port)
+    if not settings.redis_url:
+        sys.exit("VLLAMA_REDIS_URL is not set: point it at the shared Redis (or use `vllama serve`)")
+    _run_api(settings)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from workers.main import run_worker
+
+    settings = _settings(model=args.model)
+    if not settings.redis_url:
+        sys.exit("VLLAMA_REDIS_URL is not set: point it at the shared Redis (or use `vllama serve`)")
+    run_worker(settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from common.embedded_redis import EmbeddedRedis
+
+    settings = _settings(host=args.host, port=args.port, model=args.model)
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(data_dir=settings.home / "redis").start()
+        settings.redis_url = embedded.url
+        logging.info("started a private Redis at %s", embedded.url)
+    env = {**os.environ, "VLLAMA_REDIS_URL": settings.redis_url, "VLLAMA_MODEL": settings.model}
+    worker = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    try:
+        _run_api(settings)
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(45)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from common.bench import run_bench
+
+    run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="vllama", description="Ollama-compatible server on vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="everything in one command: Redis, API and a worker")
+    p.add_argument("--host"), p.add_argument("--port", type=int), p.add_argument("--model")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api", help="the HTTP API alone (VLLAMA_REDIS_URL required)")
+    p.add_argument("--host"), p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="one generation worker (VLLAMA_REDIS_URL required)")
+    p.add_argument("--model")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("bench", help="tokens/s and time to first token: stack vs engine")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    p.add_argument("--num-predict", type=int, default=64)
+    p.add_argument("--requests-per-level", type=int, default=0, help="0 = 2x the concurrency (min 4)")
+    p.add_argument("--model")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

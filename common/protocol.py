@@ -1,0 +1,111 @@
+"""What crosses Redis: job specs (API -> worker) and frames (worker -> API).
+
+Both are JSON (pydantic), never pickle, so ``redis-cli`` shows them as text and a shared Redis
+cannot be used to run code in a worker. The API resolves every default before building a
+``GenerationJob`` ("parse, then trust"): workers never see an HTTP body.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Sampling(BaseModel):
+    """Sampling settings with Ollama's defaults already applied (see api/ollama_models.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    max_tokens: int | None = None  # None: until the context is full (Ollama's num_predict -1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_ctx: int | None = None  # per-request context window; None: the model's own
+    json_schema: dict[str, Any] | None = None  # structured output: a JSON schema...
+    json_object: bool = False  # ...or any JSON object (Ollama's format "json")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+
+
+class GenerationJob(BaseModel):
+    """One generation request as the worker runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    model: str
+    kind: Literal["generate", "chat"]
+    prompt: str = ""  # generate: user prompt (or the whole text when raw)
+    system: str | None = None  # generate: system message
+    raw: bool = False  # generate: no chat template
+    context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer
+    messages: list[ChatMessage] = Field(default_factory=list)  # chat
+    sampling: Sampling = Field(default_factory=Sampling)
+    stream: bool = True  # whether a client reads frames live; async jobs set False
+    created_at: float = Field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------- frames
+
+
+class _Frame(BaseModel):
+    seq: int  # 0, 1, 2, ... per job; the API fails loudly on a gap
+
+
+class StartFrame(_Frame):
+    """A worker took the job; the API watches this worker's heartbeat from now on."""
+
+    type: Literal["start"] = "start"
+    worker_id: str
+
+
+class TokenFrame(_Frame):
+    type: Literal["token"] = "token"
+    text: str
+
+
+class Stats(BaseModel):
+    """Ollama's final counters; durations in nanoseconds."""
+
+    total_duration: int
+    load_duration: int = 0
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+
+class DoneFrame(_Frame):
+    type: Literal["done"] = "done"
+    done_reason: Literal["stop", "length"]
+    stats: Stats
+    context: list[int] | None = None  # generate without raw: prompt + answer tokens
+
+
+class ErrorFrame(_Frame):
+    type: Literal["error"] = "error"
+    code: str  # an ErrorCode value (common/errors.py)
+    message: str
+
+
+Frame = Annotated[StartFrame | TokenFrame | DoneFrame | ErrorFrame, Field(discriminator="type")]
+
+
+class JobResult(BaseModel):
+    """What a worker returns for arq to store (arq:result:<id>): the whole answer."""
+
+    text: str
+    done_reason: Literal["stop", "length"]
+    stats: Stats
+    context: list[int] | None = None

@@ -1,0 +1,96 @@
+"""Typed configuration, read once from the environment (prefix ``VLLAMA_``).
+
+``OLLAMA_HOST`` is honoured for the bind address, as Ollama does, so an existing
+``OLLAMA_HOST=0.0.0.0:11434`` keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 11434
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllama"
+
+
+def parse_ollama_host(value: str) -> tuple[str, int]:
+    """Parse OLLAMA_HOST the way Ollama does: ``host``, ``host:port``, ``:port``,
+    ``http://host:port``; a missing port means 11434."""
+    value = value.strip()
+    for scheme in ("http://", "https://"):
+        if value.startswith(scheme):
+            value = value[len(scheme):]
+    value = value.rstrip("/")
+    if value.startswith("["):  # [::1]:11434
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":") or str(DEFAULT_PORT)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, str(DEFAULT_PORT)
+    if not port.isdigit():
+        raise ValueError(f"OLLAMA_HOST={value!r}: port must be a number")
+    return host or "127.0.0.1", int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLLAMA_", extra="ignore")
+
+    # --- where things are ---
+    redis_url: str | None = Field(
+        default=None,
+        description="Shared Redis, e.g. redis://host:6379/0. Unset: `vllama serve` starts a private one.",
+    )
+    home: Path = Field(default_factory=_default_home, description="Model cache and embedded Redis data.")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+
+    # --- API ---
+    max_queue: int = Field(
+        default=512, ge=1,
+        description="Jobs waiting for a worker, per model, beyond which requests get 503 (Ollama's OLLAMA_MAX_QUEUE).",
+    )
+    keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
+
+    # --- worker ---
+    model: str = Field(default="smollm2:135m", description="Model a generation worker serves.")
+    max_jobs: int = Field(default=0, ge=0, description="Jobs one worker runs at once; 0 = the engine's max_num_seqs.")
+    max_num_seqs: int = Field(default=0, ge=0, description="vLLM max_num_seqs; 0 = 64 on CPU, 256 on GPU.")
+    max_model_len: int = Field(default=0, ge=0, description="vLLM max_model_len; 0 = the model's own.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool | None = Field(default=None, description="Unset: eager on CPU (fast start), graphs on GPU.")
+    kv_cache_gib: int = Field(default=2, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    engine: str = Field(default="vllm", description="'vllm', or 'fake' for plumbing tests and benchmarks.")
+    job_timeout_s: int = Field(default=3600, ge=1, description="Longest a single generation may run.")
+    poll_delay_s: float = Field(default=0.01, gt=0, description="How often idle workers look for jobs.")
+
+    # --- liveness ---
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="A worker silent this long is dead.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _empty_is_unset(cls, v: str | None) -> str | None:
+        return v or None
+
+    def model_post_init(self, __context: object) -> None:
+        ollama_host = os.environ.get("OLLAMA_HOST")
+        if ollama_host and "VLLAMA_HOST" not in os.environ and "VLLAMA_PORT" not in os.environ:
+            self.host, self.port = parse_ollama_host(ollama_host)
+
+    @property
+    def model_cache(self) -> Path:
+        return self.home / "models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

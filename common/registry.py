@@ -22,7 +22,8 @@ class WorkerInfo(BaseModel):
     pid: int
     models: list[str]
     state: Literal["loading", "ready", "draining"]
-    running: int = 0
+    running: int = 0  # jobs this worker is running
+    engine_requests: int = 0  # requests inside the engine (0 soon after every job ends or aborts)
     max_jobs: int = 0
     max_model_len: int = 0
     started_at: float

@@ -43,6 +43,9 @@ class Engine(Protocol):
     ) -> AsyncIterator[Delta]:
         """Stream the answer. Closing or cancelling the iterator aborts the request."""
 
+    def in_flight(self) -> int:
+        """Requests the engine itself is holding (to see that aborts really reach it)."""
+
     def close(self) -> None: ...
 
 
@@ -146,6 +149,9 @@ class VllmEngine:
                 token_ids=list(completion.token_ids),
                 finish_reason=completion.finish_reason if out.finished else None,
             )
+
+    def in_flight(self) -> int:
+        return len(self._llm.output_processor.request_states)
 
     def close(self) -> None:
         self._llm.shutdown()

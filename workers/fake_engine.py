@@ -24,6 +24,7 @@ class FakeEngine:
         self.step_s = step_s
         self.aborted: list[str] = []
         self.started: list[str] = []
+        self._in_flight: set[str] = set()
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
@@ -36,6 +37,7 @@ class FakeEngine:
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
+        self._in_flight.add(request_id)
         n = min(self.answer_tokens, max_tokens)
         try:
             for i in range(n):
@@ -48,6 +50,11 @@ class FakeEngine:
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)
             raise
+        finally:
+            self._in_flight.discard(request_id)
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     def close(self) -> None:
         pass

@@ -37,7 +37,8 @@ def build_engine(settings: Settings) -> Engine:
     if settings.engine == "fake":
         from workers.fake_engine import FakeEngine
 
-        return FakeEngine(max_model_len=settings.max_model_len or 2048, step_s=0.01)
+        # Answers with as many tokens as it may (num_predict or the context), 100 a second.
+        return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01)
     from workers.engine import VllmEngine
     from workers.model_store import resolve_model_path
 
@@ -150,6 +151,7 @@ class GenerationWorker:
         while True:
             if self._runner is not None:
                 self.info.running = len(self._runner.running)
+                self.info.engine_requests = self.engine.in_flight()
             try:
                 await registry.publish_heartbeat(redis, self.info, self.settings.heartbeat_ttl_s)
             except Exception:  # noqa: BLE001 - a Redis blip must not kill the worker

@@ -1,0 +1,69 @@
+"""The whole stack in the test's event loop, with the fake engine: real Redis, real HTTP
+(uvicorn on a free port), the real worker and arq; only the model is simulated."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from api.app import create_app
+from common import registry
+from common.embedded_redis import free_port
+from common.redis_conn import connect
+from common.settings import Settings
+from workers.fake_engine import FakeEngine
+from workers.main import GenerationWorker
+
+MODEL = "fake:test"
+
+
+@dataclass
+class FakeStack:
+    base_url: str
+    settings: Settings
+    engine: FakeEngine
+    worker: GenerationWorker | None
+    redis: object
+
+    def client(self, **kw) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kw)
+
+
+@asynccontextmanager
+async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine | None = None, **overrides):
+    settings = Settings(redis_url=redis_url, model=MODEL, heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0,
+                        poll_delay_s=0.01, **overrides)
+    redis = await connect(redis_url)
+    await redis.flushdb()
+    engine = engine or FakeEngine()
+    worker_obj = worker_task = None
+    if worker:
+        worker_obj = GenerationWorker(settings, engine=engine)
+        worker_task = asyncio.create_task(worker_obj.run(redis=await connect(redis_url)))
+
+        async def ready() -> bool:
+            live = await registry.live_workers(redis, settings.heartbeat_ttl_s)
+            return any(w.state == "ready" for w in live)
+
+        from tests.harness import async_wait_until
+
+        await async_wait_until(ready, 10, "the fake worker to be ready")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server_task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield FakeStack(f"http://127.0.0.1:{port}", settings, engine, worker_obj, redis)
+    finally:
+        server.should_exit = True
+        await server_task
+        if worker_obj is not None:
+            worker_obj.stop()
+            await worker_task
+        await redis.aclose()

@@ -1,0 +1,81 @@
+"""Worker processes as operators run them (`vllama worker`), with the fake engine: what
+happens when one is killed, and that two workers share one model's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from common import keys, registry
+from tests.fake_stack import MODEL, fake_stack
+from tests.harness import Proc, async_wait_until
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def start_fake_worker(redis_url: str, tmp_path, name: str) -> Proc:
+    env = {"VLLAMA_REDIS_URL": redis_url, "VLLAMA_MODEL": MODEL, "VLLAMA_ENGINE": "fake"}
+    return Proc(["worker"], env, tmp_path / f"{name}.log")
+
+
+async def _ready_workers(stack, n: int):
+    async def enough():
+        live = await registry.live_workers(stack.redis, stack.settings.heartbeat_ttl_s)
+        ready = [w for w in live if w.state == "ready"]
+        return ready if len(ready) >= n else None
+
+    return await async_wait_until(enough, 30, f"{n} ready workers")
+
+
+async def test_killed_worker_ends_its_streams_with_an_error_within_seconds(redis_server, tmp_path):
+    async with fake_stack(redis_server.url, worker=False) as stack:
+        victim = start_fake_worker(redis_server.url, tmp_path, "victim")
+        try:
+            [info] = await _ready_workers(stack, 1)
+            async with stack.client() as http, http.stream(
+                "POST", "/api/generate",
+                json={"model": MODEL, "prompt": "x", "options": {"num_predict": 5000}},
+            ) as r:
+                lines = r.aiter_lines()
+                assert "response" in json.loads(await anext(lines))
+                victim.kill()
+                killed_at = time.monotonic()
+                last = None
+                async for line in lines:
+                    last = json.loads(line)
+                waited = time.monotonic() - killed_at
+            assert last is not None and "error" in last, last
+            assert "stopped responding" in last["error"]
+            assert waited < 10, f"the error took {waited:.1f}s"
+            [record_key] = [k async for k in stack.redis.scan_iter(keys.job_record("*"))]
+            record = json.loads(await stack.redis.get(record_key))
+            assert record["status"] == "failed" and record["worker_id"] == info.worker_id
+        finally:
+            victim.stop()
+
+
+async def test_two_workers_take_jobs_from_the_same_queue(redis_server, tmp_path):
+    async with fake_stack(redis_server.url, worker=False) as stack:
+        workers = [start_fake_worker(redis_server.url, tmp_path, f"w{i}") for i in range(2)]
+        try:
+            await _ready_workers(stack, 2)
+            async with stack.client() as http:
+                async def one():
+                    r = await http.post("/api/generate", json={
+                        "model": MODEL, "prompt": "x", "stream": False, "options": {"num_predict": 20}})
+                    assert r.status_code == 200
+                    return r
+
+                # Submitted in waves so both workers' poll loops get a turn at the queue.
+                for _ in range(8):
+                    await asyncio.gather(*(one() for _ in range(6)))
+            served_by = set()
+            async for key in stack.redis.scan_iter(keys.job_record("*")):
+                served_by.add(json.loads(await stack.redis.get(key))["worker_id"])
+            assert len(served_by) == 2
+        finally:
+            for w in workers:
+                w.stop()

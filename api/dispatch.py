@@ -18,6 +18,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss
 from pydantic import TypeAdapter
 
+from api.admission import DUPLICATE_ID, ENQUEUED, QUEUE_FULL, enqueue_if_room
 from api.pubsub import FrameMultiplexer
 from common import keys, registry
 from common.errors import (
@@ -65,13 +66,11 @@ class Dispatcher:
 
     async def submit(self, job: GenerationJob) -> JobStream:
         workers = await self.require_model(job.model)
-        queue = keys.generation_queue(job.model)
-        # arq keeps running jobs in the queue zset until they finish; what waits is the rest.
-        waiting = await self.redis.zcard(queue) - sum(w.running for w in workers)
-        if waiting >= self.settings.max_queue:
-            raise ServerBusy()
+        # Up to the workers' combined concurrency the queue's jobs run at once; beyond that
+        # they wait, and at most max_queue may wait (Ollama's OLLAMA_MAX_QUEUE).
+        limit = sum(w.max_jobs for w in workers) + self.settings.max_queue
         stream = JobStream(self, job)
-        await stream.open()
+        await stream.open(limit)
         return stream
 
     async def record(self, job: GenerationJob, status: str, **fields: object) -> None:
@@ -91,18 +90,20 @@ class JobStream:
         self.worker_id: str | None = None
         self.finished = False
 
-    async def open(self) -> None:
+    async def open(self, limit: int) -> None:
         d = self._d
         self._queue = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
         try:
-            await d.record(self.job, "queued")
-            enqueued = await d.redis.enqueue_job(
-                "generate",
-                self.job.model_dump(mode="json"),
-                _job_id=self.job.job_id,
-                _queue_name=keys.generation_queue(self.job.model),
+            await d.record(self.job, "queued")  # first: the worker's "running" must win
+            outcome = await enqueue_if_room(
+                d.redis, keys.generation_queue(self.job.model), self.job.job_id, "generate",
+                (self.job.model_dump(mode="json"),), limit,
             )
-            if enqueued is None:
+            if outcome != ENQUEUED:
+                await d.redis.delete(keys.job_record(self.job.job_id))
+            if outcome == QUEUE_FULL:
+                raise ServerBusy()
+            if outcome == DUPLICATE_ID:
                 raise VllamaError(f"job id {self.job.job_id} already exists; retry the request")
         except BaseException:
             await d.mux.unsubscribe(self._channel)

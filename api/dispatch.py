@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from pydantic import TypeAdapter
 
 from api.admission import DUPLICATE_ID, ENQUEUED, QUEUE_FULL, enqueue_if_room
@@ -115,10 +115,14 @@ class JobStream:
         tick = self._d.settings.heartbeat_interval_s
         while True:
             try:
-                raw = await asyncio.wait_for(self._queue.get(), tick)
-            except TimeoutError:
-                await self._check_progress()
-                continue
+                # The common case under load: a frame is already there, no timer needed.
+                raw = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    raw = await asyncio.wait_for(self._queue.get(), tick)
+                except TimeoutError:
+                    await self._check_progress()
+                    continue
             frame = _frame.validate_json(raw)
             if frame.seq != expected:
                 raise StreamBroken(
@@ -147,6 +151,7 @@ class JobStream:
                     "the answer is incomplete, retry the request"
                 )
                 await d.record(self.job, "failed", worker_id=self.worker_id, error=message)
+                await self._forget_in_arq()
                 self.finished = True
                 raise WorkerLost(message)
             return
@@ -156,6 +161,16 @@ class JobStream:
                 f"no worker is serving '{self.job.model}' any more; start one "
                 f"(vllama worker --model {self.job.model}) and retry"
             )
+
+    async def _forget_in_arq(self) -> None:
+        """Drop a job whose worker died from arq's keys. Otherwise it would sit in the queue
+        (counting against the queue limit) until its in-progress marker expires, an hour on,
+        and then be picked up only to fail: a stream cannot be resumed."""
+        job_id = self.job.job_id
+        async with self._d.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.generation_queue(self.job.model), job_id)
+            pipe.delete(job_key_prefix + job_id, in_progress_key_prefix + job_id, retry_key_prefix + job_id)
+            await pipe.execute()
 
     async def cancel(self) -> None:
         """Ask arq to abort the job: a queued job never starts, a running one is cancelled

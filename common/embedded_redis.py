@@ -58,6 +58,9 @@ class EmbeddedRedis:
              "--save", "", "--appendonly", "no", "--dir", str(self._dir), "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Its own session: Ctrl-C in a terminal must not stop Redis before the API and
+            # workers that still use it while they shut down; stop() ends it last.
+            start_new_session=True,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s

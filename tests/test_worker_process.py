@@ -53,6 +53,9 @@ async def test_killed_worker_ends_its_streams_with_an_error_within_seconds(redis
             [record_key] = [k async for k in stack.redis.scan_iter(keys.job_record("*"))]
             record = json.loads(await stack.redis.get(record_key))
             assert record["status"] == "failed" and record["worker_id"] == info.worker_id
+            # Nothing of the lost job is left for arq to pick up again later.
+            assert await stack.redis.zcard(keys.generation_queue(MODEL)) == 0
+            assert not await stack.redis.exists(f"arq:job:{record['job_id']}", f"arq:in-progress:{record['job_id']}")
         finally:
             victim.stop()
 

@@ -1,0 +1,184 @@
+"""`vllama bench`: what the stack costs compared with calling vLLM directly.
+
+One run, same model, same prompts, same greedy settings, two ways:
+  engine  vLLM's AsyncLLM in this process, requests submitted straight to it;
+  stack   HTTP -> API -> Redis/arq -> worker (the same engine) -> pub/sub -> API -> HTTP,
+          with redis-server, `vllama worker` and `vllama api` started as separate processes.
+At each concurrency level it keeps that many requests in flight and reports output tokens
+per second and the median time to first token, then the stack/engine ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+    "What is a hash table?",
+    "Give three tips for learning to cook.",
+    "Describe a cat to someone who has never seen one.",
+    "Why do leaves change color in autumn?",
+    "Summarize the plot of a detective story.",
+    "How does a bicycle stay upright?",
+]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    tokens: int
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    tokens: int
+    wall_s: float
+    ttft_median_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+async def run_level(one: Callable[[int], Awaitable[Sample]], concurrency: int, requests: int) -> LevelResult:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(i: int) -> Sample:
+        async with gate:
+            return await one(i)
+
+    start = time.perf_counter()
+    samples = await asyncio.gather(*(gated(i) for i in range(requests)))
+    wall = time.perf_counter() - start
+    return LevelResult(concurrency, requests, sum(s.tokens for s in samples), wall,
+                       statistics.median(s.ttft_s for s in samples) * 1000)
+
+
+async def bench_engine(settings, levels: list[int], num_predict: int, per_level) -> list[LevelResult]:
+    from common.protocol import ChatMessage, Sampling
+    from workers.main import build_engine
+
+    engine = await asyncio.to_thread(build_engine, settings)
+    sampling = Sampling(temperature=0, max_tokens=num_predict)
+    counter = iter(range(10**9))
+    try:
+        async def one(i: int) -> Sample:
+            prompt = engine.encode_chat([ChatMessage(role="user", content=PROMPTS[i % len(PROMPTS)])])
+            start = time.perf_counter()
+            first = None
+            tokens = 0
+            async for delta in engine.generate(f"bench-{next(counter)}", prompt, sampling, num_predict):
+                if first is None and delta.text:
+                    first = time.perf_counter() - start
+                tokens += delta.num_tokens
+            return Sample(first or 0.0, tokens)
+
+        await run_level(one, 2, 2)  # warm-up
+        return [await run_level(one, c, per_level(c)) for c in levels]
+    finally:
+        engine.close()
+
+
+async def bench_stack(settings, levels: list[int], num_predict: int, per_level) -> list[LevelResult]:
+    import httpx
+
+    from common.embedded_redis import EmbeddedRedis, free_port
+
+    redis = EmbeddedRedis().start()
+    port = free_port()
+    env = {**os.environ, "VLLAMA_REDIS_URL": redis.url, "VLLAMA_MODEL": settings.model}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env),
+        subprocess.Popen([sys.executable, "-m", "common.cli", "api", "--port", str(port)], env=env),
+    ]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=256)) as http:
+            await _wait_healthy(http, procs)
+
+            async def one(i: int) -> Sample:
+                body = {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
+                        "options": {"temperature": 0, "num_predict": num_predict}}
+                start = time.perf_counter()
+                first = None
+                tokens = 0
+                async with http.stream("POST", "/api/generate", json=body) as r:
+                    async for line in r.aiter_lines():
+                        chunk = json.loads(line)
+                        if "error" in chunk:
+                            raise RuntimeError(chunk["error"])
+                        if first is None and chunk.get("response"):
+                            first = time.perf_counter() - start
+                        if chunk.get("done"):
+                            tokens = chunk["eval_count"]
+                return Sample(first or 0.0, tokens)
+
+            await run_level(one, 2, 2)  # warm-up
+            return [await run_level(one, c, per_level(c)) for c in levels]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        redis.stop()
+
+
+async def _wait_healthy(http, procs, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a stack process exited during start-up; see its output above")
+        try:
+            if (await http.get("/health")).status_code == 200:
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        await asyncio.sleep(1)
+    raise TimeoutError("the stack did not become healthy")
+
+
+def print_table(engine: list[LevelResult], stack: list[LevelResult]) -> None:
+    print()
+    print(f"{'conc':>4} | {'engine tok/s':>12} {'stack tok/s':>11} {'ratio':>6} | "
+          f"{'engine TTFT ms':>14} {'stack TTFT ms':>13} {'added ms':>8}")
+    print("-" * 84)
+    for e, s in zip(engine, stack):
+        print(f"{e.concurrency:>4} | {e.tokens_per_s:>12.1f} {s.tokens_per_s:>11.1f} "
+              f"{s.tokens_per_s / e.tokens_per_s:>6.1%} | {e.ttft_median_ms:>14.1f} {s.ttft_median_ms:>13.1f} "
+              f"{s.ttft_median_ms - e.ttft_median_ms:>8.1f}")
+    print()
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from common.settings import Settings
+
+    settings = Settings()
+    if args.model:
+        settings.model = args.model
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+
+    def per_level(c: int) -> int:
+        return args.requests_per_level or max(4, 2 * c)
+
+    print(f"model {settings.model}, {args.num_predict} tokens per request, greedy, levels {levels}")
+    print("phase 1/2: engine in-process")
+    engine = asyncio.run(bench_engine(settings, levels, args.num_predict, per_level))
+    print("phase 2/2: through the stack (redis-server, vllama worker, vllama api)")
+    stack = asyncio.run(bench_stack(settings, levels, args.num_predict, per_level))
+    print_table(engine, stack)

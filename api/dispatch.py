@@ -10,7 +10,6 @@ seconds instead of hanging.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +19,7 @@ from pydantic import TypeAdapter
 
 from api.admission import DUPLICATE_ID, ENQUEUED, QUEUE_FULL, enqueue_if_room
 from api.pubsub import FrameMultiplexer
-from common import keys, registry
+from common import job_records, keys, registry
 from common.errors import (
     ModelNotFound,
     ServerBusy,
@@ -73,10 +72,8 @@ class Dispatcher:
         await stream.open(limit)
         return stream
 
-    async def record(self, job: GenerationJob, status: str, **fields: object) -> None:
-        record = {"job_id": job.job_id, "model": job.model, "kind": job.kind, "status": status,
-                  "created_at": job.created_at, "updated_at": time.time(), **fields}
-        await self.redis.set(keys.job_record(job.job_id), json.dumps(record), ex=self.settings.keep_result_s)
+    async def record(self, job: GenerationJob, status: job_records.Status, **fields: object) -> None:
+        await job_records.write(self.redis, job, status, self.settings.keep_result_s, **fields)
 
 
 class JobStream:

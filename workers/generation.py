@@ -8,14 +8,13 @@ number; the final answer is also returned for arq to store as the job's result.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
 from redis.asyncio import Redis
 
-from common import keys
+from common import job_records, keys
 from common.errors import ErrorCode, PromptTooLong, VllamaError
 from common.protocol import (
     ChatMessage,
@@ -149,16 +148,5 @@ class GenerationRunner:
         await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))
         await asyncio.shield(self._record(job, "failed", error=message))
 
-    async def _record(self, job: GenerationJob, status: str, **fields: Any) -> None:
-        """The job's record for operators and the jobs API: who runs it and how it ended."""
-        record = {
-            "job_id": job.job_id,
-            "model": job.model,
-            "kind": job.kind,
-            "status": status,
-            "worker_id": self.worker_id,
-            "created_at": job.created_at,
-            "updated_at": time.time(),
-            **fields,
-        }
-        await self.redis.set(keys.job_record(job.job_id), json.dumps(record), ex=self.keep_result_s)
+    async def _record(self, job: GenerationJob, status: job_records.Status, **fields: Any) -> None:
+        await job_records.write(self.redis, job, status, self.keep_result_s, worker_id=self.worker_id, **fields)

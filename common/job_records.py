@@ -1,0 +1,32 @@
+"""``vllama:job:<id>``: one JSON record per job saying where it is and how it ended.
+
+Written by the API (queued, cancelled before start, lost with its worker) and by the worker
+(running, done, failed, cancelled); the latest write wins. For operators (redis-cli) and for
+the jobs API; arq's own keys hold the job spec and the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from common import keys
+from common.protocol import GenerationJob
+
+Status = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+async def write(redis: Redis, job: GenerationJob, status: Status, ttl_s: int, **fields: Any) -> None:
+    record = {
+        "job_id": job.job_id,
+        "model": job.model,
+        "kind": job.kind,
+        "status": status,
+        "created_at": job.created_at,
+        "updated_at": time.time(),
+        **fields,
+    }
+    await redis.set(keys.job_record(job.job_id), json.dumps(record), ex=ttl_s)

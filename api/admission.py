@@ -8,22 +8,24 @@ two writes arq's ``enqueue_job`` does) one operation in Redis.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
+from common import job_records, keys
+from common.protocol import GenerationJob
 from common.redis_conn import job_serializer
 
 # How long a queued job may wait before arq drops it as expired (arq's default too).
 JOB_EXPIRES_MS = 24 * 3600 * 1000
 
 _ENQUEUE_IF_ROOM = """
--- KEYS: queue zset, arq job key, arq result key
--- ARGV: queue limit, job payload, expires ms, score, job id
+-- KEYS: queue zset, arq job key, arq result key, our job record
+-- ARGV: queue limit, job payload, expires ms, score, job id, job record, record TTL s
 if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return -1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
 redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
 return 1
@@ -33,13 +35,16 @@ ENQUEUED, QUEUE_FULL, DUPLICATE_ID = 1, 0, -1
 
 
 async def enqueue_if_room(
-    redis: Redis, queue: str, job_id: str, function: str, args: tuple[Any, ...], limit: int
+    redis: Redis, job: GenerationJob, function: str, limit: int, record_ttl_s: int
 ) -> int:
-    """Enqueue an arq job unless ``queue`` already holds ``limit`` jobs (running ones count:
-    arq keeps them in the zset until they end). Returns ENQUEUED, QUEUE_FULL or DUPLICATE_ID."""
+    """Enqueue ``job`` for arq, with its "queued" record, unless its model's queue already
+    holds ``limit`` jobs (running ones count: arq keeps them in the zset until they end).
+    Returns ENQUEUED, QUEUE_FULL or DUPLICATE_ID."""
     now_ms = int(time.time() * 1000)
-    payload = serialize_job(function, args, {}, None, now_ms, serializer=job_serializer)
+    payload = serialize_job(function, (job.model_dump(mode="json"),), {}, None, now_ms, serializer=job_serializer)
+    job_id = job.job_id
     return int(await redis.eval(
-        _ENQUEUE_IF_ROOM, 3, queue, job_key_prefix + job_id, result_key_prefix + job_id,
-        limit, payload, JOB_EXPIRES_MS, now_ms, job_id,
+        _ENQUEUE_IF_ROOM, 4,
+        keys.generation_queue(job.model), job_key_prefix + job_id, result_key_prefix + job_id, keys.job_record(job_id),
+        limit, payload, JOB_EXPIRES_MS, now_ms, job_id, job_records.encode(job, "queued"), record_ttl_s,
     ))

@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from pydantic import TypeAdapter
 
-from api.admission import DUPLICATE_ID, ENQUEUED, QUEUE_FULL, enqueue_if_room
+from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room
 from api.pubsub import FrameMultiplexer
 from common import job_records, keys, registry
 from common.errors import (
@@ -91,13 +91,7 @@ class JobStream:
         d = self._d
         self._queue = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
         try:
-            await d.record(self.job, "queued")  # first: the worker's "running" must win
-            outcome = await enqueue_if_room(
-                d.redis, keys.generation_queue(self.job.model), self.job.job_id, "generate",
-                (self.job.model_dump(mode="json"),), limit,
-            )
-            if outcome != ENQUEUED:
-                await d.redis.delete(keys.job_record(self.job.job_id))
+            outcome = await enqueue_if_room(d.redis, self.job, "generate", limit, d.settings.keep_result_s)
             if outcome == QUEUE_FULL:
                 raise ServerBusy()
             if outcome == DUPLICATE_ID:

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     p.add_argument("--num-predict", type=int, default=64)
     p.add_argument("--requests-per-level", type=int, default=0, help="0 = 2x the concurrency (min 4)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per level; the median is reported")
     p.add_argument("--model")
     p.set_defaults(func=cmd_bench)
 

@@ -19,8 +19,8 @@ from common.protocol import GenerationJob
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
-async def write(redis: Redis, job: GenerationJob, status: Status, ttl_s: int, **fields: Any) -> None:
-    record = {
+def encode(job: GenerationJob, status: Status, **fields: Any) -> str:
+    return json.dumps({
         "job_id": job.job_id,
         "model": job.model,
         "kind": job.kind,
@@ -28,5 +28,8 @@ async def write(redis: Redis, job: GenerationJob, status: Status, ttl_s: int, **
         "created_at": job.created_at,
         "updated_at": time.time(),
         **fields,
-    }
-    await redis.set(keys.job_record(job.job_id), json.dumps(record), ex=ttl_s)
+    })
+
+
+async def write(redis: Redis, job: GenerationJob, status: Status, ttl_s: int, **fields: Any) -> None:
+    await redis.set(keys.job_record(job.job_id), encode(job, status, **fields), ex=ttl_s)

@@ -40,14 +40,18 @@ class FramePublisher:
 
     def __init__(self, redis: Redis, job_id: str) -> None:
         self._redis = redis
-        self._channel = keys.frames_channel(job_id)
+        self.channel = keys.frames_channel(job_id)
         self._seq = 0
+
+    def next(self, frame_type: type, **fields: Any) -> str:
+        """The next frame, numbered, as JSON (for callers that publish it in a pipeline)."""
+        frame = frame_type(seq=self._seq, **fields)
+        self._seq += 1
+        return frame.model_dump_json()
 
     async def send(self, frame_type: type, **fields: Any) -> int:
         """Publish a frame; returns how many subscribers received it."""
-        frame = frame_type(seq=self._seq, **fields)
-        self._seq += 1
-        return await self._redis.publish(self._channel, frame.model_dump_json())
+        return await self._redis.publish(self.channel, self.next(frame_type, **fields))
 
 
 def _ns(seconds: float) -> int:
@@ -69,8 +73,7 @@ class GenerationRunner:
         publisher = FramePublisher(self.redis, job.job_id)
         self.running.add(job.job_id)
         try:
-            await self._record(job, "running", started_at=time.time())
-            if await publisher.send(StartFrame, worker_id=self.worker_id) == 0 and job.stream:
+            if await self._start(job, publisher) == 0 and job.stream:
                 raise ClientGone
             result = await self._generate(job, publisher)
         except ClientGone:
@@ -91,6 +94,16 @@ class GenerationRunner:
             self.running.discard(job.job_id)
         await asyncio.shield(self._record(job, "done"))
         return result.model_dump(mode="json")
+
+    async def _start(self, job: GenerationJob, publisher: FramePublisher) -> int:
+        """Record the job as running and tell its listener who runs it, in one round trip
+        (time to first token). Returns how many listeners the start frame reached."""
+        record = job_records.encode(job, "running", worker_id=self.worker_id, started_at=time.time())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
+            pipe.publish(publisher.channel, publisher.next(StartFrame, worker_id=self.worker_id))
+            _, listeners = await pipe.execute()
+        return listeners
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
         if job.kind == "chat":

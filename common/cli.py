@@ -60,6 +60,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from common.embedded_redis import EmbeddedRedis
 
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # SIGTERM action that would end this process before it stops the worker and Redis.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     settings = _settings(host=args.host, port=args.port, model=args.model)
     embedded = None
     if not settings.redis_url:
@@ -86,6 +89,38 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from common.bench import run_bench
 
     run_bench(args)
+
+
+def _die_with_parent() -> None:
+    """In vLLM's engine processes: exit when the process that started them is gone.
+
+    vLLM runs its engine core (and its workers) in child processes started with
+    multiprocessing's spawn, which imports this module in each child. A worker killed with
+    SIGKILL (the OOM killer, `kill -9`) runs no cleanup, and its engine core would live on,
+    orphaned, holding memory and CPU; each child therefore watches its parent.
+    """
+    import threading
+    import time
+
+    # How multiprocessing's spawn starts a child. Neither sys.argv (already the parent's)
+    # nor parent_process() (not set up yet) tells while the child imports this module.
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            if b"--multiprocessing-fork" not in f.read():
+                return
+    except OSError:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="vllama-parent-watch", daemon=True).start()
+
+
+_die_with_parent()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -69,6 +70,19 @@ class Proc:
         if self.alive():
             self.popen.send_signal(signal.SIGKILL)
             self.popen.wait()
+
+    def kill_tree(self) -> None:
+        """Test clean-up: nothing this process started may outlive the test."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        self.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def stop(self, timeout_s: float = 30) -> None:
         if self.alive():

@@ -81,6 +81,10 @@ class VllmEngine:
         kv_cache_gib: int = 2,
     ) -> VllmEngine:
         """Build the engine; must run inside the event loop that will use it."""
+        # Spawn, not fork: this process already runs an event loop and threads, which a
+        # forked engine process would inherit half-copied. Spawned children also import
+        # common.cli, which makes them exit if this worker is killed (see _die_with_parent).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         cuda = has_cuda()
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -154,4 +158,6 @@ class VllmEngine:
         return len(self._llm.output_processor.request_states)
 
     def close(self) -> None:
-        self._llm.shutdown()
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None  # so its __del__ does not shut down again at interpreter exit

@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import psutil
 import pytest
 
 from common.errors import SERVER_BUSY_MESSAGE
@@ -40,6 +41,8 @@ def test_killed_worker_ends_its_stream_with_an_error_and_the_other_worker_serves
     try:
         wait_ready(stack.base_url, second, n_workers=2)
         victim_id = next(w["worker_id"] for w in stack.workers() if w["pid"] == second.popen.pid)
+        engine_procs = psutil.Process(second.popen.pid).children(recursive=True)
+        assert engine_procs, "vLLM runs its engine core in child processes"
         body = {"model": MODEL, "prompt": "Write a long essay.", "options": {"num_predict": 3000}}
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
             streams = []
@@ -73,6 +76,9 @@ def test_killed_worker_ends_its_stream_with_an_error_and_the_other_worker_serves
                     assert time.monotonic() - killed_at < 10
                 cm.__exit__(None, None, None)
             assert errors >= 1
+        # SIGKILL runs no cleanup in the worker; its vLLM processes must still go away.
+        gone, alive = psutil.wait_procs(engine_procs, timeout=10)
+        assert not alive, f"orphaned engine processes: {alive}"
         failed = {j["job_id"] for j in stack.job_records() if j["status"] == "failed"}
         assert victim_jobs <= failed
         # The surviving worker still serves.

@@ -18,12 +18,13 @@ import uuid
 from contextlib import suppress
 
 from arq.connections import ArqRedis
-from arq.worker import Worker, func
+from arq.worker import func
 
 from common import keys, registry
 from common.models import canonical_name
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
+from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
 from workers.generation import GenerationRunner
 
@@ -71,7 +72,7 @@ class GenerationWorker:
             heartbeat_at=time.time(),
         )
         self._stop = asyncio.Event()
-        self._arq: Worker | None = None
+        self._arq: GenerationArqWorker | None = None
         self._runner: GenerationRunner | None = None
 
     def stop(self) -> None:
@@ -105,7 +106,7 @@ class GenerationWorker:
         self.info.max_jobs = max_jobs
         self.info.max_model_len = engine.max_model_len
         self.info.state = "ready"
-        self._arq = Worker(
+        self._arq = GenerationArqWorker(
             functions=[func(self._runner.run, name="generate", max_tries=1, timeout=self.settings.job_timeout_s)],
             queue_name=keys.generation_queue(self.model),
             redis_pool=redis,

@@ -1,0 +1,27 @@
+"""arq's Worker with a cheaper poll for a worker that runs many long jobs at once.
+
+arq leaves a running job in the queue zset until it ends, and every poll (every 10 ms here)
+re-reads the queue and checks each listed job with its own WATCH/MULTI transaction, about
+four round trips per running job. With 32 streams in flight that was over 12,000 Redis
+commands a second and most of the worker's and Redis's CPU. Here jobs this worker already
+runs are skipped locally and the rest are filtered with one pipelined EXISTS on their
+in-progress markers; only jobs that look free go through arq's own (race-safe) start.
+"""
+
+from __future__ import annotations
+
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker
+
+
+class GenerationArqWorker(Worker):
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        candidates = [j for j in job_ids if j.decode() not in self.tasks]
+        if candidates:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for job_id in candidates:
+                    pipe.exists(in_progress_key_prefix + job_id.decode())
+                running = await pipe.execute()
+            candidates = [j for j, busy in zip(candidates, running) if not busy]
+        if candidates:
+            await super().start_jobs(candidates)

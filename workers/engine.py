@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from common.errors import BadRequest
 from common.protocol import ChatMessage, Sampling
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,25 @@ class VllmEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
     ) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            params = self._sampling_params(sampling, max_tokens)
+            # vLLM aborts the request itself when this generator is closed or cancelled.
+            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+                completion = out.outputs[0]
+                yield Delta(
+                    text=completion.text,
+                    num_tokens=len(completion.token_ids),
+                    token_ids=list(completion.token_ids),
+                    finish_reason=completion.finish_reason if out.finished else None,
+                )
+        except (ValueError, VLLMClientError) as exc:
+            # vLLM's request validation: sampling values, a JSON schema it cannot compile.
+            raise BadRequest(f"the request cannot be run: {exc}") from exc
+
+    @staticmethod
+    def _sampling_params(sampling: Sampling, max_tokens: int):  # -> vllm.SamplingParams
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -128,9 +148,9 @@ class VllmEngine:
             structured = StructuredOutputsParams(json=sampling.json_schema)
         elif sampling.json_object:
             structured = StructuredOutputsParams(json_object=True)
-        params = SamplingParams(
+        return SamplingParams(
             temperature=sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            top_k=sampling.top_k,
             top_p=sampling.top_p,
             min_p=sampling.min_p,
             max_tokens=max_tokens,
@@ -142,17 +162,6 @@ class VllmEngine:
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
-        # vLLM aborts the request itself when this generator is closed or cancelled.
-        async for out in self._llm.generate(
-            {"prompt_token_ids": prompt_token_ids}, params, request_id
-        ):
-            completion = out.outputs[0]
-            yield Delta(
-                text=completion.text,
-                num_tokens=len(completion.token_ids),
-                token_ids=list(completion.token_ids),
-                finish_reason=completion.finish_reason if out.finished else None,
-            )
 
     def in_flight(self) -> int:
         return len(self._llm.output_processor.request_states)

@@ -129,3 +129,11 @@ def test_unknown_model_is_404(http):
     r = http.post("/api/generate", json={"model": "llama3.1:8b", "prompt": "hi"})
     assert r.status_code == 404
     assert r.json()["error"].startswith("model 'llama3.1:8b' not found, try pulling it first")
+
+
+def test_a_schema_the_engine_cannot_use_is_400_and_the_worker_serves_on(http):
+    r = http.post("/api/generate", json={"model": MODEL, "prompt": "x", "format": {"type": "objekt"}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("the request cannot be run")
+    ok = http.post("/api/generate", json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3}})
+    assert ok.status_code == 200 and ok.json()["eval_count"] == 3

@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         logging.info("started a private Redis at %s", embedded.url)
     env = {**os.environ, "VLLAMA_REDIS_URL": settings.redis_url, "VLLAMA_MODEL": settings.model}
     worker = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
+    _stop_when_exited(worker, "the worker")
     try:
         _run_api(settings)
     finally:
@@ -83,6 +84,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 worker.wait()
         if embedded is not None:
             embedded.stop()
+    if worker.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+        sys.exit(f"vllama serve: the worker exited with status {worker.returncode}; see the messages above")
+
+
+def _stop_when_exited(proc: subprocess.Popen, what: str) -> None:
+    """Serve is one server: if a part of it dies (a worker that cannot load its model),
+    stop the rest instead of answering 404s forever."""
+    import threading
+
+    def watch() -> None:
+        if proc.wait() != 0:
+            logging.error("%s exited with status %s; stopping", what, proc.returncode)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="serve-watch", daemon=True).start()
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

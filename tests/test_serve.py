@@ -43,3 +43,16 @@ def test_serve_starts_everything_and_one_signal_stops_everything(tmp_path, stop_
         assert not alive, f"left running: {[' '.join(p.cmdline()) for p in alive]}"
     finally:
         serve.kill_tree()
+
+
+def test_serve_stops_and_says_why_when_its_worker_cannot_start(tmp_path):
+    port = free_port()
+    env = {"VLLAMA_HOME": str(tmp_path), "VLLAMA_REDIS_URL": "", "OLLAMA_HOST": ""}
+    serve = Proc(["serve", "--port", str(port), "--model", "no-such-model:1b"], env, tmp_path / "serve.log")
+    try:
+        assert serve.popen.wait(120) != 0
+        log = serve.log_path.read_text()
+        assert "model 'no-such-model:1b' not found" in log
+        assert "Traceback" not in log
+    finally:
+        serve.kill_tree()

@@ -21,6 +21,7 @@ from arq.connections import ArqRedis
 from arq.worker import func
 
 from common import keys, registry
+from common.errors import VllamaError
 from common.models import canonical_name
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
@@ -170,4 +171,8 @@ def run_worker(settings: Settings) -> None:
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except VllamaError as exc:  # e.g. a model that is not here: say so, no traceback
+        log.error("worker cannot start: %s", exc.message)
+        raise SystemExit(1) from None

@@ -27,31 +27,13 @@ from common.protocol import (
     TokenFrame,
 )
 from workers.engine import Engine
+from workers.frames import FramePublisher, FrameSink
 
 log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
     """Nobody listens to the job's channel any more: the API or its client went away."""
-
-
-class FramePublisher:
-    """Publishes one job's frames with consecutive sequence numbers."""
-
-    def __init__(self, redis: Redis, job_id: str) -> None:
-        self._redis = redis
-        self.channel = keys.frames_channel(job_id)
-        self._seq = 0
-
-    def next(self, frame_type: type, **fields: Any) -> str:
-        """The next frame, numbered, as JSON (for callers that publish it in a pipeline)."""
-        frame = frame_type(seq=self._seq, **fields)
-        self._seq += 1
-        return frame.model_dump_json()
-
-    async def send(self, frame_type: type, **fields: Any) -> int:
-        """Publish a frame; returns how many subscribers received it."""
-        return await self._redis.publish(self.channel, self.next(frame_type, **fields))
 
 
 def _ns(seconds: float) -> int:
@@ -61,16 +43,17 @@ def _ns(seconds: float) -> int:
 class GenerationRunner:
     """Runs generation jobs on one engine; shared by all of a worker's concurrent jobs."""
 
-    def __init__(self, engine: Engine, redis: Redis, worker_id: str, keep_result_s: int) -> None:
+    def __init__(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, keep_result_s: int) -> None:
         self.engine = engine
         self.redis = redis
+        self.sink = sink
         self.worker_id = worker_id
         self.keep_result_s = keep_result_s
         self.running: set[str] = set()
 
     async def run(self, ctx: dict, spec: dict) -> dict:
         job = GenerationJob.model_validate(spec)
-        publisher = FramePublisher(self.redis, job.job_id)
+        publisher = FramePublisher(self.sink, job.job_id)
         self.running.add(job.job_id)
         try:
             if await self._start(job, publisher) == 0 and job.stream:

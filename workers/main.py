@@ -27,6 +27,7 @@ from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
 from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
+from workers.frames import FrameSink
 from workers.generation import GenerationRunner
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class GenerationWorker:
         self._stop = asyncio.Event()
         self._arq: GenerationArqWorker | None = None
         self._runner: GenerationRunner | None = None
+        self._sink: FrameSink | None = None
 
     def stop(self) -> None:
         """Idempotent; safe from a signal handler."""
@@ -95,6 +97,8 @@ class GenerationWorker:
             heartbeat.cancel()
             with suppress(asyncio.CancelledError):
                 await heartbeat
+            if self._sink is not None:
+                await self._sink.stop()
             await registry.remove_worker(redis, self.worker_id)
             if self.engine is not None:
                 self.engine.close()
@@ -103,7 +107,9 @@ class GenerationWorker:
     async def _serve(self, redis: ArqRedis) -> None:
         engine = self.engine
         max_jobs = self.settings.max_jobs or engine.max_num_seqs
-        self._runner = GenerationRunner(engine, redis, self.worker_id, self.settings.keep_result_s)
+        self._sink = FrameSink(redis)
+        self._sink.start()
+        self._runner = GenerationRunner(engine, redis, self._sink, self.worker_id, self.settings.keep_result_s)
         self.info.max_jobs = max_jobs
         self.info.max_model_len = engine.max_model_len
         self.info.state = "ready"

@@ -37,8 +37,10 @@ def _run_api(settings: Settings) -> None:
 
     from api.app import create_app
 
+    # Clients keep connections open between requests (ollama-python, httpx pools); closing
+    # idle ones after uvicorn's default 5 s races with their reuse and fails a request.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=120)
 
 
 def cmd_api(args: argparse.Namespace) -> None:

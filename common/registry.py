@@ -11,6 +11,7 @@ import time
 from typing import Literal
 
 from pydantic import BaseModel
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from common import keys
@@ -30,12 +31,13 @@ class WorkerInfo(BaseModel):
     heartbeat_at: float
 
 
-async def publish_heartbeat(redis: Redis, info: WorkerInfo, ttl_s: float) -> None:
+def publish_heartbeat(client: SyncRedis, info: WorkerInfo, ttl_s: float) -> None:
+    """Synchronous on purpose: workers beat from a thread of their own (workers/heartbeat.py)."""
     info.heartbeat_at = time.time()
-    async with redis.pipeline(transaction=False) as pipe:
+    with client.pipeline(transaction=False) as pipe:
         pipe.set(keys.worker_record(info.worker_id), info.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(keys.WORKERS, {info.worker_id: int(info.heartbeat_at * 1000)})
-        await pipe.execute()
+        pipe.execute()
 
 
 async def remove_worker(redis: Redis, worker_id: str) -> None:

@@ -28,6 +28,7 @@ from common.settings import Settings
 from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
 from workers.frames import FrameSink
+from workers.heartbeat import Heartbeat
 from workers.generation import GenerationRunner
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,11 @@ class GenerationWorker:
         self._stop.set()
 
     async def run(self, redis: ArqRedis | None = None) -> None:
-        assert self.settings.redis_url or redis is not None, "VLLAMA_REDIS_URL is not set"
+        assert self.settings.redis_url, "VLLAMA_REDIS_URL is not set"
         redis = redis or await connect(self.settings.redis_url)
-        heartbeat = asyncio.create_task(self._heartbeat(redis))
+        heartbeat = Heartbeat(self.settings.redis_url, self.info, self._refresh_info,
+                              self.settings.heartbeat_interval_s, self.settings.heartbeat_ttl_s)
+        heartbeat.start()
         try:
             if self.engine is None:
                 log.info("worker %s: loading %s", self.worker_id, self.model)
@@ -94,9 +97,7 @@ class GenerationWorker:
                 return
             await self._serve(redis)
         finally:
-            heartbeat.cancel()
-            with suppress(asyncio.CancelledError):
-                await heartbeat
+            await heartbeat.stop()
             if self._sink is not None:
                 await self._sink.stop()
             await registry.remove_worker(redis, self.worker_id)
@@ -155,16 +156,10 @@ class GenerationWorker:
         with suppress(asyncio.CancelledError):
             await consume
 
-    async def _heartbeat(self, redis: ArqRedis) -> None:
-        while True:
-            if self._runner is not None:
-                self.info.running = len(self._runner.running)
-                self.info.engine_requests = self.engine.in_flight()
-            try:
-                await registry.publish_heartbeat(redis, self.info, self.settings.heartbeat_ttl_s)
-            except Exception:  # noqa: BLE001 - a Redis blip must not kill the worker
-                log.warning("heartbeat failed", exc_info=True)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+    def _refresh_info(self) -> None:
+        if self._runner is not None:
+            self.info.running = len(self._runner.running)
+            self.info.engine_requests = self.engine.in_flight()
 
 
 def run_worker(settings: Settings) -> None:

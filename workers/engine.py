@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -168,5 +169,9 @@ class VllmEngine:
 
     def close(self) -> None:
         if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None  # so its __del__ does not shut down again at interpreter exit
+            llm, self._llm = self._llm, None
+            llm.shutdown()
+            del llm
+            # AsyncLLM sits in reference cycles; collect it now, while the interpreter is whole,
+            # not at exit where its __del__ fails on torn-down modules.
+            gc.collect()

@@ -94,5 +94,4 @@ def from_code(code: str, message: str) -> VllamaError:
         parsed = ErrorCode(code)
     except ValueError:
         parsed = ErrorCode.INTERNAL
-    err = VllamaError(message, parsed)
-    return err
+    return VllamaError(message, parsed)

@@ -38,7 +38,3 @@ def worker_record(worker_id: str) -> str:
 # beyond the workers seen in the last few seconds.
 WORKERS = f"{PREFIX}:workers"
 
-
-def arq_job_prefix() -> str:
-    """arq's own prefix, for documentation and tests: arq:job:<id>, arq:result:<id>, ..."""
-    return "arq:"

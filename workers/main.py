@@ -1,7 +1,7 @@
 """A generation worker process: one engine, one arq worker on the model's queue.
 
 Start-up: advertise the model as "loading" (so requests queue instead of getting 404 while
-the engine loads), load the engine off the event loop (so heartbeats keep flowing), then take
+the engine loads), load the engine off the event loop (so signals are still handled), then take
 up to ``max_jobs`` jobs at once. Shutdown (SIGINT/SIGTERM): stop taking jobs, let running
 ones finish within a grace period, cancel the rest, then close the engine.
 """
@@ -28,8 +28,8 @@ from common.settings import Settings
 from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
 from workers.frames import FrameSink
-from workers.heartbeat import Heartbeat
 from workers.generation import GenerationRunner
+from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 

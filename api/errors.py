@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from common.errors import BadRequest, VllamaError
 
@@ -49,6 +50,20 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def _body_error(_: Request, exc: ValidationError) -> JSONResponse:
         return JSONResponse(error_body(describe_validation_error(exc)), status_code=400)
+
+    @app.exception_handler(RedisError)
+    async def _redis_error(_: Request, exc: RedisError) -> JSONResponse:
+        log.error("Redis error: %s", exc)
+        return JSONResponse(
+            error_body(f"the server cannot reach its Redis ({exc}); check that Redis is up and "
+                       "VLLAMA_REDIS_URL points to it, then retry"),
+            status_code=503,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {exc}"), status_code=500)
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json_error(_: Request, exc: json.JSONDecodeError) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -17,6 +18,7 @@ from api.ollama_models import ChatRequest, GenerateRequest
 from common.errors import VllamaError
 from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 Kind = Literal["generate", "chat"]
 
@@ -93,6 +95,9 @@ async def _relay(
     except VllamaError as exc:
         # Headers are sent: the error travels in-band, as Ollama does.
         yield ndjson.line({"error": exc.message})
+    except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-stream: still end with an error line
+        log.exception("stream failed")
+        yield ndjson.line({"error": f"the answer was interrupted ({exc}); retry the request"})
     finally:
         await _close(stream)
 

@@ -204,3 +204,28 @@ async def _true(value) -> bool:
 async def _status_is(redis, key, status) -> bool:
     raw = await redis.get(key)
     return raw is not None and json.loads(raw)["status"] == status
+
+
+async def test_redis_down_is_a_503_that_says_what_to_check_and_work_resumes_after(tmp_path):
+    from common.embedded_redis import EmbeddedRedis
+
+    own = EmbeddedRedis(data_dir=tmp_path).start()
+    body = {"model": MODEL, "prompt": "x", "stream": False}
+    try:
+        async with fake_stack(own.url) as stack, stack.client() as http:
+            assert (await http.post("/api/generate", json=body)).status_code == 200
+            own.stop()
+            r = await http.post("/api/generate", json=body)
+            assert r.status_code == 503
+            assert "VLLAMA_REDIS_URL" in r.json()["error"]
+            h = await http.get("/health")
+            assert h.status_code == 503 and h.json()["status"] == "unavailable"
+            await asyncio.sleep(1.5)  # the worker's poll loop meets the outage too
+            own.start()  # same port, empty: the worker must re-register and take jobs again
+
+            async def served() -> bool:
+                return (await http.post("/api/generate", json=body)).status_code == 200
+
+            await async_wait_until(served, 10, "the stack to serve again after Redis came back")
+    finally:
+        own.stop()

@@ -6,15 +6,31 @@ four round trips per running job. With 32 streams in flight that was over 12,000
 commands a second and most of the worker's and Redis's CPU. Here jobs this worker already
 runs are skipped locally and the rest are filtered with one pipelined EXISTS on their
 in-progress markers; only jobs that look free go through arq's own (race-safe) start.
+It also survives Redis going away for a while, where arq's worker would exit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 
 class GenerationArqWorker(Worker):
+    async def _poll_iteration(self) -> None:
+        # arq ends the worker on the first Redis error of its poll loop; a Redis restart
+        # would then cost a model reload. Keep polling until Redis is back.
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            log.warning("Redis unreachable (%s); retrying in 1 s", exc)
+            await asyncio.sleep(1)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         candidates = [j for j in job_ids if j.decode() not in self.tasks]
         if candidates:

@@ -165,7 +165,7 @@ class VllmEngine:
         )
 
     def in_flight(self) -> int:
-        return len(self._llm.output_processor.request_states)
+        return self._llm.output_processor.get_num_unfinished_requests()
 
     def close(self) -> None:
         if self._llm is not None:

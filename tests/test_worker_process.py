@@ -17,7 +17,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def start_fake_worker(redis_url: str, tmp_path, name: str) -> Proc:
-    env = {"VLLAMA_REDIS_URL": redis_url, "VLLAMA_MODEL": MODEL, "VLLAMA_ENGINE": "fake"}
+    # Two jobs at most each, so a burst must spread over workers whatever the poll timing.
+    env = {"VLLAMA_REDIS_URL": redis_url, "VLLAMA_MODEL": MODEL, "VLLAMA_ENGINE": "fake", "VLLAMA_MAX_JOBS": "2"}
     return Proc(["worker"], env, tmp_path / f"{name}.log")
 
 
@@ -72,9 +73,8 @@ async def test_two_workers_take_jobs_from_the_same_queue(redis_server, tmp_path)
                     assert r.status_code == 200
                     return r
 
-                # Submitted in waves so both workers' poll loops get a turn at the queue.
-                for _ in range(8):
-                    await asyncio.gather(*(one() for _ in range(6)))
+                # Six at once with two slots per worker: the second worker must take some.
+                await asyncio.gather(*(one() for _ in range(6)))
             served_by = set()
             async for key in stack.redis.scan_iter(keys.job_record("*")):
                 served_by.add(json.loads(await stack.redis.get(key))["worker_id"])

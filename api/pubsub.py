@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import suppress
 
 from redis.asyncio import Redis
 
 from common.keys import PREFIX
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,8 @@ class FrameMultiplexer:
         self._reader = asyncio.create_task(self._read(), name="frame-multiplexer")
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        await cancel_and_wait(self._reader)
+        self._reader = None
         await self._pubsub.aclose()
 
     @property

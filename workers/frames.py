@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import suppress
 from typing import Any
 
 from redis.asyncio import Redis
 
 from common import keys
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,8 @@ class FrameSink:
         self._task = asyncio.create_task(self._send_loop(), name="frame-sink")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def publish(self, channel: str, data: str) -> int:
         """Publish one message; returns how many subscribers received it."""

@@ -14,11 +14,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 
 import redis
 
 from common import registry
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,7 @@ class Heartbeat:
 
     async def stop(self) -> None:
         self._stopped.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._loop_task
+        await cancel_and_wait(self._loop_task)
         await asyncio.to_thread(self._thread.join)
 
     async def _mark_loop_alive(self) -> None:

@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 import uuid
-from contextlib import suppress
 
 from arq.connections import ArqRedis
 from arq.worker import func
@@ -25,6 +24,7 @@ from common.errors import VllamaError
 from common.models import canonical_name
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
+from common.tasks import cancel_and_wait
 from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
 from workers.frames import FrameSink
@@ -152,9 +152,7 @@ class GenerationWorker:
             task.cancel()
         # arq writes each cancelled job's result before its task ends.
         await asyncio.gather(*tasks, return_exceptions=True)
-        consume.cancel()
-        with suppress(asyncio.CancelledError):
-            await consume
+        await cancel_and_wait(consume)
 
     def _refresh_info(self) -> None:
         if self._runner is not None:

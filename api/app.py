@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
+from api.model_routes import router as model_router
 from api.ollama_routes import router as ollama_router
 from api.pubsub import FrameMultiplexer
 from common.redis_conn import connect
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app = FastAPI(title="vLLama", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(ollama_router)
+    app.include_router(model_router)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def root() -> str:

@@ -1,8 +1,9 @@
 """From a job spec to a stream of frames: admission, subscribe-then-enqueue, watchdog, abort.
 
-The API never runs a model. It checks that some live worker serves the model (404 if none),
-that the model's queue is not over its limit (503), subscribes to the job's channel, enqueues
-the job for arq, and then yields the worker's frames in order. While waiting it watches the
+The API never runs a model. It checks that some live worker serves the model (or has one
+load it: api/loading.py; 404 if it cannot be had), that the model's queue is not over its
+limit (503), subscribes to the job's channel, enqueues the job for arq, and then yields the
+worker's frames in order. While waiting it watches the
 worker that took the job: if that worker's heartbeat stops, the client gets an error within
 seconds instead of hanging.
 """
@@ -18,17 +19,10 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix,
 from pydantic import TypeAdapter
 
 from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room
+from api.loading import Loader
 from api.pubsub import FrameMultiplexer
 from common import job_records, keys, registry
-from common.errors import (
-    ModelNotFound,
-    ServerBusy,
-    StreamBroken,
-    Unavailable,
-    VllamaError,
-    WorkerLost,
-    from_code,
-)
+from common.errors import ServerBusy, StreamBroken, VllamaError, WorkerLost, from_code
 from common.protocol import DoneFrame, ErrorFrame, Frame, GenerationJob, StartFrame
 from common.settings import Settings
 
@@ -43,6 +37,7 @@ class Dispatcher:
         self.settings = settings
         self._workers: list[registry.WorkerInfo] = []
         self._workers_at = 0.0
+        self.loader = Loader(redis, mux, settings)
 
     async def live_workers(self, fresh: bool = False) -> list[registry.WorkerInfo]:
         """Live workers, cached briefly: every request asks, Redis need not answer each."""
@@ -55,21 +50,21 @@ class Dispatcher:
     async def workers_for(self, model: str, fresh: bool = False) -> list[registry.WorkerInfo]:
         return [w for w in await self.live_workers(fresh) if model in w.models]
 
-    async def require_model(self, model: str) -> list[registry.WorkerInfo]:
-        workers = await self.workers_for(model)
+    async def ensure_served(self, model: str) -> list[registry.WorkerInfo]:
+        """Workers holding ``model``; when there are none, a load is requested (and the
+        request's job will wait in the queue for it), or ModelNotFound raised."""
+        workers = await self.workers_for(model) or await self.workers_for(model, fresh=True)
         if not workers:
-            workers = await self.workers_for(model, fresh=True)
-        if not workers:
-            raise ModelNotFound(model)
+            await self.loader.request(model)
         return workers
 
-    async def submit(self, job: GenerationJob) -> JobStream:
-        workers = await self.require_model(job.model)
+    async def submit(self, job: GenerationJob, keep_alive: float | None = None) -> JobStream:
+        workers = await self.ensure_served(job.model)
         # Up to the workers' combined concurrency the queue's jobs run at once; beyond that
         # they wait, and at most max_queue may wait (Ollama's OLLAMA_MAX_QUEUE).
-        limit = sum(w.max_jobs for w in workers) + self.settings.max_queue
+        running = sum(s.max_jobs for w in workers if (s := w.status_of(job.model)) is not None)
         stream = JobStream(self, job)
-        await stream.open(limit)
+        await stream.open(running + self.settings.max_queue, keep_alive)
         return stream
 
     async def record(self, job: GenerationJob, status: job_records.Status, **fields: object) -> None:
@@ -87,11 +82,12 @@ class JobStream:
         self.worker_id: str | None = None
         self.finished = False
 
-    async def open(self, limit: int) -> None:
+    async def open(self, limit: int, keep_alive: float | None = None) -> None:
         d = self._d
         self._queue = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
         try:
-            outcome = await enqueue_if_room(d.redis, self.job, "generate", limit, d.settings.keep_result_s)
+            outcome = await enqueue_if_room(d.redis, self.job, "generate", limit, d.settings.keep_result_s,
+                                            keep_alive)
             if outcome == QUEUE_FULL:
                 raise ServerBusy()
             if outcome == DUPLICATE_ID:
@@ -147,11 +143,14 @@ class JobStream:
                 raise WorkerLost(message)
             return
         if not await d.workers_for(self.job.model, fresh=True):
-            await self.cancel()
-            raise Unavailable(
-                f"no worker is serving '{self.job.model}' any more; start one "
-                f"(vllama worker --model {self.job.model}) and retry"
-            )
+            # Nobody holds the model (yet, or any more): keep a load requested, and give up
+            # with the reason when loading it failed or takes too long.
+            try:
+                await d.loader.check_waiting(self.job.model, self.job.created_at)
+            except VllamaError:
+                await self.cancel()
+                await self._forget_in_arq()
+                raise
 
     async def _forget_in_arq(self) -> None:
         """Drop a job whose worker died from arq's keys. Otherwise it would sit in the queue

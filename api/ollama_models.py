@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.durations import parse_keep_alive
 from common.errors import BadRequest
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
@@ -102,7 +103,7 @@ class _Request(BaseModel):
     stream: bool = True
     format: Format = None
     options: Options = Field(default_factory=Options)
-    keep_alive: float | str | None = None  # accepted; models stay loaded while a worker runs
+    keep_alive: float | str | None = None
     think: bool | str | None = None
 
     @field_validator("options", mode="before")
@@ -112,6 +113,12 @@ class _Request(BaseModel):
 
     def canonical_model(self) -> str:
         return canonical_name(self.model)
+
+    def keep_alive_s(self) -> float | None:
+        """Seconds an idle model stays loaded (-1: forever); None: the default."""
+        if self.keep_alive is None or self.keep_alive == "":
+            return None
+        return parse_keep_alive(self.keep_alive)
 
     def _check_think(self) -> None:
         if self.think not in (None, False, "", "false"):

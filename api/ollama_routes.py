@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -33,19 +34,14 @@ async def chat(request: Request) -> Response:
     return await _serve(request, await parse_body(request, ChatRequest), "chat")
 
 
-def _is_unload(keep_alive: float | str | None) -> bool:
-    return keep_alive in (0, "0", "0s", "0m", "0h")
-
-
 async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Kind) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
     model = body.canonical_model()
+    keep_alive = body.keep_alive_s()
     if body.is_load_only():
-        await dispatcher.require_model(model)
-        reason = "unload" if _is_unload(body.keep_alive) else "load"
-        return JSONResponse(ndjson.load_response(kind, body.model, reason))
+        return JSONResponse(await _load_only(request, dispatcher, model, keep_alive, kind, body.model))
 
-    stream = await dispatcher.submit(body.to_job())
+    stream = await dispatcher.submit(body.to_job(), keep_alive)
     frames = stream.frames()
     try:
         first = await unless_disconnected(request, _first_output(frames))
@@ -58,6 +54,20 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
         await _close(stream)
         raise
     return StreamingResponse(_relay(body.model, kind, first, frames, stream), media_type=ndjson.NDJSON)
+
+
+async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_alive: float | None,
+                     kind: Kind, shown: str) -> dict:
+    """An empty prompt (or no messages): load the model, or with keep_alive 0 unload it."""
+    loader = dispatcher.loader
+    if keep_alive == 0:
+        await unless_disconnected(request, loader.unload(model))
+        return ndjson.load_response(kind, shown, "unload")
+    since = time.time()
+    await loader.set_keep_alive(model, keep_alive)
+    await dispatcher.ensure_served(model)
+    await unless_disconnected(request, loader.wait_loaded(model, since))
+    return ndjson.load_response(kind, shown, "load")
 
 
 async def _first_output(frames: AsyncIterator[Frame]) -> TokenFrame | DoneFrame:

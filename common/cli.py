@@ -1,9 +1,13 @@
 """The `vllama` command.
 
-  vllama serve    Redis (private, unless VLLAMA_REDIS_URL is set), the API and one worker
-  vllama api      the API alone (needs VLLAMA_REDIS_URL)
-  vllama worker   one generation worker (needs VLLAMA_REDIS_URL)
-  vllama bench    throughput and time to first token, stack vs engine in-process
+  vllama serve        Redis (private, unless VLLAMA_REDIS_URL is set), the API, a generation
+                      worker and a pull worker
+  vllama api          the API alone (needs VLLAMA_REDIS_URL)
+  vllama worker       one generation worker (needs VLLAMA_REDIS_URL)
+  vllama pull-worker  looks after this machine's models: pull, delete, copy (needs VLLAMA_REDIS_URL)
+  vllama create       add a model to this machine's store from a local GGUF file
+  vllama suggest      models that fit this machine's GPU memory
+  vllama bench        throughput and time to first token, stack vs engine in-process
 """
 
 from __future__ import annotations
@@ -59,6 +63,38 @@ def cmd_worker(args: argparse.Namespace) -> None:
     run_worker(settings)
 
 
+def cmd_pull_worker(_args: argparse.Namespace) -> None:
+    from workers.pull_worker import run_pull_worker
+
+    settings = _settings()
+    if not settings.redis_url:
+        sys.exit("VLLAMA_REDIS_URL is not set: point it at the shared Redis (or use `vllama serve`)")
+    run_pull_worker(settings)
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from common.errors import VllamaError
+    from common.models import canonical_name
+    from common.protocol import PullState
+    from workers.pull import Progress, import_gguf
+    from workers.store import ModelStore
+
+    settings = _settings()
+    gguf = Path(args.gguf).expanduser().resolve()
+    if not gguf.is_file():
+        sys.exit(f"{gguf}: no such file; give the path of a .gguf file")
+    try:
+        name = canonical_name(args.name)
+        store = ModelStore(settings.model_cache)
+        manifest = import_gguf(store, name, gguf, Progress(PullState(model=name, store_id="local")))
+    except VllamaError as exc:
+        sys.exit(exc.message)
+    print(f"created {manifest.name} ({manifest.size / 1e9:.2f} GB) in {store.root}; "
+          "running pull workers list it within seconds")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from common.embedded_redis import EmbeddedRedis
 
@@ -71,23 +107,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
         embedded = EmbeddedRedis(data_dir=settings.home / "redis").start()
         settings.redis_url = embedded.url
         logging.info("started a private Redis at %s", embedded.url)
+    # One command, a whole server: a model named in a request is pulled if need be.
+    if "VLLAMA_AUTO_PULL" not in os.environ:
+        settings.auto_pull = True
     env = {**os.environ, "VLLAMA_REDIS_URL": settings.redis_url, "VLLAMA_MODEL": settings.model}
-    worker = subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env)
-    _stop_when_exited(worker, "the worker")
+    children = {
+        "the worker": subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env),
+        "the pull worker": subprocess.Popen([sys.executable, "-m", "common.cli", "pull-worker"], env=env),
+    }
+    for what, proc in children.items():
+        _stop_when_exited(proc, what)
     try:
         _run_api(settings)
+    except KeyboardInterrupt:
+        pass  # a stop signal that came before the API had started: stop the rest as usual
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in children.values():
             try:
-                worker.wait(45)
+                proc.wait(45)
             except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+                proc.kill()
+                proc.wait()
         if embedded is not None:
             embedded.stop()
-    if worker.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
-        sys.exit(f"vllama serve: the worker exited with status {worker.returncode}; see the messages above")
+    for what, proc in children.items():
+        if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+            sys.exit(f"vllama serve: {what} exited with status {proc.returncode}; see the messages above")
 
 
 def _stop_when_exited(proc: subprocess.Popen, what: str) -> None:
@@ -146,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vllama", description="Ollama-compatible server on vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="everything in one command: Redis, API and a worker")
+    p = sub.add_parser("serve", help="everything in one command: Redis, the API, a worker and a pull worker")
     p.add_argument("--host"), p.add_argument("--port", type=int), p.add_argument("--model")
     p.set_defaults(func=cmd_serve)
 
@@ -157,6 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("worker", help="one generation worker (VLLAMA_REDIS_URL required)")
     p.add_argument("--model")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("pull-worker", help="this machine's model store: pull, delete, copy (VLLAMA_REDIS_URL required)")
+    p.set_defaults(func=cmd_pull_worker)
+
+    p = sub.add_parser("create", help="add a model to this machine's store from a local GGUF file")
+    p.add_argument("name", help="the model's name, e.g. mymodel:7b")
+    p.add_argument("--from", dest="gguf", required=True, metavar="FILE.gguf", help="the GGUF file")
+    p.set_defaults(func=cmd_create)
+
+    from common import suggest
+
+    suggest.add_parser(sub)
 
     p = sub.add_parser("bench", help="tokens/s and time to first token: stack vs engine")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")

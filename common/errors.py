@@ -19,6 +19,9 @@ class ErrorCode(StrEnum):
     STREAM_BROKEN = "stream_broken"
     CANCELLED = "cancelled"
     UNAVAILABLE = "unavailable"
+    FORBIDDEN = "forbidden"  # e.g. a gated model and no Hugging Face token
+    INSUFFICIENT_STORAGE = "insufficient_storage"
+    UPSTREAM = "upstream"  # the model hub failed or cannot be reached
     INTERNAL = "internal"
 
 
@@ -29,6 +32,9 @@ _STATUS = {
     ErrorCode.CANCELLED: 499,
     ErrorCode.SERVER_BUSY: 503,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.INSUFFICIENT_STORAGE: 507,
+    ErrorCode.UPSTREAM: 502,
     ErrorCode.WORKER_LOST: 500,
     ErrorCode.STREAM_BROKEN: 500,
     ErrorCode.INTERNAL: 500,
@@ -63,9 +69,9 @@ class PromptTooLong(VllamaError):
 class ModelNotFound(VllamaError):
     code = ErrorCode.MODEL_NOT_FOUND
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, message: str | None = None) -> None:
         shown = model.removesuffix(":latest")  # as the user typed it, usually
-        super().__init__(f"model '{shown}' not found, try pulling it first: ollama pull {shown}")
+        super().__init__(message or f"model '{shown}' not found, try pulling it first: ollama pull {shown}")
         self.model = model
 
 
@@ -86,6 +92,18 @@ class StreamBroken(VllamaError):
 
 class Unavailable(VllamaError):
     code = ErrorCode.UNAVAILABLE
+
+
+class Forbidden(VllamaError):
+    code = ErrorCode.FORBIDDEN
+
+
+class InsufficientStorage(VllamaError):
+    code = ErrorCode.INSUFFICIENT_STORAGE
+
+
+class Upstream(VllamaError):
+    code = ErrorCode.UPSTREAM
 
 
 def from_code(code: str, message: str) -> VllamaError:

@@ -38,3 +38,59 @@ def worker_record(worker_id: str) -> str:
 # beyond the workers seen in the last few seconds.
 WORKERS = f"{PREFIX}:workers"
 
+
+
+# ---------------------------------------------------------------- models: stores, pulls, loads
+
+
+def store_queue(store_id: str) -> str:
+    """arq queue (zset) of one model store's jobs: pull, delete, copy. A store is a model
+    cache directory (usually one per machine) served by its pull workers. No TTL: arq owns
+    it. Not under ``queue:`` so that no model name can collide with it."""
+    return f"{PREFIX}:store-queue:{store_id}"
+
+
+def store_record(store_id: str) -> str:
+    """JSON heartbeat of one live store (host, free disk); TTL = settings.heartbeat_ttl_s."""
+    return f"{PREFIX}:store:{store_id}"
+
+
+# Zset of store ids scored by last heartbeat (ms); pruned by readers like WORKERS.
+STORES = f"{PREFIX}:stores"
+
+
+def catalog(store_id: str) -> str:
+    """Hash: model name -> JSON manifest, the models on one store's disk. No TTL: it mirrors a
+    disk, not a moment; the store rewrites it whole when it starts and edits it on every
+    pull, delete and copy, and readers ignore the catalogs of stores that are not alive."""
+    return f"{PREFIX}:catalog:{store_id}"
+
+
+def pull_job_id(store_id: str, model: str) -> str:
+    """One pull per model per store at a time: a second client asking for the same model
+    finds this job and follows it instead of starting another download."""
+    return f"pull:{store_id}:{model}"
+
+
+def pull_record(store_id: str, model: str) -> str:
+    """JSON state of the latest pull of a model into a store (phase, bytes per file, error);
+    late joiners start from it. TTL = settings.keep_result_s."""
+    return f"{PREFIX}:pull:{store_id}:{model}"
+
+
+# Zset of models waiting for a worker to load them, scored by request time (ms). No TTL:
+# a worker removes a model when it claims it, and the API when it gives up waiting.
+LOADS = f"{PREFIX}:loads"
+
+
+def load_record(model: str) -> str:
+    """JSON outcome of the latest attempt to load a model (worker, error, time); tells
+    waiting requests why a load failed. TTL = settings.keep_result_s."""
+    return f"{PREFIX}:load:{model}"
+
+
+def keep_alive(model: str) -> str:
+    """The keep_alive (seconds, -1 = forever) the latest request for a model asked for.
+    Absent means the worker's default. No TTL: it is the model's current setting, one short
+    key per model ever requested; a request without keep_alive deletes it."""
+    return f"{PREFIX}:keep-alive:{model}"

@@ -99,7 +99,39 @@ class ErrorFrame(_Frame):
     message: str
 
 
-Frame = Annotated[StartFrame | TokenFrame | DoneFrame | ErrorFrame, Field(discriminator="type")]
+PullStatus = Literal["queued", "manifest", "downloading", "verifying", "converting", "writing", "success", "failed"]
+
+
+class PullFile(BaseModel):
+    path: str
+    digest: str  # "sha256:<64 hex>"
+    total: int
+    completed: int = 0
+
+
+class PullState(BaseModel):
+    """Where one pull of a model into one store stands. Each pull frame carries the whole
+    state, so a client that joins a running pull, or misses a frame, loses nothing."""
+
+    model: str
+    store_id: str
+    status: PullStatus = "queued"
+    files: list[PullFile] = Field(default_factory=list)
+    error: str | None = None
+    code: str | None = None  # ErrorCode of a failed pull
+    updated_at: float = Field(default_factory=time.time)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("success", "failed")
+
+
+class PullFrame(_Frame):
+    type: Literal["pull"] = "pull"
+    state: PullState
+
+
+Frame = Annotated[StartFrame | TokenFrame | DoneFrame | ErrorFrame | PullFrame, Field(discriminator="type")]
 
 
 class JobResult(BaseModel):

@@ -7,6 +7,7 @@ expires within the TTL, which is how the API notices a dead worker within second
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from typing import Literal
 
@@ -17,18 +18,41 @@ from redis.asyncio import Redis
 from common import keys
 
 
+class ModelStatus(BaseModel):
+    """One model a worker holds (or is loading)."""
+
+    name: str
+    state: Literal["loading", "ready", "unloading"]
+    running: int = 0
+    max_jobs: int = 0
+    context_length: int = 0
+    size: int = 0  # bytes of its files on disk
+    size_vram: int = 0  # bytes of GPU memory it holds (0 on CPU)
+    loaded_at: float = 0.0
+    expires_at: float | None = None  # when it unloads if still idle; None: never
+
+
 class WorkerInfo(BaseModel):
     worker_id: str
     host: str
     pid: int
-    models: list[str]
+    models: list[str]  # names of the models it holds or is loading: where jobs are routed
+    loaded: list[ModelStatus] = []
+    may_load: list[str] = ["*"]  # patterns of models it may load on demand
+    max_loaded: int = 1
     state: Literal["loading", "ready", "draining"]
     running: int = 0  # jobs this worker is running
-    engine_requests: int = 0  # requests inside the engine (0 soon after every job ends or aborts)
+    engine_requests: int = 0  # requests inside the engines (0 soon after every job ends or aborts)
     max_jobs: int = 0
     max_model_len: int = 0
     started_at: float
     heartbeat_at: float
+
+    def status_of(self, model: str) -> ModelStatus | None:
+        return next((m for m in self.loaded if m.name == model), None)
+
+    def allows(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.may_load)
 
 
 def publish_heartbeat(client: SyncRedis, info: WorkerInfo, ttl_s: float) -> None:

@@ -59,8 +59,32 @@ class Settings(BaseSettings):
     )
     keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
 
+    auto_pull: bool = Field(
+        default=False,
+        description="Pull a model that no store has when a request names it (on in `vllama serve`).",
+    )
+    load_timeout_s: float = Field(
+        default=600, gt=0, description="Longest a request waits for its model to be loaded (Ollama's OLLAMA_LOAD_TIMEOUT).",
+    )
+
     # --- worker ---
-    model: str = Field(default="smollm2:135m", description="Model a generation worker serves.")
+    model: str = Field(
+        default="smollm2:135m",
+        description="Model a generation worker loads at start and keeps loaded; empty: none, load on demand.",
+    )
+    models: str = Field(
+        default="*", description="Models a worker may load on demand: comma-separated names or patterns (qwen2.5:*).",
+    )
+    max_loaded_models: int = Field(
+        default=1, ge=1, description="Models one worker holds at once; loading another unloads an idle one.",
+    )
+    keep_alive: str = Field(
+        default="5m", description="How long a model loaded on demand stays loaded when idle (Ollama's OLLAMA_KEEP_ALIVE).",
+    )
+    store_id: str = Field(
+        default="", description="Name of this machine's model store; empty: the host name. Machines sharing one "
+                                "model directory (a network disk) should share the name.",
+    )
     max_jobs: int = Field(default=0, ge=0, description="Jobs one worker runs at once; 0 = the engine's max_num_seqs.")
     max_num_seqs: int = Field(default=0, ge=0, description="vLLM max_num_seqs; 0 = 64 on CPU, 256 on GPU.")
     max_model_len: int = Field(default=0, ge=0, description="vLLM max_model_len; 0 = the model's own.")
@@ -75,6 +99,14 @@ class Settings(BaseSettings):
     # --- liveness ---
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="A worker silent this long is dead.")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: str) -> str:
+        from common.durations import parse_keep_alive
+
+        parse_keep_alive(v)  # fail at start, naming the variable, not at the first request
+        return v
 
     @field_validator("redis_url")
     @classmethod

@@ -17,6 +17,7 @@ from common.redis_conn import connect
 from common.settings import Settings
 from workers.fake_engine import FakeEngine
 from workers.main import GenerationWorker
+from workers.pull_worker import PullWorker
 
 MODEL = "fake:test"
 
@@ -28,21 +29,30 @@ class FakeStack:
     engine: FakeEngine
     worker: GenerationWorker | None
     redis: object
+    pull_worker: PullWorker | None = None
 
     def client(self, **kw) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kw)
 
 
 @asynccontextmanager
-async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine | None = None, **overrides):
+async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine | None = None,
+                     pull_worker: bool = False, engine_factory=None, **overrides):
+    """``pull_worker``: also run a store (settings.home must then be a temporary directory);
+    ``engine_factory(name, path)``: the engines of models loaded on demand."""
     settings = Settings(redis_url=redis_url, model=MODEL, heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0,
-                        poll_delay_s=0.01, **overrides)
+                        poll_delay_s=0.01, engine="fake", **overrides)
     redis = await connect(redis_url)
     await redis.flushdb()
     engine = engine or FakeEngine()
+    store_obj = store_task = None
+    if pull_worker:
+        store_obj = PullWorker(settings)
+        store_task = asyncio.create_task(store_obj.run(redis=await connect(redis_url)))
     worker_obj = worker_task = None
     if worker:
-        worker_obj = GenerationWorker(settings, engine=engine)
+        factory = engine_factory or (lambda name, path: FakeEngine())
+        worker_obj = GenerationWorker(settings, engine=engine, engine_factory=factory)
         worker_task = asyncio.create_task(worker_obj.run(redis=await connect(redis_url)))
 
         async def ready() -> bool:
@@ -59,11 +69,14 @@ async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine 
     while not server.started:
         await asyncio.sleep(0.01)
     try:
-        yield FakeStack(f"http://127.0.0.1:{port}", settings, engine, worker_obj, redis)
+        yield FakeStack(f"http://127.0.0.1:{port}", settings, engine, worker_obj, redis, store_obj)
     finally:
         server.should_exit = True
         await server_task
         if worker_obj is not None:
             worker_obj.stop()
             await worker_task
+        if store_obj is not None:
+            store_obj.stop()
+            await store_task
         await redis.aclose()

@@ -26,6 +26,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -116,6 +117,9 @@ class HubStandin:
         self._requests: list[tuple[str, str, str | None]] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        # Serve file bytes at most this fast (None: as fast as possible), so that tests can
+        # act while a download is under way (join it, kill the puller).
+        self.bytes_per_s: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -418,6 +422,8 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(chunk)
                 to_send -= len(chunk)
+                if self.standin.bytes_per_s:
+                    time.sleep(len(chunk) / self.standin.bytes_per_s)
         if cut is not None:
             self.wfile.flush()
             self.close_connection = True

@@ -40,6 +40,7 @@ class Heartbeat:
         self._ttl = ttl_s
         self._stall = stall_s
         self._stopped = threading.Event()
+        self._wake = threading.Event()
         self._loop_seen = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name="vllama-heartbeat", daemon=True)
         self._loop_task: asyncio.Task | None = None
@@ -48,8 +49,13 @@ class Heartbeat:
         self._loop_task = asyncio.create_task(self._mark_loop_alive())
         self._thread.start()
 
+    def poke(self) -> None:
+        """Beat now: the worker's models changed, and the API routes by what it reads."""
+        self._wake.set()
+
     async def stop(self) -> None:
         self._stopped.set()
+        self._wake.set()
         await cancel_and_wait(self._loop_task)
         await asyncio.to_thread(self._thread.join)
 
@@ -71,6 +77,7 @@ class Heartbeat:
                         registry.publish_heartbeat(client, self._info, self._ttl)
                     except Exception:  # noqa: BLE001 - a Redis blip must not end the heartbeat
                         log.warning("heartbeat failed", exc_info=True)
-                self._stopped.wait(self._interval)
+                self._wake.wait(self._interval)
+                self._wake.clear()
         finally:
             client.close()

@@ -1,58 +1,73 @@
-"""A generation worker process: one engine, one arq worker on the model's queue.
+"""A generation worker process: holds up to ``max_loaded_models`` models, each with its own
+engine and job consumer, and loads and unloads them as requests and keep_alive ask.
 
-Start-up: advertise the model as "loading" (so requests queue instead of getting 404 while
-the engine loads), load the engine off the event loop (so signals are still handled), then take
-up to ``max_jobs`` jobs at once. Shutdown (SIGINT/SIGTERM): stop taking jobs, let running
-ones finish within a grace period, cancel the rest, then close the engine.
+Start-up: the worker's own model (``VLLAMA_MODEL``; none if empty) loads first and stays
+loaded unless a request says otherwise; meanwhile the worker advertises it as "loading", so
+requests queue instead of getting 404. Then, every ``TICK_S``, the worker
+- unloads models that have been idle for longer than their keep_alive, and
+- claims a model that requests are waiting for (``vllama:loads``), if it may load it and has
+  room, or an idle model it can unload to make room; one load at a time, off the event loop.
+Shutdown (SIGINT/SIGTERM): stop taking jobs, let running ones finish within a grace period,
+cancel the rest, then close the engines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import json
 import logging
 import os
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 from arq.connections import ArqRedis
-from arq.worker import func
+from redis.exceptions import RedisError
 
-from common import keys, registry
-from common.errors import VllamaError
+from common import catalog, keys, registry
+from common.durations import FOREVER, parse_keep_alive
+from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
-from common.redis_conn import connect, job_deserializer, job_serializer
+from common.redis_conn import connect
 from common.settings import Settings
 from common.tasks import cancel_and_wait
-from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
 from workers.frames import FrameSink
-from workers.generation import GenerationRunner
 from workers.heartbeat import Heartbeat
+from workers.loaded import LoadedModel
+from workers.store import ModelStore
 
 log = logging.getLogger(__name__)
 
+TICK_S = 0.25
 DRAIN_GRACE_S = 30.0
+# A worker that would have to unload a model to take a load request leaves it this long to
+# workers with free room.
+EVICT_DEFER_S = 1.0
+
+EngineFactory = Callable[[str, Path | None], Engine]
 
 
-def build_engine(settings: Settings) -> Engine:
-    """Blocking: resolve the model files and start the engine (call from a thread)."""
+def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
+    """Blocking: start the engine for ``name`` from ``path`` (call from a thread)."""
     if settings.engine == "fake":
         from workers.fake_engine import FakeEngine
 
         # Answers with as many tokens as it may (num_predict or the context), 100 a second.
         return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01)
     from workers.engine import VllmEngine
-    from workers.model_store import resolve_model_path
 
-    path = resolve_model_path(settings.model, settings.model_cache)
     return VllmEngine.start(
         path,
-        served_name=canonical_name(settings.model),
+        served_name=name,
         max_num_seqs=settings.max_num_seqs,
         max_model_len=settings.max_model_len,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
+        # Models loaded side by side on one GPU share it.
+        gpu_memory_utilization=settings.gpu_memory_utilization / settings.max_loaded_models,
         tensor_parallel_size=settings.tensor_parallel_size,
         enforce_eager=settings.enforce_eager,
         kv_cache_gib=settings.kv_cache_gib,
@@ -60,23 +75,25 @@ def build_engine(settings: Settings) -> Engine:
 
 
 class GenerationWorker:
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None,
+                 engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
-        self.model = canonical_name(settings.model)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.engine = engine
+        self.store = ModelStore(settings.model_cache)
+        self.models: dict[str, LoadedModel] = {}
+        self.patterns = [p.strip() for p in settings.models.split(",") if p.strip()] or ["*"]
+        self.default_keep_alive = parse_keep_alive(settings.keep_alive)
+        self._first_engine = engine  # tests hand in the engine for the worker's own model
+        self._factory = engine_factory or (lambda name, path: build_engine(settings, name, path))
         self.info = registry.WorkerInfo(
-            worker_id=self.worker_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            models=[self.model],
-            state="loading",
-            started_at=time.time(),
-            heartbeat_at=time.time(),
+            worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), models=[],
+            may_load=self.patterns, max_loaded=settings.max_loaded_models, state="loading",
+            started_at=time.time(), heartbeat_at=time.time(),
         )
         self._stop = asyncio.Event()
-        self._arq: GenerationArqWorker | None = None
-        self._runner: GenerationRunner | None = None
+        self._loading: asyncio.Task | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._redis: ArqRedis | None = None
         self._sink: FrameSink | None = None
 
     def stop(self) -> None:
@@ -85,79 +102,153 @@ class GenerationWorker:
 
     async def run(self, redis: ArqRedis | None = None) -> None:
         assert self.settings.redis_url, "VLLAMA_REDIS_URL is not set"
-        redis = redis or await connect(self.settings.redis_url)
-        heartbeat = Heartbeat(self.settings.redis_url, self.info, self._refresh_info,
-                              self.settings.heartbeat_interval_s, self.settings.heartbeat_ttl_s)
+        self._redis = redis or await connect(self.settings.redis_url)
+        heartbeat = self._heartbeat = Heartbeat(self.settings.redis_url, self.info, self._refresh_info,
+                                                self.settings.heartbeat_interval_s, self.settings.heartbeat_ttl_s)
         heartbeat.start()
+        self._sink = FrameSink(self._redis)
+        self._sink.start()
         try:
-            if self.engine is None:
-                log.info("worker %s: loading %s", self.worker_id, self.model)
-                self.engine = await asyncio.to_thread(build_engine, self.settings)
-            if self._stop.is_set():
-                return
-            await self._serve(redis)
+            if self.settings.model:
+                await self._load(canonical_name(self.settings.model), pinned=True, engine=self._first_engine)
+            self.info.state = "ready"
+            while not self._stop.is_set():
+                try:
+                    await self._tick()
+                except (RedisError, OSError) as exc:  # Redis away for a while: keep serving
+                    log.warning("worker %s: Redis unreachable (%s)", self.worker_id, exc)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), TICK_S)
+                except TimeoutError:
+                    pass
+            self.info.state = "draining"
+            log.info("worker %s: draining", self.worker_id)
+            await cancel_and_wait(self._loading)
+            await asyncio.gather(*(m.drain(DRAIN_GRACE_S) for m in list(self.models.values())))
         finally:
             await heartbeat.stop()
-            if self._sink is not None:
-                await self._sink.stop()
-            await registry.remove_worker(redis, self.worker_id)
-            if self.engine is not None:
-                self.engine.close()
-            await redis.aclose()
+            for model in list(self.models.values()):
+                await model.close()
+            await self._sink.stop()
+            await registry.remove_worker(self._redis, self.worker_id)
+            await self._redis.aclose()
 
-    async def _serve(self, redis: ArqRedis) -> None:
-        engine = self.engine
-        max_jobs = self.settings.max_jobs or engine.max_num_seqs
-        self._sink = FrameSink(redis)
-        self._sink.start()
-        self._runner = GenerationRunner(engine, redis, self._sink, self.worker_id, self.settings.keep_result_s)
-        self.info.max_jobs = max_jobs
-        self.info.max_model_len = engine.max_model_len
-        self.info.state = "ready"
-        self._arq = GenerationArqWorker(
-            functions=[func(self._runner.run, name="generate", max_tries=1, timeout=self.settings.job_timeout_s)],
-            queue_name=keys.generation_queue(self.model),
-            redis_pool=redis,
-            max_jobs=max_jobs,
-            poll_delay=self.settings.poll_delay_s,
-            allow_abort_jobs=True,
-            keep_result=self.settings.keep_result_s,
-            job_serializer=job_serializer,
-            job_deserializer=job_deserializer,
-            handle_signals=False,
-            health_check_interval=10,
-            # A generation cannot resume a broken stream, so a lost job is failed, not re-run.
-            retry_jobs=False,
-        )
-        log.info("worker %s: serving %s with up to %d jobs at once", self.worker_id, self.model, max_jobs)
-        consume = asyncio.create_task(self._arq.async_run())
-        stop = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({consume, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if consume.done():
-            consume.result()  # a crashed consumer is an error, not a quiet exit
+    # ------------------------------------------------------------ the periodic look around
+
+    async def _tick(self) -> None:
+        ready = [m for m in self.models.values() if m.state == "ready"]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for m in ready:
+                pipe.get(keys.keep_alive(m.name))
+                pipe.zcard(keys.generation_queue(m.name))
+            pipe.zrange(keys.LOADS, 0, -1, withscores=True)
+            results = await pipe.execute()
+        now = time.time()
+        for i, m in enumerate(ready):
+            raw, queued = results[2 * i], results[2 * i + 1]
+            m.observe(now, queued, None if raw is None else float(raw))
+        for m in ready:
+            if m.task is not None and m.task.done():
+                log.error("the job consumer of %s stopped (%s); unloading it", m.name, m.task.exception())
+                await self._unload(m)
+            elif m.expired(now):
+                log.info("%s idle past its keep_alive; unloading", m.name)
+                await self._unload(m)
+        if self._loading is None or self._loading.done():
+            await self._claim(results[-1], now)
+
+    async def _claim(self, requests: list[tuple[bytes | str, float]], now: float) -> None:
+        for raw, score in requests:
+            name = raw.decode() if isinstance(raw, bytes) else raw
+            if name in self.models:  # already here (or on its way): the request is met
+                await self._redis.zrem(keys.LOADS, name)
+                continue
+            if not self.allows(name):
+                continue
+            victim = None
+            if len(self.models) >= self.settings.max_loaded_models:
+                victim = self._evictable()
+                if victim is None or now - score / 1000 < EVICT_DEFER_S:
+                    continue
+            if not await self._redis.zrem(keys.LOADS, name):
+                continue  # another worker took it
+            if victim is not None:
+                log.info("unloading idle %s to make room for %s", victim.name, name)
+                if not await self._unload(victim):
+                    await self._redis.zadd(keys.LOADS, {name: score}, nx=True)  # give it back
+                    return
+            self._loading = asyncio.create_task(self._load_requested(name))
             return
-        await self._drain(consume)
 
-    async def _drain(self, consume: asyncio.Task) -> None:
-        """Stop taking jobs, let running ones finish, then cancel what is left."""
-        self.info.state = "draining"
-        log.info("worker %s: draining %d running jobs", self.worker_id, len(self._runner.running))
-        # The poll loop keeps running so aborts of running jobs are still honoured.
-        self._arq.allow_pick_jobs = False
-        deadline = time.monotonic() + DRAIN_GRACE_S
-        while self._runner.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        tasks = list(self._arq.tasks.values())
-        for task in tasks:
-            task.cancel()
-        # arq writes each cancelled job's result before its task ends.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await cancel_and_wait(consume)
+    def allows(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def _evictable(self) -> LoadedModel | None:
+        """The idle model closest to expiring (models kept forever last)."""
+        idle = [m for m in self.models.values() if m.idle()]
+        return min(idle, key=lambda m: m.expires_at if m.expires_at is not None else float("inf"), default=None)
+
+    # ------------------------------------------------------------ load and unload
+
+    async def _load_requested(self, name: str) -> None:
+        try:
+            await self._load(name, pinned=False)
+        except Exception:  # noqa: BLE001 - recorded for the waiting requests; the worker goes on
+            pass
+
+    async def _load(self, name: str, *, pinned: bool, engine: Engine | None = None) -> None:
+        model = LoadedModel(name, default_keep_alive=FOREVER if pinned else self.default_keep_alive)
+        self.models[name] = model
+        await self._record_load(name, "loading")
+        started = time.monotonic()
+        try:
+            if engine is None:
+                path = await self._resolve(model)
+                engine = await asyncio.to_thread(self._factory, name, path)
+            model.start(engine, self._redis, self._sink, self.worker_id, self.settings)
+        except Exception as exc:
+            self.models.pop(name, None)
+            code, message = (exc.code, exc.message) if isinstance(exc, VllamaError) \
+                else (ErrorCode.INTERNAL, f"loading {name} failed: {exc}")
+            log.error("worker %s: %s", self.worker_id, message, exc_info=not isinstance(exc, VllamaError))
+            await self._record_load(name, "failed", code=code, error=message)
+            raise
+        await self._record_load(name, "ready", load_s=round(time.monotonic() - started, 3))
+
+    async def _resolve(self, model: LoadedModel) -> Path | None:
+        """The model's directory on this machine, fetched first if another store has it."""
+        if self.settings.engine == "fake":
+            return None
+        from workers.pull import ensure_local
+
+        entry = await catalog.lookup(self._redis, self.settings.heartbeat_ttl_s, model.name)
+        log.info("worker %s: loading %s", self.worker_id, model.name)
+        path = await asyncio.to_thread(ensure_local, self.store, model.name, entry)
+        manifest = self.store.get(model.name)
+        model.size = manifest.size if manifest is not None else 0
+        return path
+
+    async def _unload(self, model: LoadedModel) -> bool:
+        stopped = await model.try_stop(self.settings.poll_delay_s)
+        if stopped:
+            self.models.pop(model.name, None)
+        self._heartbeat.poke()
+        return stopped
+
+    async def _record_load(self, name: str, status: str, **fields: object) -> None:
+        self._heartbeat.poke()
+        record = {"model": name, "status": status, "worker_id": self.worker_id, "at": time.time(), **fields}
+        await self._redis.set(keys.load_record(name), json.dumps(record), ex=self.settings.keep_result_s)
 
     def _refresh_info(self) -> None:
-        if self._runner is not None:
-            self.info.running = len(self._runner.running)
-            self.info.engine_requests = self.engine.in_flight()
+        """Called from the heartbeat thread."""
+        models = list(self.models.values())
+        self.info.loaded = [m.status() for m in models]
+        self.info.models = [m.name for m in models if m.state in ("loading", "ready")]
+        self.info.running = sum(m.running for m in models)
+        self.info.engine_requests = sum(m.engine.in_flight() for m in models if m.engine is not None)
+        self.info.max_jobs = sum(m.max_jobs for m in models)
+        self.info.max_model_len = max((m.engine.max_model_len for m in models if m.engine is not None), default=0)
 
 
 def run_worker(settings: Settings) -> None:

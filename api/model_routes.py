@@ -1,0 +1,139 @@
+"""Ollama's model management: /api/pull, /api/tags, /api/show, /api/ps, /api/delete, /api/copy.
+
+Models live on the stores' disks (one per machine); the API reads what they hold from Redis
+(common/catalog.py) and asks them to change it through their job queues, so any API replica
+can manage models on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from arq.jobs import Job
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from api import ndjson
+from api.dispatch import Dispatcher
+from api.errors import parse_body
+from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest, ps_entries, show_body, tag_entry
+from api.pulls import PullLines, follow_pull
+from common import catalog, keys
+from common.errors import BadRequest, ModelNotFound, Unavailable, VllamaError
+from common.redis_conn import job_deserializer
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+STORE_JOB_TIMEOUT_S = 120
+
+
+def _dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Response:
+    body = await parse_body(request, PullRequest)
+    model = body.canonical()
+    d = _dispatcher(request)
+    states = follow_pull(d.redis, d.mux, d.settings, model)
+    lines = PullLines()
+    first = await anext(states)  # errors before anything is under way get a real status
+    if not body.stream:
+        try:
+            lines.lines(first)
+            async for state in states:
+                lines.lines(state)
+        finally:
+            await states.aclose()
+        return JSONResponse({"status": "success"})
+    return StreamingResponse(_relay_pull(lines, first, states), media_type=ndjson.NDJSON)
+
+
+async def _relay_pull(lines: PullLines, first: dict, states: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    try:
+        for line in lines.lines(first):
+            yield ndjson.line(line)
+        async for state in states:
+            for line in lines.lines(state):
+                yield ndjson.line(line)
+    except VllamaError as exc:
+        yield ndjson.line({"error": exc.message})
+    except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-pull: still end with an error line
+        log.exception("pull relay failed")
+        yield ndjson.line({"error": f"the pull was interrupted ({exc}); pull again"})
+    finally:
+        await states.aclose()
+
+
+@router.api_route("/api/tags", methods=["GET", "HEAD"])
+async def tags(request: Request) -> dict:
+    d = _dispatcher(request)
+    entries = await catalog.entries(d.redis, d.settings.heartbeat_ttl_s)
+    ordered = sorted(entries.values(), key=lambda e: e.manifest.modified_at, reverse=True)
+    return {"models": [tag_entry(e) for e in ordered]}
+
+
+@router.post("/api/show")
+async def show(request: Request) -> dict:
+    model = (await parse_body(request, ShowRequest)).canonical()
+    d = _dispatcher(request)
+    entry = await catalog.lookup(d.redis, d.settings.heartbeat_ttl_s, model)
+    if entry is None:
+        raise ModelNotFound(model, f"model '{model}' not found")
+    return show_body(entry.manifest)
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict:
+    d = _dispatcher(request)
+    workers = await d.live_workers(fresh=True)
+    entries = await catalog.entries(d.redis, d.settings.heartbeat_ttl_s)
+    return {"models": ps_entries(workers, entries)}
+
+
+@router.delete("/api/delete")
+async def delete(request: Request) -> Response:
+    body = await parse_body(request, DeleteRequest)
+    try:
+        model = body.canonical()
+    except BadRequest:
+        raise BadRequest(f'name "{body.model}" is invalid') from None
+    d = _dispatcher(request)
+    entry = await catalog.lookup(d.redis, d.settings.heartbeat_ttl_s, model)
+    if entry is None:
+        raise ModelNotFound(model, f"model '{model}' not found")
+    # Workers holding it unload it as soon as it is idle.
+    await d.loader.set_keep_alive(model, 0.0)
+    await _on_stores(d, entry.stores, "delete", model)
+    return Response(status_code=200)
+
+
+@router.post("/api/copy")
+async def copy(request: Request) -> Response:
+    source, destination = (await parse_body(request, CopyRequest)).names()
+    d = _dispatcher(request)
+    entry = await catalog.lookup(d.redis, d.settings.heartbeat_ttl_s, source)
+    if entry is None:
+        raise ModelNotFound(source, f'model "{source}" not found')
+    await _on_stores(d, entry.stores, "copy", source, destination)
+    return Response(status_code=200)
+
+
+async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str) -> None:
+    """Run a store job on each store and wait for all: every machine changes, or the
+    request fails saying which did not."""
+    jobs = []
+    for store_id in stores:
+        job = await d.redis.enqueue_job(function, *args, _queue_name=keys.store_queue(store_id))
+        jobs.append((store_id, job))
+    for store_id, job in jobs:
+        try:
+            await Job(job.job_id, d.redis, _queue_name=keys.store_queue(store_id),
+                      _deserializer=job_deserializer).result(timeout=STORE_JOB_TIMEOUT_S, poll_delay=0.05)
+        except TimeoutError:
+            raise Unavailable(f"store {store_id} did not {function} the model within "
+                              f"{STORE_JOB_TIMEOUT_S} s; is its pull worker running?") from None
+        except Exception as exc:  # noqa: BLE001 - the store job raised
+            raise VllamaError(f"store {store_id} could not {function} the model: {exc}") from exc

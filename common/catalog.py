@@ -1,0 +1,131 @@
+"""What models exist, as the API sees them: each store's catalog in Redis.
+
+A store is a model cache directory (usually one per machine, shared by that machine's
+workers) looked after by its pull workers. Each store advertises itself with a heartbeat and
+mirrors its manifests into a Redis hash, so API replicas on other machines can answer
+/api/tags and /api/show, and decide whether a model can be loaded, without a disk of their
+own. A model is "on disk" when some live store lists it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from common import keys
+from common.model_info import ModelDescription
+
+
+class ManifestFile(BaseModel):
+    path: str  # relative to the model directory
+    size: int
+    digest: str  # "sha256:<64 hex>"
+
+
+class Manifest(BaseModel):
+    """One model name on one store: where its files are and what they hold."""
+
+    name: str
+    repo: str | None = None  # Hugging Face repo it was pulled from
+    commit: str | None = None  # the repo commit pulled (a revision is resolved at pull time)
+    gguf: str | None = None  # the GGUF file it was made from, for imported models
+    path: str  # model directory, relative to the store root (what vLLM loads)
+    files: list[ManifestFile]
+    size: int
+    digest: str  # sha256 hex over the files' digests: equal for equal content (and for copies)
+    modified_at: float
+    description: ModelDescription
+
+    @staticmethod
+    def digest_of(files: list[ManifestFile]) -> str:
+        text = "\n".join(f"{f.path} {f.digest}" for f in sorted(files, key=lambda f: f.path))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class StoreInfo(BaseModel):
+    store_id: str
+    host: str
+    pid: int
+    root: str
+    free_bytes: int
+    heartbeat_at: float = 0.0
+
+
+class CatalogEntry(BaseModel):
+    manifest: Manifest
+    stores: list[str]  # live stores holding the model
+
+
+async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> None:
+    info.heartbeat_at = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(keys.store_record(info.store_id), info.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.zadd(keys.STORES, {info.store_id: int(info.heartbeat_at * 1000)})
+        await pipe.execute()
+
+
+async def remove_store(redis: Redis, store_id: str) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.store_record(store_id))
+        pipe.zrem(keys.STORES, store_id)
+        await pipe.execute()
+
+
+async def live_stores(redis: Redis, ttl_s: float) -> list[StoreInfo]:
+    cutoff_ms = int((time.time() - ttl_s) * 1000)
+    await redis.zremrangebyscore(keys.STORES, "-inf", cutoff_ms)
+    ids = [i.decode() if isinstance(i, bytes) else i for i in await redis.zrange(keys.STORES, 0, -1)]
+    if not ids:
+        return []
+    records = await redis.mget([keys.store_record(i) for i in ids])
+    return [StoreInfo.model_validate_json(r) for r in records if r is not None]
+
+
+async def reset(redis: Redis, store_id: str, manifests: list[Manifest]) -> None:
+    """Make the Redis catalog equal to what is on the store's disk."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.catalog(store_id))
+        if manifests:
+            pipe.hset(keys.catalog(store_id), mapping={m.name: m.model_dump_json() for m in manifests})
+        await pipe.execute()
+
+
+async def put(redis: Redis, store_id: str, manifest: Manifest) -> None:
+    await redis.hset(keys.catalog(store_id), manifest.name, manifest.model_dump_json())
+
+
+async def remove(redis: Redis, store_id: str, name: str) -> None:
+    await redis.hdel(keys.catalog(store_id), name)
+
+
+async def entries(redis: Redis, ttl_s: float) -> dict[str, CatalogEntry]:
+    """Every model on some live store; a model on several stores is listed once."""
+    stores = await live_stores(redis, ttl_s)
+    found: dict[str, CatalogEntry] = {}
+    for store in sorted(stores, key=lambda s: s.store_id):
+        for name, raw in (await redis.hgetall(keys.catalog(store.store_id))).items():
+            name = name.decode() if isinstance(name, bytes) else name
+            if name in found:
+                found[name].stores.append(store.store_id)
+            else:
+                found[name] = CatalogEntry(manifest=Manifest.model_validate_json(raw), stores=[store.store_id])
+    return found
+
+
+async def lookup(redis: Redis, ttl_s: float, name: str) -> CatalogEntry | None:
+    """The model ``name`` if some live store holds it."""
+    stores = sorted(s.store_id for s in await live_stores(redis, ttl_s))
+    if not stores:
+        return None
+    async with redis.pipeline(transaction=False) as pipe:
+        for store_id in stores:
+            pipe.hget(keys.catalog(store_id), name)
+        found = await pipe.execute()
+    holders = [s for s, raw in zip(stores, found) if raw is not None]
+    if not holders:
+        return None
+    raw = next(r for r in found if r is not None)
+    return CatalogEntry(manifest=Manifest.model_validate_json(raw), stores=holders)

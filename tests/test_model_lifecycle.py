@@ -1,0 +1,207 @@
+"""Models on disk, loaded, unloaded: /api/tags, /api/show, /api/ps, delete, copy, load on
+demand and keep_alive, with the fake engine standing in for vLLM (real Redis, real HTTP, the
+real pull worker and generation worker). tests/e2e does the same through real vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from common import keys
+from common.catalog import Manifest
+from common.model_info import describe
+from tests.fake_stack import MODEL, fake_stack
+from tests.harness import async_wait_until
+from workers.fake_engine import FakeEngine
+from workers.store import ModelStore, describe_files
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+OTHER = "other:1b"
+
+
+def write_model(home: Path, name: str, hidden: int = 8) -> Manifest:
+    """A small but real model directory (config + safetensors) and its manifest."""
+    store = ModelStore(home / "models")
+    target = store.local / name.replace(":", "-").replace("/", "-")
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 512, "vocab_size": 16,
+    }))
+    save_file({"model.embed_tokens.weight": np.zeros((16, hidden), np.float32)}, str(target / "model.safetensors"))
+    files = describe_files(target)
+    manifest = Manifest(name=name, path=str(target.relative_to(store.root)), files=files,
+                        size=sum(f.size for f in files), digest=Manifest.digest_of(files),
+                        modified_at=time.time(), description=describe(target))
+    store.save(manifest)
+    return manifest
+
+
+async def ps(http) -> dict[str, dict]:
+    return {m["name"]: m for m in (await http.get("/api/ps")).json()["models"]}
+
+
+async def wait_listed(http, name: str, present: bool = True) -> None:
+    async def check() -> bool:
+        names = {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
+        return (name in names) == present
+    await async_wait_until(check, 10, f"{name} {'in' if present else 'out of'} /api/tags")
+
+
+async def test_tags_show_copy_delete(redis_server, tmp_path):
+    manifest = write_model(tmp_path, OTHER)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        await wait_listed(http, OTHER)
+        [entry] = (await http.get("/api/tags")).json()["models"]
+        assert entry["name"] == entry["model"] == OTHER
+        assert entry["size"] == manifest.size and entry["digest"] == manifest.digest
+        assert entry["details"]["family"] == "llama" and entry["details"]["format"] == "safetensors"
+        assert entry["modified_at"].endswith("Z")
+
+        shown = (await http.post("/api/show", json={"model": OTHER})).json()
+        assert shown["model_info"]["general.architecture"] == "llama"
+        assert shown["model_info"]["llama.context_length"] == 512
+        assert shown["model_info"]["general.parameter_count"] == 16 * 8
+        assert "completion" in shown["capabilities"]
+        r = await http.post("/api/show", json={"model": "missing:1b"})
+        assert r.status_code == 404 and r.json() == {"error": "model 'missing:1b' not found"}
+
+        r = await http.post("/api/copy", json={"source": OTHER, "destination": "backup"})
+        assert r.status_code == 200 and r.content == b""
+        await wait_listed(http, "backup:latest")
+        model_dir = stack.pull_worker.store.model_dir(manifest)
+        r = await http.post("/api/copy", json={"source": "nope", "destination": "x"})
+        assert r.status_code == 404 and r.json() == {"error": 'model "nope:latest" not found'}
+        r = await http.post("/api/copy", json={"source": OTHER, "destination": "../etc"})
+        assert r.status_code == 400 and r.json() == {"error": 'destination "../etc" is invalid'}
+
+        # Deleting one of two names keeps the files; deleting the last removes them.
+        r = await http.request("DELETE", "/api/delete", json={"model": OTHER})
+        assert r.status_code == 200 and r.content == b""
+        await wait_listed(http, OTHER, present=False)
+        assert (model_dir / "model.safetensors").exists()
+        assert (await http.request("DELETE", "/api/delete", json={"model": "backup"})).status_code == 200
+        assert not model_dir.exists()
+        r = await http.request("DELETE", "/api/delete", json={"model": "backup"})
+        assert r.status_code == 404 and r.json() == {"error": "model 'backup:latest' not found"}
+        r = await http.request("DELETE", "/api/delete", json={"model": "a b"})
+        assert r.status_code == 400 and r.json() == {"error": 'name "a b" is invalid'}
+
+
+async def test_model_on_disk_is_loaded_on_demand_and_unloaded_by_keep_alive(redis_server, tmp_path):
+    write_model(tmp_path, OTHER)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, max_loaded_models=2) as stack, \
+            stack.client() as http:
+        await wait_listed(http, OTHER)
+        assert OTHER not in await ps(http)
+        r = await http.post("/api/generate", json={"model": OTHER, "prompt": "hi", "stream": False,
+                                                   "keep_alive": "1s"})
+        assert r.status_code == 200, r.text
+        assert r.json()["done_reason"] == "stop"
+        loaded = await ps(http)
+        assert set(loaded) == {MODEL, OTHER}
+        assert loaded[OTHER]["workers"][0]["worker_id"] == stack.worker.worker_id
+        assert loaded[OTHER]["context_length"] == 2048 and loaded[OTHER]["size"] > 0
+        # The worker's own model stays loaded; the other goes one idle second later.
+        assert loaded[MODEL]["expires_at"] > "2300"
+
+        async def unloaded() -> bool:
+            return OTHER not in await ps(http)
+        await async_wait_until(unloaded, 5, f"{OTHER} to be unloaded after keep_alive 1s")
+        assert MODEL in await ps(http)
+
+
+async def test_load_and_unload_requests(redis_server, tmp_path):
+    write_model(tmp_path, OTHER)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, max_loaded_models=2) as stack, \
+            stack.client() as http:
+        await wait_listed(http, OTHER)
+        r = await http.post("/api/generate", json={"model": OTHER})
+        assert r.status_code == 200 and r.json()["done_reason"] == "load" and r.json()["response"] == ""
+        loaded = await ps(http)
+        assert OTHER in loaded
+        expires = loaded[OTHER]["expires_at"]
+        assert "2026" <= expires < "2300"  # the default 5 minutes, not forever
+
+        r = await http.post("/api/chat", json={"model": OTHER, "messages": [], "keep_alive": -1})
+        assert r.json()["done_reason"] == "load" and r.json()["message"] == {"role": "assistant", "content": ""}
+
+        async def forever() -> bool:
+            return (await ps(http))[OTHER]["expires_at"] > "2300"
+        await async_wait_until(forever, 3, "keep_alive -1 to show as a far-future expiry")
+
+        r = await http.post("/api/chat", json={"model": OTHER, "messages": [], "keep_alive": 0})
+        assert r.json()["done_reason"] == "unload"
+        assert OTHER not in await ps(http)
+        # keep_alive is not sticky: the next plain request loads with the default again.
+        r = await http.post("/api/generate", json={"model": OTHER, "prompt": "x", "stream": False})
+        assert r.status_code == 200
+        assert await stack.redis.get(keys.keep_alive(OTHER)) is None
+
+        r = await http.post("/api/generate", json={"model": OTHER, "keep_alive": "soon"})
+        assert r.status_code == 400 and "keep_alive" in r.json()["error"]
+
+
+async def test_full_worker_unloads_an_idle_model_to_load_another(redis_server, tmp_path):
+    write_model(tmp_path, OTHER)
+    write_model(tmp_path, MODEL)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, max_loaded_models=1) as stack, \
+            stack.client() as http:
+        await wait_listed(http, OTHER)
+        r = await http.post("/api/generate", json={"model": OTHER, "prompt": "x", "stream": False})
+        assert r.status_code == 200
+        assert set(await ps(http)) == {OTHER}
+        # And back: the first model is loaded again on request.
+        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False})
+        assert r.status_code == 200
+        assert set(await ps(http)) == {MODEL}
+
+
+async def test_model_that_cannot_be_had(redis_server, tmp_path):
+    write_model(tmp_path, OTHER)
+
+    def factory(name, path):
+        raise RuntimeError("out of memory (simulated)")
+
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, max_loaded_models=2,
+                          engine_factory=factory, models=f"{MODEL},{OTHER}") as stack, stack.client() as http:
+        await wait_listed(http, OTHER)
+        r = await http.post("/api/generate", json={"model": "nowhere:7b", "prompt": "x"})
+        assert r.status_code == 404
+        assert r.json()["error"] == "model 'nowhere:7b' not found, try pulling it first: ollama pull nowhere:7b"
+
+        started = time.monotonic()
+        r = await http.post("/api/generate", json={"model": OTHER, "prompt": "x"})
+        assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]
+        assert time.monotonic() - started < 5
+        assert OTHER not in await ps(http)
+
+        write_model(tmp_path, "forbidden:1b")
+        await wait_listed(http, "forbidden:1b")
+        r = await http.post("/api/generate", json={"model": "forbidden:1b", "prompt": "x"})
+        assert r.status_code == 503 and "VLLAMA_MODELS" in r.json()["error"]
+
+
+async def test_request_waits_for_a_worker_that_starts_later(redis_server, tmp_path):
+    """No worker holds the model: the job waits in the queue until one loads it."""
+    write_model(tmp_path, OTHER)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, max_loaded_models=2,
+                          engine=FakeEngine(step_s=0.01)) as stack, stack.client() as http:
+        await wait_listed(http, OTHER)
+        requests = [asyncio.create_task(http.post("/api/generate", json={"model": OTHER, "prompt": "x",
+                                                                         "stream": False}))
+                    for _ in range(5)]
+        results = await asyncio.gather(*requests)
+        assert [r.status_code for r in results] == [200] * 5
+        assert all(r.json()["eval_count"] == 16 for r in results)
+        # One load served them all.
+        record = json.loads(await stack.redis.get(keys.load_record(OTHER)))
+        assert record["status"] == "ready" and record["worker_id"] == stack.worker.worker_id
+        assert await stack.redis.zcard(keys.LOADS) == 0

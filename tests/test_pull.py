@@ -1,0 +1,176 @@
+"""/api/pull end to end with the real huggingface_hub client against the Hub stand-in: real
+Redis, real HTTP, the real pull worker; files are compared byte for byte. (The generation
+worker runs the fake engine; tests/e2e loads a pulled model in real vLLM.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from common import keys
+from tests.fake_stack import fake_stack
+from tests.harness import ndjson_lines
+from tests.hub_standin import HubStandin
+from tests.model_factory import embedding_bytes, make_tiny_llama
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+REPO = "tiny-org/tiny-llama"
+GATED = "tiny-org/gated-llama"
+HUGE = "tiny-org/huge-llama"
+SHARD = "model-00001-of-00002.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", max_shard_bytes=embedding_bytes() + 2**20)
+
+
+@pytest.fixture
+def hub(model_dir, monkeypatch, tmp_path):
+    """The stand-in with a public, a gated and a too-big repo; the client pointed at it and
+    kept away from any real token or cache."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with HubStandin() as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        standin.add_repo(REPO, model_dir)
+        standin.add_repo(GATED, model_dir, gated=True)
+        standin.add_repo(HUGE, model_dir)
+        standin.add_virtual_file(HUGE, "model-huge.safetensors", 10**15)
+        yield standin
+
+
+def source_files(model_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+
+
+def pulled_files(stack, name: str) -> dict[str, bytes]:
+    store = stack.pull_worker.store
+    directory = store.model_dir(store.get(name))
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+async def pull(http, model: str, **body) -> list[dict]:
+    r = await http.post("/api/pull", json={"model": model, **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return ndjson_lines(r.text)
+
+
+def check_progress(lines: list[dict], model_dir: Path) -> None:
+    """Ollama's sequence, with byte counts that add up to each file's size."""
+    statuses = [line.get("status") for line in lines]
+    assert statuses[0] == "pulling manifest"
+    assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    progress = [line for line in lines if "digest" in line]
+    sizes = sorted(p.stat().st_size for p in model_dir.iterdir())
+    last = {}
+    for line in progress:
+        assert line["status"] == f"pulling {line['digest'][7:19]}"
+        assert line["digest"].startswith("sha256:") and len(line["digest"]) == 71
+        assert 0 <= line["completed"] <= line["total"]
+        assert line["completed"] >= last.get(line["digest"], {}).get("completed", 0), "progress went backwards"
+        last[line["digest"]] = line
+    assert sorted(line["total"] for line in last.values()) == sizes
+    assert all(line["completed"] == line["total"] for line in last.values())
+
+
+async def test_pull_streams_byte_progress_and_lands_every_file(redis_server, tmp_path, hub, model_dir):
+    hub.bytes_per_s = 40e6  # ~0.6 s for the two shards: several progress reports each
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        lines = await pull(http, REPO)
+        check_progress(lines, model_dir)
+        shard_lines = [line for line in lines if line.get("total") == (model_dir / SHARD).stat().st_size]
+        assert any(0 < line["completed"] < line["total"] for line in shard_lines), "no progress within the file"
+        assert pulled_files(stack, REPO) == source_files(model_dir)
+
+        [entry] = (await http.get("/api/tags")).json()["models"]
+        assert entry["name"] == REPO and entry["size"] == sum(p.stat().st_size for p in model_dir.iterdir())
+        assert entry["details"]["family"] == "llama" and entry["details"]["quantization_level"] == "F32"
+        shown = (await http.post("/api/show", json={"model": REPO})).json()
+        assert shown["model_info"]["llama.context_length"] == 2048
+        assert shown["model_info"]["llama.embedding_length"] == 64
+        assert "{{" in shown["template"] or "{%" in shown["template"]
+
+        # Again: everything is there, nothing is downloaded, "stream": false answers once.
+        gets = hub.count("GET", ".safetensors")
+        r = await http.post("/api/pull", json={"model": REPO, "stream": False})
+        assert r.status_code == 200 and r.json() == {"status": "success"}
+        assert hub.count("GET", ".safetensors") == gets
+
+
+async def test_two_clients_share_one_download(redis_server, tmp_path, hub, model_dir):
+    hub.bytes_per_s = 20e6
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        first = asyncio.create_task(pull(http, REPO))
+        await asyncio.sleep(0.5)  # the first is downloading by now
+        second = await pull(http, REPO)
+        check_progress(await first, model_dir)
+        assert second[-1] == {"status": "success"}
+        assert hub.count("GET", SHARD) == 1, hub.requests
+        assert pulled_files(stack, REPO) == source_files(model_dir)
+
+
+async def test_cut_connection_resumes_where_it_stopped(redis_server, tmp_path, hub, model_dir):
+    hub.cut_once(REPO, SHARD, 11 * 2**20)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        check_progress(await pull(http, REPO), model_dir)
+        ranges = [rng for method, path, rng in hub.requests if method == "GET" and path.endswith(SHARD)]
+        assert ranges == [None, "bytes=10485760-"]
+        assert pulled_files(stack, REPO) == source_files(model_dir)
+
+
+async def test_pull_errors_say_what_to_do(redis_server, tmp_path, hub):
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        r = await http.post("/api/pull", json={"model": GATED, "stream": False})
+        assert r.status_code == 403 and "HF_TOKEN" in r.json()["error"]
+        lines = await pull(http, GATED)
+        assert lines[0] == {"status": "pulling manifest"} and "HF_TOKEN" in lines[-1]["error"]
+
+        r = await http.post("/api/pull", json={"model": "tiny-org/no-such-model", "stream": False})
+        assert r.status_code == 404 and "not found on Hugging Face" in r.json()["error"]
+
+        r = await http.post("/api/pull", json={"model": HUGE, "stream": False})
+        assert r.status_code == 507 and "not enough disk space" in r.json()["error"]
+        assert "VLLAMA_HOME" in r.json()["error"]
+
+        r = await http.post("/api/pull", json={"model": "nosuchmodel:1b", "stream": False})
+        assert r.status_code == 404 and "vllama suggest" in r.json()["error"]
+        r = await http.post("/api/pull", json={"model": "../../etc/passwd"})
+        assert r.status_code == 400
+        r = await http.post("/api/pull", json={})
+        assert r.status_code == 400 and r.json() == {"error": "model is required"}
+        assert (await http.get("/api/tags")).json() == {"models": []}
+        record = json.loads(await stack.redis.get(keys.pull_record(stack.pull_worker.store_id, GATED)))
+        assert record["status"] == "failed" and record["code"] == "forbidden"
+
+
+async def test_pull_without_a_pull_worker_is_503(redis_server, tmp_path):
+    async with fake_stack(redis_server.url, home=tmp_path) as stack, stack.client() as http:
+        r = await http.post("/api/pull", json={"model": REPO})
+        assert r.status_code == 503 and "vllama pull-worker" in r.json()["error"]
+
+
+async def test_auto_pull_then_load_on_first_request(redis_server, tmp_path, hub, model_dir):
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, auto_pull=True,
+                          max_loaded_models=2) as stack, stack.client() as http:
+        r = await http.post("/api/generate", json={"model": REPO, "prompt": "hi", "stream": False})
+        assert r.status_code == 200, r.text
+        assert pulled_files(stack, REPO) == source_files(model_dir)
+        assert REPO in {m["name"] for m in (await http.get("/api/ps")).json()["models"]}
+
+
+async def test_without_auto_pull_a_model_not_on_disk_is_404(redis_server, tmp_path, hub):
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        r = await http.post("/api/generate", json={"model": REPO, "prompt": "hi"})
+        assert r.status_code == 404 and f"ollama pull {REPO}" in r.json()["error"]

@@ -1,0 +1,138 @@
+"""One model loaded in a worker: its engine, its job consumer, and when it may be unloaded.
+
+Each loaded model takes jobs from its own queue (``vllama:queue:<model>``) with its own arq
+consumer, up to ``max_jobs`` at once, so vLLM batches that model's requests. Idle time is
+measured from the last job ending while no job waits in its queue; ``keep_alive`` (the latest
+request's, from Redis, or the worker's default) says how long an idle model stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from arq.worker import func
+from redis.asyncio import Redis
+
+from common import keys
+from common.durations import FOREVER
+from common.redis_conn import job_deserializer, job_serializer
+from common.registry import ModelStatus
+from common.settings import Settings
+from common.tasks import cancel_and_wait
+from workers.arq_worker import GenerationArqWorker
+from workers.engine import Engine
+from workers.frames import FrameSink
+from workers.generation import GenerationRunner
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    def __init__(self, name: str, *, default_keep_alive: float, size: int = 0) -> None:
+        self.name = name
+        self.state = "loading"
+        self.default_keep_alive = default_keep_alive  # FOREVER for the worker's own model
+        self.size = size
+        self.engine: Engine | None = None
+        self.runner: GenerationRunner | None = None
+        self.arq: GenerationArqWorker | None = None
+        self.task: asyncio.Task | None = None
+        self.max_jobs = 0
+        self.loaded_at = time.time()
+        self.idle_since: float | None = time.time()
+        self.expires_at: float | None = None
+
+    def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings) -> None:
+        self.engine = engine
+        self.max_jobs = settings.max_jobs or engine.max_num_seqs
+        self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s)
+        self.arq = GenerationArqWorker(
+            functions=[func(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
+            queue_name=keys.generation_queue(self.name),
+            redis_pool=redis,
+            max_jobs=self.max_jobs,
+            poll_delay=settings.poll_delay_s,
+            allow_abort_jobs=True,
+            keep_result=settings.keep_result_s,
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            handle_signals=False,
+            health_check_interval=10,
+            # A generation cannot resume a broken stream, so a lost job is failed, not re-run.
+            retry_jobs=False,
+        )
+        self.task = asyncio.create_task(self.arq.async_run(), name=f"jobs-{self.name}")
+        self.state = "ready"
+        self.loaded_at = self.idle_since = time.time()
+        self.observe(self.loaded_at, 0, None)  # until the next look at Redis
+        log.info("serving %s with up to %d jobs at once", self.name, self.max_jobs)
+
+    @property
+    def running(self) -> int:
+        return len(self.runner.running) if self.runner is not None else 0
+
+    def observe(self, now: float, queued: int, keep_alive: float | None) -> None:
+        """Track idleness; ``queued``: jobs in the model's queue (running ones included),
+        ``keep_alive``: the latest request's, or None for this worker's default."""
+        keep = self.default_keep_alive if keep_alive is None else keep_alive
+        if self.running or queued:
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = now
+        if keep == FOREVER:
+            self.expires_at = None
+        else:
+            self.expires_at = (self.idle_since or now) + keep
+
+    def expired(self, now: float) -> bool:
+        return self.state == "ready" and self.idle_since is not None and self.expires_at is not None \
+            and now >= self.expires_at
+
+    def idle(self) -> bool:
+        return self.state == "ready" and self.idle_since is not None
+
+    async def try_stop(self, poll_delay_s: float) -> bool:
+        """Stop taking jobs; give up (and go on serving) if a job started meanwhile."""
+        self.state = "unloading"
+        self.arq.allow_pick_jobs = False
+        # A poll already under way may still start a job: let it finish its round.
+        await asyncio.sleep(max(3 * poll_delay_s, 0.05))
+        if self.running or self.arq.tasks and any(not t.done() for t in self.arq.tasks.values()):
+            self.arq.allow_pick_jobs = True
+            self.state = "ready"
+            return False
+        await self.close()
+        return True
+
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: stop taking jobs, let running ones finish, then cancel the rest."""
+        self.state = "unloading"
+        if self.arq is not None:
+            # The poll loop keeps running so aborts of running jobs are still honoured.
+            self.arq.allow_pick_jobs = False
+            deadline = time.monotonic() + grace_s
+            while self.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            tasks = list(self.arq.tasks.values())
+            for task in tasks:
+                task.cancel()
+            # arq writes each cancelled job's result before its task ends.
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.close()
+
+    async def close(self) -> None:
+        await cancel_and_wait(self.task)
+        self.task = None
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.close()
+        log.info("unloaded %s", self.name)
+
+    def status(self) -> ModelStatus:
+        return ModelStatus(
+            name=self.name, state=self.state, running=self.running, max_jobs=self.max_jobs,
+            context_length=self.engine.max_model_len if self.engine is not None else 0,
+            size=self.size, loaded_at=self.loaded_at, expires_at=self.expires_at,
+        )

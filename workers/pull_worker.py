@@ -1,0 +1,212 @@
+"""The pull worker: looks after one model store (a machine's model cache).
+
+It takes the store's jobs (pull, delete, copy) from ``vllama:store-queue:<store>``, away from
+the generation queues so that a long download never delays anything else, and mirrors the
+store's manifests into Redis (common/catalog.py) so every API replica can list and describe
+the models. Pull progress goes out as pull frames, each carrying the whole state, and the
+latest state is also kept in ``vllama:pull:<store>:<model>`` for clients that join later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.worker import func
+
+from common import catalog, keys
+from common.errors import ErrorCode, VllamaError
+from common.models import canonical_name
+from common.protocol import PullFrame, PullState
+from common.redis_conn import connect, job_deserializer, job_serializer
+from common.settings import Settings
+from common.tasks import cancel_and_wait
+from workers.arq_worker import GenerationArqWorker
+from workers.frames import FramePublisher, FrameSink
+from workers.pull import Progress, pull
+from workers.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+PUBLISH_EVERY_S = 0.1  # Ollama reports about every 60 ms
+PULL_TIMEOUT_S = 24 * 3600
+
+
+def store_id_for(settings: Settings) -> str:
+    return settings.store_id or socket.gethostname()
+
+
+class PullWorker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = ModelStore(settings.model_cache)
+        self.store_id = store_id_for(settings)
+        self._stop = asyncio.Event()
+        self._redis: ArqRedis | None = None
+        self._sink: FrameSink | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, redis: ArqRedis | None = None) -> None:
+        redis = self._redis = redis or await connect(self.settings.redis_url)
+        manifests = await asyncio.to_thread(self.store.list)
+        await catalog.reset(redis, self.store_id, manifests)
+        log.info("store %s: %d models in %s", self.store_id, len(manifests), self.store.root)
+        self._sink = FrameSink(redis)
+        self._sink.start()
+        beat = asyncio.create_task(self._heartbeat(), name="store-heartbeat")
+        arq = GenerationArqWorker(
+            functions=[
+                func(self.pull, name="pull", max_tries=1, timeout=PULL_TIMEOUT_S, keep_result=0),
+                func(self.delete, name="delete", max_tries=1, timeout=600),
+                func(self.copy, name="copy", max_tries=1, timeout=600),
+            ],
+            queue_name=keys.store_queue(self.store_id),
+            redis_pool=redis,
+            max_jobs=8,
+            poll_delay=0.05,
+            keep_result=60,  # delete and copy: the API reads the outcome within seconds
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            handle_signals=False,
+            health_check_interval=60,
+            retry_jobs=False,
+        )
+        consume = asyncio.create_task(arq.async_run(), name="store-jobs")
+        try:
+            await asyncio.wait({consume, asyncio.create_task(self._stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+            if consume.done():
+                consume.result()
+        finally:
+            await cancel_and_wait(consume)
+            await cancel_and_wait(beat)
+            await self._sink.stop()
+            await catalog.remove_store(redis, self.store_id)
+            await redis.aclose()
+
+    async def _heartbeat(self) -> None:
+        seen = self.store.version()
+        while True:
+            try:
+                if (version := self.store.version()) != seen:
+                    # Changed behind our back (`vllama create`, a file removed by hand).
+                    seen = version
+                    await catalog.reset(self._redis, self.store_id, await asyncio.to_thread(self.store.list))
+                info = catalog.StoreInfo(
+                    store_id=self.store_id, host=socket.gethostname(), pid=os.getpid(),
+                    root=str(self.store.root), free_bytes=await asyncio.to_thread(self.store.free_bytes),
+                )
+                await catalog.publish_store(self._redis, info, self.settings.heartbeat_ttl_s)
+            except Exception:  # noqa: BLE001 - a Redis blip must not end the heartbeat
+                log.warning("store heartbeat failed", exc_info=True)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    # ------------------------------------------------------------ jobs
+
+    async def pull(self, ctx: dict, model: str) -> None:
+        name = canonical_name(model)
+        publisher = FramePublisher(self._sink, ctx["job_id"])
+        changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        progress = Progress(PullState(model=name, store_id=self.store_id),
+                            notify=lambda: loop.call_soon_threadsafe(changed.set))
+        work = _in_daemon_thread(pull, self.store, name, progress)
+        try:
+            while True:
+                waiter = asyncio.ensure_future(changed.wait())
+                await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                changed.clear()
+                if work.done():
+                    break
+                await self._publish(publisher, progress.snapshot())
+                await asyncio.sleep(PUBLISH_EVERY_S)
+            manifest = work.result()
+        except asyncio.CancelledError:
+            message = "the pull worker stopped during the pull; pull again: files already fetched are kept"
+            await asyncio.shield(self._publish(publisher, self._failed(progress, ErrorCode.UNAVAILABLE, message)))
+            raise
+        except VllamaError as exc:
+            await self._publish(publisher, self._failed(progress, exc.code, exc.message))
+            log.warning("pull %s failed: %s", name, exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - the client must hear about any failure
+            log.exception("pull %s failed", name)
+            await self._publish(publisher, self._failed(progress, ErrorCode.INTERNAL, f"pull failed: {exc}"))
+            return
+        await catalog.put(self._redis, self.store_id, manifest)
+        await self._publish(publisher, progress.snapshot())
+        log.info("pulled %s into %s", name, self.store.root)
+
+    @staticmethod
+    def _failed(progress: Progress, code: str, message: str) -> PullState:
+        state = progress.snapshot()
+        state.status, state.code, state.error = "failed", code, message
+        return state
+
+    async def _publish(self, publisher: FramePublisher, state: PullState) -> None:
+        frame = publisher.next(PullFrame, state=state)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.pull_record(self.store_id, state.model), state.model_dump_json(),
+                     ex=self.settings.keep_result_s)
+            pipe.publish(publisher.channel, frame)
+            await pipe.execute()
+
+    async def delete(self, _ctx: dict, model: str) -> dict[str, Any]:
+        deleted = await asyncio.to_thread(self.store.delete, canonical_name(model))
+        if deleted is not None:
+            await catalog.remove(self._redis, self.store_id, deleted.name)
+        return {"deleted": deleted is not None}
+
+    async def copy(self, _ctx: dict, source: str, destination: str) -> dict[str, Any]:
+        copied = await asyncio.to_thread(self.store.copy, canonical_name(source), canonical_name(destination))
+        if copied is not None:
+            await catalog.put(self._redis, self.store_id, copied)
+        return {"copied": copied is not None}
+
+
+def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future:
+    """Run blocking ``fn`` in a daemon thread: a download must not hold up the process's
+    exit (asyncio.to_thread's executor is joined when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, name="vllama-pull", daemon=True).start()
+    return future
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def run_pull_worker(settings: Settings) -> None:
+    """Entry point of `vllama pull-worker`."""
+
+    async def main() -> None:
+        worker = PullWorker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(main())

@@ -1,0 +1,154 @@
+"""A model store on disk: one directory (``VLLAMA_HOME/models``) per machine.
+
+    manifests/<name>.json   one per model name (common.catalog.Manifest)
+    hub/                    Hugging Face cache: models--org--name/{blobs,snapshots/<commit>}
+    local/<id>/             models made from a local GGUF file (converted to safetensors)
+    locks/                  file locks: one pull or import of a repo/file at a time
+
+A manifest is written last, atomically, once every file is in place and verified, so a model
+that is listed is complete; a crash halfway leaves files and no manifest, and the next pull
+finds the files already there. Names reach the filesystem only through ``store_filename``,
+which cannot produce a path separator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from common.catalog import Manifest, ManifestFile
+from common.models import name_from_store_filename, store_filename
+
+log = logging.getLogger(__name__)
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifests = root / "manifests"
+        self.hub = root / "hub"
+        self.local = root / "local"
+        self._locks = root / "locks"
+
+    # ------------------------------------------------------------ manifests
+
+    def list(self) -> list[Manifest]:
+        found = []
+        if not self.manifests.is_dir():
+            return found
+        for file in sorted(self.manifests.glob("*.json")):
+            try:
+                name_from_store_filename(file.stem)
+                found.append(Manifest.model_validate_json(file.read_bytes()))
+            except Exception:  # noqa: BLE001 - one bad file must not hide the other models
+                log.warning("ignoring unreadable manifest %s", file, exc_info=True)
+        return found
+
+    def get(self, name: str) -> Manifest | None:
+        file = self._manifest_file(name)
+        if not file.exists():
+            return None
+        return Manifest.model_validate_json(file.read_bytes())
+
+    def save(self, manifest: Manifest) -> None:
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        file = self._manifest_file(manifest.name)
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(manifest.model_dump_json(indent=1))
+        os.replace(tmp, file)
+
+    def version(self) -> int:
+        """Changes whenever a manifest is added, replaced or removed (the directory's mtime)."""
+        try:
+            return self.manifests.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def model_dir(self, manifest: Manifest) -> Path:
+        """The directory vLLM loads; refuses a manifest that points outside the store."""
+        path = (self.root / manifest.path).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"manifest of {manifest.name} points outside the model store: {manifest.path}")
+        return path
+
+    def _manifest_file(self, name: str) -> Path:
+        return self.manifests / f"{store_filename(name)}.json"
+
+    # ------------------------------------------------------------ delete and copy
+
+    def copy(self, source: str, destination: str) -> Manifest | None:
+        """A second name for the same files (nothing is copied, as in Ollama)."""
+        manifest = self.get(source)
+        if manifest is None:
+            return None
+        copied = manifest.model_copy(update={"name": destination, "modified_at": time.time()})
+        self.save(copied)
+        return copied
+
+    def delete(self, name: str) -> Manifest | None:
+        """Remove a name, and its files when no other name uses them."""
+        manifest = self.get(name)
+        if manifest is None:
+            return None
+        self._manifest_file(name).unlink(missing_ok=True)
+        if any(m.path == manifest.path for m in self.list()):
+            return manifest  # another name (a copy) still uses the files
+        if manifest.repo:
+            with self.lock(f"repo-{manifest.repo}"):
+                self._delete_hub_revision(manifest.repo, manifest.commit)
+        else:
+            shutil.rmtree(self.model_dir(manifest), ignore_errors=True)
+        return manifest
+
+    def _delete_hub_revision(self, repo: str, commit: str | None) -> None:
+        from huggingface_hub import scan_cache_dir
+
+        if not self.hub.is_dir():
+            return
+        cache = scan_cache_dir(self.hub)
+        for cached in cache.repos:
+            if cached.repo_id == repo and cached.repo_type == "model":
+                commits = [r.commit_hash for r in cached.revisions if commit in (None, r.commit_hash)]
+                if len(commits) == len(cached.revisions):
+                    shutil.rmtree(cached.repo_path, ignore_errors=True)  # refs and all
+                elif commits:
+                    # Blobs shared with a revision that stays are kept.
+                    cache.delete_revisions(*commits).execute()
+
+    # ------------------------------------------------------------ helpers for writers
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Across processes of one machine (a pull worker and a worker loading a model)."""
+        self._locks.mkdir(parents=True, exist_ok=True)
+        path = self._locks / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def free_bytes(self) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.root).free
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(model_dir: Path) -> list[ManifestFile]:
+    """Every file of a directory with its sha256 (for models made here, not pulled)."""
+    return [
+        ManifestFile(path=str(p.relative_to(model_dir)), size=p.stat().st_size, digest=f"sha256:{file_sha256(p)}")
+        for p in sorted(model_dir.rglob("*")) if p.is_file()
+    ]

@@ -13,7 +13,7 @@ from huggingface_hub import constants
 
 from common import keys
 from tests.fake_stack import fake_stack
-from tests.harness import ndjson_lines
+from tests.harness import async_wait_until, ndjson_lines
 from tests.hub_standin import HubStandin
 from tests.model_factory import embedding_bytes, make_tiny_llama
 
@@ -174,3 +174,20 @@ async def test_without_auto_pull_a_model_not_on_disk_is_404(redis_server, tmp_pa
     async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
         r = await http.post("/api/generate", json={"model": REPO, "prompt": "hi"})
         assert r.status_code == 404 and f"ollama pull {REPO}" in r.json()["error"]
+
+
+async def test_a_client_leaving_does_not_stop_the_pull(redis_server, tmp_path, hub, model_dir):
+    hub.bytes_per_s = 20e6
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        async with http.stream("POST", "/api/pull", json={"model": REPO}) as r:
+            async for line in r.aiter_lines():
+                if '"completed"' in line:
+                    break  # gone while the download is under way
+
+        async def finished() -> bool:
+            raw = await stack.redis.get(keys.pull_record(stack.pull_worker.store_id, REPO))
+            return raw is not None and json.loads(raw)["status"] == "success"
+
+        await async_wait_until(finished, 30, "the pull to finish without its client")
+        assert pulled_files(stack, REPO) == source_files(model_dir)
+        assert hub.count("GET", SHARD) == 1

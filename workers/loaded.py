@@ -99,7 +99,7 @@ class LoadedModel:
         self.arq.allow_pick_jobs = False
         # A poll already under way may still start a job: let it finish its round.
         await asyncio.sleep(max(3 * poll_delay_s, 0.05))
-        if self.running or self.arq.tasks and any(not t.done() for t in self.arq.tasks.values()):
+        if self.running or any(not t.done() for t in self.arq.tasks.values()):
             self.arq.allow_pick_jobs = True
             self.state = "ready"
             return False

@@ -152,12 +152,9 @@ class PullWorker:
         return state
 
     async def _publish(self, publisher: FramePublisher, state: PullState) -> None:
-        frame = publisher.next(PullFrame, state=state)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.pull_record(self.store_id, state.model), state.model_dump_json(),
-                     ex=self.settings.keep_result_s)
-            pipe.publish(publisher.channel, frame)
-            await pipe.execute()
+        await self._redis.set(keys.pull_record(self.store_id, state.model), state.model_dump_json(),
+                              ex=self.settings.keep_result_s)
+        await publisher.send(PullFrame, state=state)
 
     async def delete(self, _ctx: dict, model: str) -> dict[str, Any]:
         deleted = await asyncio.to_thread(self.store.delete, canonical_name(model))

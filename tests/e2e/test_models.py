@@ -4,12 +4,19 @@ client: pull a model from the Hub stand-in with streaming progress, list, show, 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import ollama
 import pytest
 
 from tests.e2e.conftest import MODEL, TINY_REPO
-from tests.harness import wait_until
+from tests.harness import ROOT, wait_until
+from tests.model_factory import gguf_path
+from workers.store import ModelStore
 
 pytestmark = pytest.mark.e2e
 
@@ -85,3 +92,24 @@ def test_keep_alive_unloads_an_idle_model(client, stack):
     assert TINY_REPO in loaded(client)
     httpx.post(stack.base_url + "/api/generate", json={"model": TINY_REPO, "keep_alive": 0}, timeout=60)
     client.delete(TINY_REPO)
+
+
+def test_create_from_a_local_gguf_file(client, stack):
+    """`vllama create` on the bundled GGUF: the same file as smollm2:135m, so the converted
+    files are shared, and deleting the new name keeps them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.cli", "create", "mysmol:q4", "--from", str(gguf_path())],
+        env={**os.environ, **stack.env}, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "created mysmol:q4" in proc.stdout
+    wait_until(lambda: "mysmol:q4" in {m.model for m in client.list().models}, 15, "the new model to be listed")
+    assert client.show("mysmol:q4").modelinfo == client.show(MODEL).modelinfo
+    assert client.delete("mysmol:q4").status == "success"
+    store = ModelStore(Path(stack.env["VLLAMA_HOME"]) / "models")
+    assert store.get("mysmol:q4") is None
+    assert (store.model_dir(store.get(MODEL)) / "config.json").exists()
+
+    bad = subprocess.run([sys.executable, "-m", "common.cli", "create", "x", "--from", "/nonexistent.gguf"],
+                         env={**os.environ, **stack.env}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no such file" in bad.stderr

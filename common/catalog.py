@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.model_info import ModelDescription
+from common.registry import live_records
 
 
 class ManifestFile(BaseModel):
@@ -75,13 +76,7 @@ async def remove_store(redis: Redis, store_id: str) -> None:
 
 
 async def live_stores(redis: Redis, ttl_s: float) -> list[StoreInfo]:
-    cutoff_ms = int((time.time() - ttl_s) * 1000)
-    await redis.zremrangebyscore(keys.STORES, "-inf", cutoff_ms)
-    ids = [i.decode() if isinstance(i, bytes) else i for i in await redis.zrange(keys.STORES, 0, -1)]
-    if not ids:
-        return []
-    records = await redis.mget([keys.store_record(i) for i in ids])
-    return [StoreInfo.model_validate_json(r) for r in records if r is not None]
+    return [StoreInfo.model_validate_json(r) for r in await live_records(redis, keys.STORES, keys.store_record, ttl_s)]
 
 
 async def reset(redis: Redis, store_id: str, manifests: list[Manifest]) -> None:

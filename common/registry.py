@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel
@@ -71,16 +72,21 @@ async def remove_worker(redis: Redis, worker_id: str) -> None:
         await pipe.execute()
 
 
-async def live_workers(redis: Redis, ttl_s: float) -> list[WorkerInfo]:
-    """Workers whose heartbeat is younger than ``ttl_s``; prunes the rest from the zset."""
+async def live_records(redis: Redis, members: str, record_key: Callable[[str], str], ttl_s: float) -> list[bytes]:
+    """The records of the members of a heartbeat zset (workers, stores) that beat within
+    ``ttl_s``; prunes the rest from the zset."""
     cutoff_ms = int((time.time() - ttl_s) * 1000)
-    await redis.zremrangebyscore(keys.WORKERS, "-inf", cutoff_ms)
-    ids = await redis.zrange(keys.WORKERS, 0, -1)
+    await redis.zremrangebyscore(members, "-inf", cutoff_ms)
+    ids = await redis.zrange(members, 0, -1)
     if not ids:
         return []
-    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
-    records = await redis.mget([keys.worker_record(i) for i in ids])
-    return [WorkerInfo.model_validate_json(r) for r in records if r is not None]
+    records = await redis.mget([record_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+    return [r for r in records if r is not None]
+
+
+async def live_workers(redis: Redis, ttl_s: float) -> list[WorkerInfo]:
+    """Workers whose heartbeat is younger than ``ttl_s``."""
+    return [WorkerInfo.model_validate_json(r) for r in await live_records(redis, keys.WORKERS, keys.worker_record, ttl_s)]
 
 
 async def worker_alive(redis: Redis, worker_id: str) -> bool:

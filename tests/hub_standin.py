@@ -479,3 +479,21 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size or start > end:
         return None
     return start, end
+
+
+def isolate_hf_client(monkeypatch: Any, home: Path) -> None:
+    """Keep the huggingface_hub client in this process away from any real account and cache.
+    The constants are patched as well as the variables because ``huggingface_hub`` reads them
+    when imported."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)

@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from tests.hub_standin import HubStandin, git_blob_oid
+from tests.hub_standin import HubStandin, git_blob_oid, isolate_hf_client
 from tests.model_factory import embedding_bytes, make_tiny_llama
 
 REPO = "tiny-org/tiny-llama"
@@ -57,19 +57,8 @@ def source(model_dir: Path) -> dict[str, bytes]:
 
 @pytest.fixture(autouse=True)
 def hf_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Keep the client away from any real account and cache. The constants are patched as well as
-    the variables because ``huggingface_hub`` reads them when imported."""
     home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    isolate_hf_client(monkeypatch, home)
     return home
 
 

@@ -9,12 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants
-
 from common import keys
 from tests.fake_stack import fake_stack
 from tests.harness import async_wait_until, ndjson_lines
-from tests.hub_standin import HubStandin
+from tests.hub_standin import HubStandin, isolate_hf_client
 from tests.model_factory import embedding_bytes, make_tiny_llama
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -34,14 +32,7 @@ def model_dir(tmp_path_factory) -> Path:
 def hub(model_dir, monkeypatch, tmp_path):
     """The stand-in with a public, a gated and a too-big repo; the client pointed at it and
     kept away from any real token or cache."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    isolate_hf_client(monkeypatch, tmp_path / "hf_home")
     with HubStandin() as standin:
         monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
         standin.add_repo(REPO, model_dir)

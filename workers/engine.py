@@ -63,11 +63,13 @@ def has_cuda() -> bool:
 class VllmEngine:
     """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
 
-    def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int) -> None:
+    def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
+                 on_gpu: bool = False) -> None:
         self._llm = llm
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
+        self.on_gpu = on_gpu
 
     @classmethod
     def start(
@@ -107,7 +109,8 @@ class VllmEngine:
         )
         llm = AsyncLLM.from_engine_args(args)
         config = llm.model_config
-        return cls(llm, llm.get_tokenizer(), config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs)
+        return cls(llm, llm.get_tokenizer(), config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
+                   on_gpu=cuda)
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         text = self._tokenizer.apply_chat_template(

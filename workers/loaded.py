@@ -134,5 +134,7 @@ class LoadedModel:
         return ModelStatus(
             name=self.name, state=self.state, running=self.running, max_jobs=self.max_jobs,
             context_length=self.engine.max_model_len if self.engine is not None else 0,
-            size=self.size, loaded_at=self.loaded_at, expires_at=self.expires_at,
+            # The weights are on the GPU (vLLM's KV cache comes on top of them).
+            size=self.size, size_vram=self.size if getattr(self.engine, "on_gpu", False) else 0,
+            loaded_at=self.loaded_at, expires_at=self.expires_at,
         )

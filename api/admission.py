@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
@@ -54,3 +54,12 @@ async def enqueue_if_room(
         limit, payload, JOB_EXPIRES_MS, now_ms, job_id, job_records.encode(job, "queued"), record_ttl_s,
         "" if keep_alive is None else repr(keep_alive),
     ))
+
+
+async def forget_job(redis: Redis, queue: str, job_id: str) -> None:
+    """Remove a job from arq's keys, for a job whose worker died: arq would otherwise keep it
+    "in progress" until its timeout ran out (an hour, a day) and only then drop it."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(queue, job_id)
+        pipe.delete(job_key_prefix + job_id, in_progress_key_prefix + job_id, retry_key_prefix + job_id)
+        await pipe.execute()

@@ -15,10 +15,10 @@ import time
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import abort_jobs_ss
 from pydantic import TypeAdapter
 
-from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room
+from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job
 from api.loading import Loader
 from api.pubsub import FrameMultiplexer
 from common import job_records, keys, registry
@@ -153,14 +153,8 @@ class JobStream:
                 raise
 
     async def _forget_in_arq(self) -> None:
-        """Drop a job whose worker died from arq's keys. Otherwise it would sit in the queue
-        (counting against the queue limit) until its in-progress marker expires, an hour on,
-        and then be picked up only to fail: a stream cannot be resumed."""
-        job_id = self.job.job_id
-        async with self._d.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.generation_queue(self.job.model), job_id)
-            pipe.delete(job_key_prefix + job_id, in_progress_key_prefix + job_id, retry_key_prefix + job_id)
-            await pipe.execute()
+        """A stream cannot be resumed, so a job whose worker died must not run later."""
+        await forget_job(self._d.redis, keys.generation_queue(self.job.model), self.job.job_id)
 
     async def cancel(self) -> None:
         """Ask arq to abort the job: a queued job never starts, a running one is cancelled

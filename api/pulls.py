@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from pydantic import TypeAdapter
 
+from api.admission import forget_job
 from api.pubsub import FrameMultiplexer
 from common import catalog, keys
 from common.errors import Unavailable, from_code
@@ -56,17 +58,29 @@ async def follow_pull(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
 async def _start(redis: ArqRedis, settings: Settings, store_id: str, model: str) -> PullState:
     record = keys.pull_record(store_id, model)
     queued = PullState(model=model, store_id=store_id)
+    job_id = keys.pull_job_id(store_id, model)
+    if await _orphaned(redis, store_id, model):
+        await forget_job(redis, keys.store_queue(store_id), job_id)
     # The record first: a client joining between the enqueue and the job's first report must
     # not mistake the previous pull's final state for this one's.
     previous = await redis.set(record, queued.model_dump_json(), ex=settings.keep_result_s, get=True)
-    job = await redis.enqueue_job("pull", model, _job_id=keys.pull_job_id(store_id, model),
-                                  _queue_name=keys.store_queue(store_id))
+    job = await redis.enqueue_job("pull", model, _job_id=job_id, _queue_name=keys.store_queue(store_id))
     if job is not None or previous is None:
         return queued
     # A pull of this model is already under way there: put its state back and follow it.
     state = PullState.model_validate_json(previous)
     await redis.set(record, previous, ex=settings.keep_result_s)
     return state
+
+
+async def _orphaned(redis: ArqRedis, store_id: str, model: str) -> bool:
+    """arq still counts the pull as running, but no pull worker says it runs it: its worker
+    was killed. arq would keep it "in progress" for a day; the pull starts again instead."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.exists(in_progress_key_prefix + keys.pull_job_id(store_id, model))
+        pipe.exists(keys.pull_alive(store_id, model))
+        in_progress, alive = await pipe.execute()
+    return bool(in_progress) and not alive
 
 
 async def _next_frames(queues: dict[str, asyncio.Queue[bytes]], states: dict[str, PullState],
@@ -100,9 +114,10 @@ async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullSt
             continue
         raw = await redis.get(keys.pull_record(store_id, state.model))
         latest = PullState.model_validate_json(raw) if raw else state
-        if store_id not in alive:
+        if store_id not in alive or await _orphaned(redis, store_id, state.model):
             latest.status, latest.code = "failed", "unavailable"
-            latest.error = f"the pull worker of store {store_id} stopped during the pull; pull again"
+            latest.error = (f"the pull worker of store {store_id} stopped during the pull; pull again: "
+                            "files already fetched are kept")
         if latest != state:
             states[store_id] = latest
             changed = True

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 from pydantic import ValidationError
 
@@ -115,13 +116,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "the worker": subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env),
         "the pull worker": subprocess.Popen([sys.executable, "-m", "common.cli", "pull-worker"], env=env),
     }
+    stopping = threading.Event()
     for what, proc in children.items():
-        _stop_when_exited(proc, what)
+        _stop_when_exited(proc, what, stopping)
     try:
         _run_api(settings)
     except KeyboardInterrupt:
         pass  # a stop signal that came before the API had started: stop the rest as usual
     finally:
+        stopping.set()
         for proc in children.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -138,13 +141,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             sys.exit(f"vllama serve: {what} exited with status {proc.returncode}; see the messages above")
 
 
-def _stop_when_exited(proc: subprocess.Popen, what: str) -> None:
+def _stop_when_exited(proc: subprocess.Popen, what: str, stopping: threading.Event) -> None:
     """Serve is one server: if a part of it dies (a worker that cannot load its model),
-    stop the rest instead of answering 404s forever."""
-    import threading
+    stop the rest instead of answering 404s forever. Once serve is stopping anyway, the
+    parts it stops are expected to exit."""
 
     def watch() -> None:
-        if proc.wait() != 0:
+        if proc.wait() != 0 and not stopping.is_set():
+            stopping.set()
             logging.error("%s exited with status %s; stopping", what, proc.returncode)
             os.kill(os.getpid(), signal.SIGINT)
 

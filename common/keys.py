@@ -78,6 +78,13 @@ def pull_record(store_id: str, model: str) -> str:
     return f"{PREFIX}:pull:{store_id}:{model}"
 
 
+def pull_alive(store_id: str, model: str) -> str:
+    """Set while a pull worker is running that pull; TTL = settings.heartbeat_ttl_s, refreshed
+    every heartbeat. A pull that arq still marks in progress but whose key has lapsed lost
+    its worker (killed), and the next client starts it again."""
+    return f"{PREFIX}:pull-alive:{store_id}:{model}"
+
+
 # Zset of models waiting for a worker to load them, scored by request time (ms). No TTL:
 # a worker removes a model when it claims it, and the API when it gives up waiting.
 LOADS = f"{PREFIX}:loads"

@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from common import keys
+from common import catalog, keys
 from tests.fake_stack import fake_stack
-from tests.harness import async_wait_until, ndjson_lines
+from tests.harness import Proc, async_wait_until, ndjson_lines
 from tests.hub_standin import HubStandin, isolate_hf_client
 from tests.model_factory import embedding_bytes, make_tiny_llama
+from workers.store import ModelStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -182,3 +183,48 @@ async def test_a_client_leaving_does_not_stop_the_pull(redis_server, tmp_path, h
         await async_wait_until(finished, 30, "the pull to finish without its client")
         assert pulled_files(stack, REPO) == source_files(model_dir)
         assert hub.count("GET", SHARD) == 1
+
+
+async def test_killed_pull_worker_keeps_the_files_it_finished(redis_server, tmp_path, hub, model_dir):
+    """A pull worker killed mid-pull (SIGKILL): its client hears so, and the next pull fetches
+    only the files that were not complete."""
+    hub.bytes_per_s = 8e6  # the shards take ~1.6 s; the small files are done well before
+    env = {"VLLAMA_REDIS_URL": redis_server.url, "VLLAMA_HOME": str(tmp_path), "VLLAMA_STORE_ID": "box",
+           "VLLAMA_HEARTBEAT_INTERVAL_S": "0.2", "VLLAMA_HEARTBEAT_TTL_S": "1", "HF_ENDPOINT": hub.endpoint,
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": ""}
+
+    def start_puller(n: int) -> Proc:
+        return Proc(["pull-worker"], env, tmp_path / f"puller{n}.log")
+
+    async with fake_stack(redis_server.url, home=tmp_path) as stack, stack.client() as http:
+        puller = start_puller(1)
+        try:
+            async def store_up() -> bool:
+                return bool(await catalog.live_stores(stack.redis, 1.0))
+            await async_wait_until(store_up, 30, "the pull worker to start")
+            first = asyncio.create_task(http.post("/api/pull", json={"model": REPO}, timeout=60))
+
+            async def small_files_done() -> bool:
+                raw = await stack.redis.get(keys.pull_record("box", REPO))
+                files = json.loads(raw)["files"] if raw else []
+                small = [f for f in files if f["total"] < 2**23]
+                return bool(small) and all(f["completed"] == f["total"] for f in small)
+            await async_wait_until(small_files_done, 30, "the small files to arrive")
+            puller.kill()
+            lines = ndjson_lines((await first).text)
+            assert "stopped" in lines[-1]["error"] and "pull again" in lines[-1]["error"]
+        finally:
+            puller.kill()
+
+        puller = start_puller(2)
+        try:
+            await async_wait_until(store_up, 30, "the second pull worker to start")
+            r = await http.post("/api/pull", json={"model": REPO, "stream": False}, timeout=60)
+            assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+        finally:
+            puller.stop()
+        assert hub.count("GET", "tokenizer.json") == 1
+        assert hub.count("GET", SHARD) == 2
+        store = ModelStore(tmp_path / "models")
+        directory = store.model_dir(store.get(REPO))
+        assert {p.name: p.read_bytes() for p in directory.iterdir()} == source_files(model_dir)

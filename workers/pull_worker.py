@@ -113,22 +113,16 @@ class PullWorker:
     async def pull(self, ctx: dict, model: str) -> None:
         name = canonical_name(model)
         publisher = FramePublisher(self._sink, ctx["job_id"])
+        alive = keys.pull_alive(self.store_id, name)
         changed = asyncio.Event()
         loop = asyncio.get_running_loop()
         progress = Progress(PullState(model=name, store_id=self.store_id),
                             notify=lambda: loop.call_soon_threadsafe(changed.set))
-        work = _in_daemon_thread(pull, self.store, name, progress)
         try:
-            while True:
-                waiter = asyncio.ensure_future(changed.wait())
-                await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                changed.clear()
-                if work.done():
-                    break
-                await self._publish(publisher, progress.snapshot())
-                await asyncio.sleep(PUBLISH_EVERY_S)
-            manifest = work.result()
+            manifest = await self._download(name, progress, changed, publisher, alive)
+            await catalog.put(self._redis, self.store_id, manifest)
+            await self._publish(publisher, progress.snapshot())
+            log.info("pulled %s into %s", name, self.store.root)
         except asyncio.CancelledError:
             message = "the pull worker stopped during the pull; pull again: files already fetched are kept"
             await asyncio.shield(self._publish(publisher, self._failed(progress, ErrorCode.UNAVAILABLE, message)))
@@ -136,14 +130,31 @@ class PullWorker:
         except VllamaError as exc:
             await self._publish(publisher, self._failed(progress, exc.code, exc.message))
             log.warning("pull %s failed: %s", name, exc.message)
-            return
         except Exception as exc:  # noqa: BLE001 - the client must hear about any failure
             log.exception("pull %s failed", name)
             await self._publish(publisher, self._failed(progress, ErrorCode.INTERNAL, f"pull failed: {exc}"))
-            return
-        await catalog.put(self._redis, self.store_id, manifest)
-        await self._publish(publisher, progress.snapshot())
-        log.info("pulled %s into %s", name, self.store.root)
+        finally:
+            await asyncio.shield(self._redis.delete(alive))
+
+    async def _download(self, name: str, progress: Progress, changed: asyncio.Event,
+                        publisher: FramePublisher, alive: str) -> catalog.Manifest:
+        """Run the pull in a thread; publish its state when it changes (at most every
+        PUBLISH_EVERY_S) and say it is alive every heartbeat."""
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        await self._redis.set(alive, self.store_id, px=ttl_ms)
+        work = _in_daemon_thread(pull, self.store, name, progress)
+        while True:
+            waiter = asyncio.ensure_future(changed.wait())
+            await asyncio.wait({work, waiter}, timeout=self.settings.heartbeat_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            await self._redis.set(alive, self.store_id, px=ttl_ms)
+            if work.done():
+                return work.result()
+            if changed.is_set():
+                changed.clear()
+                await self._publish(publisher, progress.snapshot())
+                await asyncio.sleep(PUBLISH_EVERY_S)
 
     @staticmethod
     def _failed(progress: Progress, code: str, message: str) -> PullState:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from common import catalog, keys
+from common.embedded_redis import free_port
 from tests.fake_stack import fake_stack
 from tests.harness import Proc, async_wait_until, ndjson_lines
 from tests.hub_standin import HubStandin, isolate_hf_client
@@ -78,7 +79,9 @@ def check_progress(lines: list[dict], model_dir: Path) -> None:
 
 
 async def test_pull_streams_byte_progress_and_lands_every_file(redis_server, tmp_path, hub, model_dir):
-    hub.bytes_per_s = 40e6  # ~0.6 s for the two shards: several progress reports each
+    # huggingface_hub reports every 10 MiB read: slow enough that the report between the
+    # first 10 MiB and the end of a 12.6 MB shard is seen (~0.4 s).
+    hub.bytes_per_s = 5e6
     async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
         lines = await pull(http, REPO)
         check_progress(lines, model_dir)
@@ -228,3 +231,11 @@ async def test_killed_pull_worker_keeps_the_files_it_finished(redis_server, tmp_
         store = ModelStore(tmp_path / "models")
         directory = store.model_dir(store.get(REPO))
         assert {p.name: p.read_bytes() for p in directory.iterdir()} == source_files(model_dir)
+
+
+async def test_unreachable_hub_is_502_saying_what_to_check(redis_server, tmp_path, monkeypatch):
+    isolate_hf_client(monkeypatch, tmp_path / "hf_home")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        r = await http.post("/api/pull", json={"model": REPO, "stream": False}, timeout=120)
+        assert r.status_code == 502 and "HF_ENDPOINT" in r.json()["error"], r.text

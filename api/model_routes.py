@@ -7,7 +7,9 @@ can manage models on every machine.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from arq.jobs import Job
@@ -124,16 +126,16 @@ async def copy(request: Request) -> Response:
 async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str) -> None:
     """Run a store job on each store and wait for all: every machine changes, or the
     request fails saying which did not."""
-    jobs = []
-    for store_id in stores:
-        job = await d.redis.enqueue_job(function, *args, _queue_name=keys.store_queue(store_id))
-        jobs.append((store_id, job))
+    jobs = [(store_id, await d.redis.enqueue_job(function, *args, _queue_name=keys.store_queue(store_id)))
+            for store_id in stores]
+    deadline = time.monotonic() + STORE_JOB_TIMEOUT_S
     for store_id, job in jobs:
-        try:
-            await Job(job.job_id, d.redis, _queue_name=keys.store_queue(store_id),
-                      _deserializer=job_deserializer).result(timeout=STORE_JOB_TIMEOUT_S, poll_delay=0.05)
-        except TimeoutError:
-            raise Unavailable(f"store {store_id} did not {function} the model within "
-                              f"{STORE_JOB_TIMEOUT_S} s; is its pull worker running?") from None
-        except Exception as exc:  # noqa: BLE001 - the store job raised
-            raise VllamaError(f"store {store_id} could not {function} the model: {exc}") from exc
+        job = Job(job.job_id, d.redis, _queue_name=keys.store_queue(store_id), _deserializer=job_deserializer)
+        while (info := await job.result_info()) is None:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"store {store_id} did not {function} the model within "
+                                  f"{STORE_JOB_TIMEOUT_S} s; is its pull worker running?")
+            await asyncio.sleep(0.05)
+        if not info.success:
+            reason = info.result.get("error") if isinstance(info.result, dict) else info.result
+            raise VllamaError(f"store {store_id} could not {function} the model: {reason}")

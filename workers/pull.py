@@ -9,6 +9,7 @@ ONNX and other copies that many repos also carry.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.util
@@ -17,7 +18,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -231,45 +232,40 @@ def _bar_for(path: str, progress: Progress) -> Callable[..., object]:
     return Bar
 
 
-class _hub_errors:
+@contextlib.contextmanager
+def _hub_errors(name: str, repo: str, revision: str) -> Iterator[None]:
     """Turn huggingface_hub's failures into errors that say what to do."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    def __init__(self, name: str, repo: str, revision: str) -> None:
-        self.name, self.repo, self.revision = name, repo, revision
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, _tb: object) -> bool:
-        if exc is None or isinstance(exc, VllamaError):
-            return False
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        repo = self.repo
-        if isinstance(exc, GatedRepoError):
-            raise Forbidden(
-                f"{repo} is gated on Hugging Face: accept its license at https://huggingface.co/{repo}, "
-                "then set HF_TOKEN (a token of that account) where the pull worker runs and pull again"
-            ) from exc
-        if isinstance(exc, RepositoryNotFoundError):
-            raise ModelNotFound(self.name, f"pull model manifest: {repo} was not found on Hugging Face; "
-                                           "check the name, or set HF_TOKEN if it is a private repo") from exc
-        if isinstance(exc, RevisionNotFoundError):
-            raise ModelNotFound(self.name, f"pull model manifest: {repo} has no revision '{self.revision}'") from exc
+    try:
+        yield
+    except VllamaError:
+        raise
+    except GatedRepoError as exc:
+        raise Forbidden(
+            f"{repo} is gated on Hugging Face: accept its license at https://huggingface.co/{repo}, "
+            "then set HF_TOKEN (a token of that account) where the pull worker runs and pull again"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFound(name, f"pull model manifest: {repo} was not found on Hugging Face; "
+                                  "check the name, or set HF_TOKEN if it is a private repo") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFound(name, f"pull model manifest: {repo} has no revision '{revision}'") from exc
+    except Exception as exc:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise InsufficientStorage(f"the disk filled up while pulling {self.name}; free some space "
+            raise InsufficientStorage(f"the disk filled up while pulling {name}; free some space "
                                       "(ollama rm NAME) or set VLLAMA_HOME to a bigger disk, then pull again") from exc
         if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OSError)) or "httpx" in type(exc).__module__:
             endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
             raise Upstream(f"pulling {repo} from {endpoint} failed ({exc}); check the network "
                            "(or HF_ENDPOINT) and pull again: files already fetched are kept") from exc
-        return False
+        raise
 
 
 # ---------------------------------------------------------------- from a GGUF file

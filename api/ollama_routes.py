@@ -64,8 +64,8 @@ async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_
         await unless_disconnected(request, loader.unload(model))
         return ndjson.load_response(kind, shown, "unload")
     since = time.time()
+    await dispatcher.ensure_served(model)  # 404 before anything is written for an unknown model
     await loader.set_keep_alive(model, keep_alive)
-    await dispatcher.ensure_served(model)
     await unless_disconnected(request, loader.wait_loaded(model, since))
     return ndjson.load_response(kind, shown, "load")
 

@@ -64,6 +64,7 @@ async def test_tags_show_copy_delete(redis_server, tmp_path):
         assert entry["size"] == manifest.size and entry["digest"] == manifest.digest
         assert entry["details"]["family"] == "llama" and entry["details"]["format"] == "safetensors"
         assert entry["modified_at"].endswith("Z")
+        assert (await http.head("/api/tags")).status_code == 200
 
         shown = (await http.post("/api/show", json={"model": OTHER})).json()
         assert shown["model_info"]["general.architecture"] == "llama"

@@ -44,22 +44,30 @@ async def pull(request: Request) -> Response:
     first = await anext(states)  # errors before anything is under way get a real status
     if not body.stream:
         try:
-            lines.lines(first)
-            async for state in states:
+            async for state in _from(first, states):
                 lines.lines(state)
+                if lines.error:
+                    raise lines.error
         finally:
             await states.aclose()
         return JSONResponse({"status": "success"})
     return StreamingResponse(_relay_pull(lines, first, states), media_type=ndjson.NDJSON)
 
 
+async def _from(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    yield first
+    async for item in rest:
+        yield item
+
+
 async def _relay_pull(lines: PullLines, first: dict, states: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     try:
-        for line in lines.lines(first):
-            yield ndjson.line(line)
-        async for state in states:
+        async for state in _from(first, states):
             for line in lines.lines(state):
                 yield ndjson.line(line)
+            if lines.error:
+                yield ndjson.line({"error": lines.error.message})
+                return
     except VllamaError as exc:
         yield ndjson.line({"error": exc.message})
     except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-pull: still end with an error line

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from api.admission import forget_job
 from api.pubsub import FrameMultiplexer
 from common import catalog, keys
-from common.errors import Unavailable, from_code
+from common.errors import Unavailable, VllamaError, from_code
 from common.protocol import Frame, PullFrame, PullState
 from common.settings import Settings
 
@@ -128,20 +128,20 @@ class PullLines:
     """Turns the stores' states into Ollama's progress lines, each said once: "pulling
     manifest", one "pulling <digest>" line per file whenever its bytes move (the least
     complete store's count when several pull at once), "verifying sha256 digest", "writing
-    manifest", "success"; or an error."""
+    manifest", "success"; or, once a store's pull failed, ``error``."""
 
     def __init__(self) -> None:
         self._said: set[str] = set()
         self._completed: dict[str, int] = {}
+        self.error: VllamaError | None = None
 
     def lines(self, states: dict[str, PullState]) -> list[dict[str, Any]]:
+        out = self._once("pulling manifest")  # Ollama's first line, whatever follows
         failed = [s for s in states.values() if s.status == "failed"]
         if failed:
-            raise from_code(failed[0].code or "internal", failed[0].error or "the pull failed")
+            self.error = from_code(failed[0].code or "internal", failed[0].error or "the pull failed")
+            return out
         phase = min(_PHASES.index(s.status) for s in states.values())
-        out: list[dict[str, Any]] = []
-        if phase >= 1:
-            out += self._once("pulling manifest")
         out += self._files(states)
         if phase >= _PHASES.index("verifying"):
             out += self._once("verifying sha256 digest")
@@ -179,3 +179,5 @@ async def pull_to_end(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
     lines = PullLines()
     async for states in follow_pull(redis, mux, settings, model):
         lines.lines(states)
+        if lines.error:
+            raise lines.error

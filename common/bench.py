@@ -83,10 +83,16 @@ async def measure(one, levels: list[int], per_level) -> list[LevelResult]:
 
 
 async def bench_engine(settings, levels: list[int], num_predict: int, per_level) -> list[LevelResult]:
+    from common.models import canonical_name
     from common.protocol import ChatMessage, Sampling
     from workers.main import build_engine
+    from workers.pull import ensure_local
+    from workers.store import ModelStore
 
-    engine = await asyncio.to_thread(build_engine, settings)
+    name = canonical_name(settings.model)
+    path = None if settings.engine == "fake" else \
+        await asyncio.to_thread(ensure_local, ModelStore(settings.model_cache), name, None)
+    engine = await asyncio.to_thread(build_engine, settings, name, path)
     sampling = Sampling(temperature=0, max_tokens=num_predict)
     counter = iter(range(10**9))
     try:

@@ -106,6 +106,10 @@ async def test_model_on_disk_is_loaded_on_demand_and_unloaded_by_keep_alive(redi
                                                    "keep_alive": "1s"})
         assert r.status_code == 200, r.text
         assert r.json()["done_reason"] == "stop"
+        assert r.json()["load_duration"] > 0  # it waited for the load
+        again = await http.post("/api/generate", json={"model": OTHER, "prompt": "hi", "stream": False,
+                                                       "keep_alive": "1s"})
+        assert again.json()["load_duration"] == 0
         loaded = await ps(http)
         assert set(loaded) == {MODEL, OTHER}
         assert loaded[OTHER]["workers"][0]["worker_id"] == stack.worker.worker_id

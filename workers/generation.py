@@ -43,13 +43,20 @@ def _ns(seconds: float) -> int:
 class GenerationRunner:
     """Runs generation jobs on one engine; shared by all of a worker's concurrent jobs."""
 
-    def __init__(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, keep_result_s: int) -> None:
+    def __init__(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, keep_result_s: int,
+                 load_window: tuple[float, float] = (0.0, 0.0)) -> None:
         self.engine = engine
         self.redis = redis
         self.sink = sink
         self.worker_id = worker_id
         self.keep_result_s = keep_result_s
+        self.load_window = load_window  # (start, end) of the model's load, wall clock
         self.running: set[str] = set()
+
+    def load_duration(self, job: GenerationJob) -> float:
+        """How long this job waited for its model to load (Ollama's load_duration)."""
+        started, ended = self.load_window
+        return max(0.0, ended - max(started, job.created_at))
 
     async def run(self, ctx: dict, spec: dict) -> dict:
         job = GenerationJob.model_validate(spec)
@@ -131,6 +138,7 @@ class GenerationRunner:
         first_token_at = first_token_at or ended
         stats = Stats(
             total_duration=_ns(time.time() - job.created_at),
+            load_duration=_ns(self.load_duration(job)),
             prompt_eval_count=len(prompt),
             prompt_eval_duration=_ns(first_token_at - started),
             eval_count=len(output_ids),

@@ -40,14 +40,15 @@ class LoadedModel:
         self.arq: GenerationArqWorker | None = None
         self.task: asyncio.Task | None = None
         self.max_jobs = 0
-        self.loaded_at = time.time()
+        self.load_started_at = self.loaded_at = time.time()
         self.idle_since: float | None = time.time()
         self.expires_at: float | None = None
 
     def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings) -> None:
         self.engine = engine
         self.max_jobs = settings.max_jobs or engine.max_num_seqs
-        self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s)
+        self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,
+                                       load_window=(self.load_started_at, time.time()))
         self.arq = GenerationArqWorker(
             functions=[func(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
             queue_name=keys.generation_queue(self.name),

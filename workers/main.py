@@ -14,7 +14,6 @@ cancel the rest, then close the engines.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import os
@@ -81,13 +80,12 @@ class GenerationWorker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = ModelStore(settings.model_cache)
         self.models: dict[str, LoadedModel] = {}
-        self.patterns = [p.strip() for p in settings.models.split(",") if p.strip()] or ["*"]
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
         self._first_engine = engine  # tests hand in the engine for the worker's own model
         self._factory = engine_factory or (lambda name, path: build_engine(settings, name, path))
         self.info = registry.WorkerInfo(
             worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), models=[],
-            may_load=self.patterns, max_loaded=settings.max_loaded_models, state="loading",
+            may_load=[p.strip() for p in settings.models.split(",") if p.strip()] or ["*"], max_loaded=settings.max_loaded_models, state="loading",
             started_at=time.time(), heartbeat_at=time.time(),
         )
         self._stop = asyncio.Event()
@@ -163,7 +161,7 @@ class GenerationWorker:
             if name in self.models:  # already here (or on its way): the request is met
                 await self._redis.zrem(keys.LOADS, name)
                 continue
-            if not self.allows(name):
+            if not self.info.allows(name):
                 continue
             victim = None
             if len(self.models) >= self.settings.max_loaded_models:
@@ -179,9 +177,6 @@ class GenerationWorker:
                     return
             self._loading = asyncio.create_task(self._load_requested(name))
             return
-
-    def allows(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
     def _evictable(self) -> LoadedModel | None:
         """The idle model closest to expiring (models kept forever last)."""

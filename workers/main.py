@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
@@ -33,7 +32,7 @@ from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
 from common.redis_conn import connect
 from common.settings import Settings
-from common.tasks import cancel_and_wait
+from common.tasks import cancel_and_wait, run_until_signalled
 from workers.engine import Engine
 from workers.frames import FrameSink
 from workers.heartbeat import Heartbeat
@@ -249,15 +248,8 @@ class GenerationWorker:
 def run_worker(settings: Settings) -> None:
     """Entry point of `vllama worker`."""
 
-    async def main() -> None:
-        worker = GenerationWorker(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
-
     try:
-        asyncio.run(main())
+        run_until_signalled(lambda: GenerationWorker(settings))
     except VllamaError as exc:  # e.g. a model that is not here: say so, no traceback
         log.error("worker cannot start: %s", exc.message)
         raise SystemExit(1) from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import threading
 from typing import Any
@@ -26,7 +25,7 @@ from common.models import canonical_name
 from common.protocol import PullFrame, PullState
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
-from common.tasks import cancel_and_wait
+from common.tasks import cancel_and_wait, run_until_signalled
 from workers.arq_worker import GenerationArqWorker
 from workers.frames import FramePublisher, FrameSink
 from workers.pull import Progress, pull
@@ -209,12 +208,4 @@ def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> N
 
 def run_pull_worker(settings: Settings) -> None:
     """Entry point of `vllama pull-worker`."""
-
-    async def main() -> None:
-        worker = PullWorker(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
-
-    asyncio.run(main())
+    run_until_signalled(lambda: PullWorker(settings))

@@ -14,6 +14,7 @@ from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.model_routes import router as model_router
 from api.ollama_routes import router as ollama_router
+from api.openai_routes import router as openai_router
 from api.pubsub import FrameMultiplexer
 from common.redis_conn import connect
 from common.settings import Settings, get_settings
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     install_error_handlers(app)
     app.include_router(ollama_router)
     app.include_router(model_router)
+    app.include_router(openai_router)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def root() -> str:

@@ -21,6 +21,23 @@ def error_body(message: str) -> dict[str, str]:
     return {"error": message}
 
 
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "invalid_request_error", 499: "invalid_request_error"}
+
+
+def openai_error(message: str, status: int) -> dict[str, dict[str, object]]:
+    """OpenAI's error object; its clients read ``error.message`` and the HTTP status."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = "model_not_found" if status == 404 else None
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _response(request: Request, message: str, status: int) -> JSONResponse:
+    """Ollama's ``{"error": "..."}``, or OpenAI's error object under /v1/."""
+    body = openai_error(message, status) if request.url.path.startswith("/v1/") else error_body(message)
+    return JSONResponse(body, status_code=status)
+
+
 def describe_validation_error(exc: RequestValidationError | ValidationError) -> str:
     """Turn pydantic's error list into one sentence a person can act on."""
     parts = []
@@ -40,34 +57,31 @@ def describe_validation_error(exc: RequestValidationError | ValidationError) -> 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VllamaError)
-    async def _vllama_error(_: Request, exc: VllamaError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message), status_code=exc.status)
+    async def _vllama_error(request: Request, exc: VllamaError) -> JSONResponse:
+        return _response(request, exc.message, exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(describe_validation_error(exc)), status_code=400)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _response(request, describe_validation_error(exc), 400)
 
     @app.exception_handler(ValidationError)
-    async def _body_error(_: Request, exc: ValidationError) -> JSONResponse:
-        return JSONResponse(error_body(describe_validation_error(exc)), status_code=400)
+    async def _body_error(request: Request, exc: ValidationError) -> JSONResponse:
+        return _response(request, describe_validation_error(exc), 400)
 
     @app.exception_handler(RedisError)
-    async def _redis_error(_: Request, exc: RedisError) -> JSONResponse:
+    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
         log.error("Redis error: %s", exc)
-        return JSONResponse(
-            error_body(f"the server cannot reach its Redis ({exc}); check that Redis is up and "
-                       "VLLAMA_REDIS_URL points to it, then retry"),
-            status_code=503,
-        )
+        return _response(request, f"the server cannot reach its Redis ({exc}); check that Redis is up and "
+                                  "VLLAMA_REDIS_URL points to it, then retry", 503)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {exc}"), status_code=500)
+        return _response(request, f"internal error: {exc}", 500)
 
     @app.exception_handler(json.JSONDecodeError)
-    async def _json_error(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return JSONResponse(error_body(f"invalid JSON in request body: {exc}"), status_code=400)
+    async def _json_error(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return _response(request, f"invalid JSON in request body: {exc}", 400)
 
 
 M = TypeVar("M", bound=BaseModel)

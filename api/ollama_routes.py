@@ -44,14 +44,14 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     stream = await dispatcher.submit(body.to_job(), keep_alive)
     frames = stream.frames()
     try:
-        first = await unless_disconnected(request, _first_output(frames))
+        first = await unless_disconnected(request, first_output(frames))
         if not body.stream:
-            text, done = await unless_disconnected(request, _collect(first, frames))
+            text, done = await unless_disconnected(request, collect(first, frames))
             render = ndjson.generate_final if kind == "generate" else ndjson.chat_final
-            await _close(stream)
+            await close_stream(stream)
             return JSONResponse(render(body.model, done, text))
     except BaseException:
-        await _close(stream)
+        await close_stream(stream)
         raise
     return StreamingResponse(_relay(body.model, kind, first, frames, stream), media_type=ndjson.NDJSON)
 
@@ -70,7 +70,7 @@ async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_
     return ndjson.load_response(kind, shown, "load")
 
 
-async def _first_output(frames: AsyncIterator[Frame]) -> TokenFrame | DoneFrame:
+async def first_output(frames: AsyncIterator[Frame]) -> TokenFrame | DoneFrame:
     """Wait past the start frame, so an error before any output gets a real HTTP status."""
     async for frame in frames:
         if not isinstance(frame, StartFrame):
@@ -78,7 +78,7 @@ async def _first_output(frames: AsyncIterator[Frame]) -> TokenFrame | DoneFrame:
     raise VllamaError("the answer ended before it began; retry the request")
 
 
-async def _collect(first: Frame, frames: AsyncIterator[Frame]) -> tuple[str, DoneFrame]:
+async def collect(first: Frame, frames: AsyncIterator[Frame]) -> tuple[str, DoneFrame]:
     parts: list[str] = []
     frame = first
     while not isinstance(frame, DoneFrame):
@@ -109,10 +109,10 @@ async def _relay(
         log.exception("stream failed")
         yield ndjson.line({"error": f"the answer was interrupted ({exc}); retry the request"})
     finally:
-        await _close(stream)
+        await close_stream(stream)
 
 
-async def _close(stream: JobStream) -> None:
+async def close_stream(stream: JobStream) -> None:
     # Shielded: this runs while the request is being cancelled (client gone), which is
     # exactly when the job must still be aborted and the channel released.
     with anyio.CancelScope(shield=True):

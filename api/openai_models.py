@@ -1,0 +1,149 @@
+"""OpenAI's request bodies for /v1/chat/completions and /v1/completions, and their
+conversion to job specs ("parse, then trust"), with OpenAI's defaults (temperature 1,
+top_p 1, no top_k, no length limit but the context)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.ollama_models import new_job_id
+from common.errors import BadRequest
+from common.models import canonical_name
+from common.protocol import ChatMessage, GenerationJob, Sampling
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int | None = None
+    logprobs: bool | int | None = None
+    user: str | None = None  # accepted and ignored, as vLLM does
+
+    def canonical_model(self) -> str:
+        if not self.model.strip():
+            raise BadRequest("you must provide a model parameter")
+        return canonical_name(self.model)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, max_tokens: int | None) -> Sampling:
+        if self.n not in (None, 1):
+            raise BadRequest("n must be 1: several choices per request are not supported yet; send n requests")
+        if self.logprobs:
+            raise BadRequest("logprobs are not supported yet")
+        s = Sampling(temperature=1.0, top_k=0, top_p=1.0)
+        if self.temperature is not None:
+            if not 0 <= self.temperature <= 2:
+                raise BadRequest("temperature must be between 0 and 2")
+            s.temperature = self.temperature
+        if self.top_p is not None:
+            if not 0 < self.top_p <= 1:
+                raise BadRequest("top_p must be more than 0 and at most 1")
+            s.top_p = self.top_p
+        if max_tokens is not None:
+            if max_tokens < 1:
+                raise BadRequest("max_tokens must be at least 1")
+            s.max_tokens = max_tokens
+        if self.stop is not None:
+            s.stop = [self.stop] if isinstance(self.stop, str) else [x for x in self.stop if x]
+            if len(s.stop) > 4:
+                raise BadRequest("stop takes at most 4 sequences")
+        s.seed = self.seed
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                if not -2 <= value <= 2:
+                    raise BadRequest(f"{name} must be between -2 and 2")
+                setattr(s, name, value)
+        return s
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+    def apply(self, s: Sampling) -> None:
+        if self.type == "json_object":
+            s.json_object = True
+        elif self.type == "json_schema":
+            schema = (self.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+            s.json_schema = schema
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """Plain text content; parts of type "text" are joined (images are not supported)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise BadRequest(f"content parts of type {part.get('type')!r} are not supported; send text")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessageIn] = Field(default_factory=list)
+    max_completion_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+
+    def to_job(self) -> GenerationJob:
+        if not self.messages:
+            raise BadRequest("messages must contain at least one message")
+        sampling = self._sampling(self.max_completion_tokens or self.max_tokens)
+        if self.response_format is not None:
+            self.response_format.apply(sampling)
+        messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+                    for m in self.messages]
+        return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="chat", messages=messages,
+                             sampling=sampling, created_at=time.time())
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] = ""
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+
+    def to_job(self) -> GenerationJob:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise BadRequest("prompt must be one string: batches of prompts are not supported yet")
+            prompt = prompt[0]
+        if self.echo or self.suffix:
+            raise BadRequest("echo and suffix are not supported")
+        # The text is continued as is: no chat template.
+        return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="generate", prompt=prompt,
+                             raw=True, sampling=self._sampling(self.max_tokens), created_at=time.time())

@@ -1,0 +1,85 @@
+"""The OpenAI API over the same queue and workers, with the fake engine (real Redis, real
+HTTP): SSE framing, usage, errors in OpenAI's shape. tests/e2e runs the official `openai`
+client against real vLLM."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.fake_stack import MODEL, fake_stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+EXPECTED_16 = "".join(f"tok{i} " for i in range(16))
+
+
+def sse_events(text: str) -> list[str]:
+    assert text.endswith("\n\n")
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[len("data: "):] for e in events]
+
+
+async def test_chat_completion_streaming_sse_shape(redis_server):
+    async with fake_stack(redis_server.url) as stack, stack.client() as http:
+        r = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hello"}]})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == EXPECTED_16
+        finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
+
+
+async def test_official_client_chat_and_completions(redis_server):
+    async with fake_stack(redis_server.url) as stack:
+        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused")
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5)
+        assert r.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 "
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+        parts = [c async for c in await client.completions.create(model=MODEL, prompt="abc", max_tokens=3,
+                                                                   stream=True)]
+        assert "".join(p.choices[0].text for p in parts if p.choices) == "tok0 tok1 tok2 "
+        whole = await client.completions.create(model=MODEL, prompt="abc", max_tokens=3)
+        assert whole.choices[0].text == "tok0 tok1 tok2 " and whole.object == "text_completion"
+
+        models = await client.models.list()
+        assert MODEL in [m.id for m in models.data]
+        assert (await client.models.retrieve(MODEL)).id == MODEL
+        await client.close()
+
+
+async def test_errors_use_openai_error_objects(redis_server):
+    async with fake_stack(redis_server.url) as stack:
+        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError) as err:
+            await client.chat.completions.create(model="nowhere:1b", messages=[{"role": "user", "content": "x"}])
+        assert err.value.body["code"] == "model_not_found" and "ollama pull" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                 temperature=5)
+        assert err.value.body["type"] == "invalid_request_error" and "temperature" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model=MODEL, messages=[])
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("nowhere:1b")
+        await client.close()
+        async with stack.client() as http:
+            r = await http.post("/v1/chat/completions", content=b"{not json")
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+            # The Ollama endpoints keep Ollama's shape.
+            r = await http.post("/api/generate", content=b"{not json")
+            assert isinstance(r.json()["error"], str)

@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from api.auth import install_auth
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.model_routes import router as model_router
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
 
     app = FastAPI(title="vLLama", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_auth(app, settings.api_key)
     app.include_router(ollama_router)
     app.include_router(model_router)
     app.include_router(openai_router)

@@ -32,7 +32,7 @@ def openai_error(message: str, status: int) -> dict[str, dict[str, object]]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def _response(request: Request, message: str, status: int) -> JSONResponse:
+def error_response(request: Request, message: str, status: int) -> JSONResponse:
     """Ollama's ``{"error": "..."}``, or OpenAI's error object under /v1/."""
     body = openai_error(message, status) if request.url.path.startswith("/v1/") else error_body(message)
     return JSONResponse(body, status_code=status)
@@ -58,30 +58,30 @@ def describe_validation_error(exc: RequestValidationError | ValidationError) -> 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VllamaError)
     async def _vllama_error(request: Request, exc: VllamaError) -> JSONResponse:
-        return _response(request, exc.message, exc.status)
+        return error_response(request, exc.message, exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _response(request, describe_validation_error(exc), 400)
+        return error_response(request, describe_validation_error(exc), 400)
 
     @app.exception_handler(ValidationError)
     async def _body_error(request: Request, exc: ValidationError) -> JSONResponse:
-        return _response(request, describe_validation_error(exc), 400)
+        return error_response(request, describe_validation_error(exc), 400)
 
     @app.exception_handler(RedisError)
     async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
         log.error("Redis error: %s", exc)
-        return _response(request, f"the server cannot reach its Redis ({exc}); check that Redis is up and "
-                                  "VLLAMA_REDIS_URL points to it, then retry", 503)
+        return error_response(request, f"the server cannot reach its Redis ({exc}); check that Redis is up "
+                                       "and VLLAMA_REDIS_URL points to it, then retry", 503)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _response(request, f"internal error: {exc}", 500)
+        return error_response(request, f"internal error: {exc}", 500)
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json_error(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return _response(request, f"invalid JSON in request body: {exc}", 400)
+        return error_response(request, f"invalid JSON in request body: {exc}", 400)
 
 
 M = TypeVar("M", bound=BaseModel)

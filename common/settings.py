@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         description="Jobs waiting for a worker, per model, beyond which requests get 503 (Ollama's OLLAMA_MAX_QUEUE).",
     )
     keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
+    api_key: str = Field(
+        default="", description="When set, every endpoint but / and /health needs `Authorization: Bearer <key>`.",
+    )
 
     auto_pull: bool = Field(
         default=False,

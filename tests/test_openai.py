@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import ollama
 import openai
 import pytest
 
@@ -83,3 +84,30 @@ async def test_errors_use_openai_error_objects(redis_server):
             # The Ollama endpoints keep Ollama's shape.
             r = await http.post("/api/generate", content=b"{not json")
             assert isinstance(r.json()["error"], str)
+
+
+async def test_bearer_key_when_configured(redis_server):
+    async with fake_stack(redis_server.url, api_key="s3cret") as stack, stack.client() as http:
+        assert (await http.get("/")).status_code == 200  # health checks need no key
+        assert (await http.get("/health")).status_code == 200
+        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False})
+        assert r.status_code == 401 and "VLLAMA_API_KEY" in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        r = await http.get("/api/tags", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "wrong API key" in r.json()["error"]
+        r = await http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+        # The official clients, with the key.
+        ollama_client = ollama.AsyncClient(host=stack.base_url, headers={"Authorization": "Bearer s3cret"})
+        r = await ollama_client.generate(model=MODEL, prompt="x", options={"num_predict": 2})
+        assert r.response == "tok0 tok1 "
+        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="s3cret")
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                 max_tokens=2)
+        assert r.choices[0].message.content == "tok0 tok1 "
+        bad = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await bad.models.list()
+        await client.close()
+        await bad.close()

@@ -16,6 +16,7 @@ from api.errors import parse_body
 from api.disconnect import unless_disconnected
 from api.dispatch import Dispatcher, JobStream
 from api.ollama_models import ChatRequest, GenerateRequest
+from api.tools import tools_headers
 from common.errors import VllamaError
 from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame
 
@@ -41,6 +42,7 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     if body.is_load_only():
         return JSONResponse(await _load_only(request, dispatcher, model, keep_alive, kind, body.model))
 
+    headers = tools_headers(body.model, getattr(body, "tools", None), None, dispatcher.settings.strict_tools)
     stream = await dispatcher.submit(body.to_job(), keep_alive)
     frames = stream.frames()
     try:
@@ -49,11 +51,12 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
             text, done = await unless_disconnected(request, collect(first, frames))
             render = ndjson.generate_final if kind == "generate" else ndjson.chat_final
             await close_stream(stream)
-            return JSONResponse(render(body.model, done, text))
+            return JSONResponse(render(body.model, done, text), headers=headers)
     except BaseException:
         await close_stream(stream)
         raise
-    return StreamingResponse(_relay(body.model, kind, first, frames, stream), media_type=ndjson.NDJSON)
+    return StreamingResponse(_relay(body.model, kind, first, frames, stream), media_type=ndjson.NDJSON,
+                             headers=headers)
 
 
 async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_alive: float | None,

@@ -117,6 +117,8 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessageIn] = Field(default_factory=list)
     max_completion_tokens: int | None = None
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def to_job(self) -> GenerationJob:
         if not self.messages:

@@ -22,6 +22,7 @@ from api.dispatch import Dispatcher, JobStream
 from api.errors import openai_error, parse_body
 from api.ollama_routes import close_stream, collect, first_output
 from api.openai_models import ChatCompletionRequest, CompletionRequest
+from api.tools import tools_headers
 from common import catalog
 from common.errors import ModelNotFound, VllamaError
 from common.models import canonical_name
@@ -45,6 +46,8 @@ async def completions(request: Request) -> Response:
 
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
+    headers = tools_headers(body.model, getattr(body, "tools", None), getattr(body, "tool_choice", None),
+                            dispatcher.settings.strict_tools)
     job = body.to_job()
     stream = await dispatcher.submit(job)
     frames = stream.frames()
@@ -54,11 +57,12 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
         if not body.stream:
             text, done = await unless_disconnected(request, collect(first, frames))
             await close_stream(stream)
-            return JSONResponse(shape.whole(text, done))
+            return JSONResponse(shape.whole(text, done), headers=headers)
     except BaseException:
         await close_stream(stream)
         raise
-    return StreamingResponse(_relay(shape, first, frames, stream, body.include_usage), media_type=SSE)
+    return StreamingResponse(_relay(shape, first, frames, stream, body.include_usage), media_type=SSE,
+                             headers=headers)
 
 
 class _Shape:

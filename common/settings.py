@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         description="Jobs waiting for a worker, per model, beyond which requests get 503 (Ollama's OLLAMA_MAX_QUEUE).",
     )
     keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
+    strict_tools: bool = Field(
+        default=False,
+        description="Answer requests with tools 400 'does not support tools' (Ollama's way) instead of serving "
+                    "them without the tools.",
+    )
     api_key: str = Field(
         default="", description="When set, every endpoint but / and /health needs `Authorization: Bearer <key>`.",
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +96,45 @@ async def test_tags_show_copy_delete(redis_server, tmp_path):
         assert r.status_code == 404 and r.json() == {"error": "model 'backup:latest' not found"}
         r = await http.request("DELETE", "/api/delete", json={"model": "a b"})
         assert r.status_code == 400 and r.json() == {"error": 'name "a b" is invalid'}
+
+
+async def test_store_version_sees_a_replaced_manifest_within_one_clock_tick(tmp_path):
+    """File times tick coarsely: a manifest replaced by rename can leave the directory's
+    mtime as it was. The version must change anyway, or a stale catalog is never resynced."""
+    manifest = write_model(tmp_path, OTHER)
+    store = ModelStore(tmp_path / "models")
+    before = store.version()
+    times = store.manifests.stat()
+    store.save(manifest.model_copy(update={"modified_at": manifest.modified_at + 1}))
+    os.utime(store.manifests, ns=(times.st_atime_ns, times.st_mtime_ns))  # as if in the same tick
+    assert store.version() != before
+    assert store.version() == store.version()
+
+
+async def test_a_resync_from_disk_racing_a_copy_does_not_hide_it(redis_server, tmp_path):
+    """The heartbeat resyncs the catalog from disk when the store changes; a listing taken
+    just before a copy (or pull) saved its manifest must not land after the copy's update."""
+    write_model(tmp_path, OTHER)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        await wait_listed(http, OTHER)
+        store = stack.pull_worker.store
+        listed = threading.Event()
+
+        def slow_list(list_now=store.list):
+            found = list_now()
+            listed.set()
+            time.sleep(0.5)  # the copy job arrives while this listing is in hand
+            return found
+
+        store.list = slow_list
+        resync = asyncio.create_task(stack.pull_worker._resync())
+        await asyncio.to_thread(listed.wait, 5)
+        r = await http.post("/api/copy", json={"source": OTHER, "destination": "backup"})
+        assert r.status_code == 200
+        await resync
+        del store.list
+        names = {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
+        assert names == {OTHER, "backup:latest"}
 
 
 async def test_model_on_disk_is_loaded_on_demand_and_unloaded_by_keep_alive(redis_server, tmp_path):

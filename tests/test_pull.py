@@ -104,6 +104,24 @@ async def test_pull_streams_byte_progress_and_lands_every_file(redis_server, tmp
         assert hub.count("GET", ".safetensors") == gets
 
 
+async def test_success_comes_once_the_model_is_listed(redis_server, tmp_path, hub, monkeypatch):
+    """A client told "success" lists and runs the model at once (the official client does),
+    so the pull worker must say it only after the catalog has the model, however slow that is."""
+    put = catalog.put
+
+    async def slow_put(*args):
+        await asyncio.sleep(0.5)
+        await put(*args)
+
+    monkeypatch.setattr("workers.pull_worker.catalog.put", slow_put)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        r = await http.post("/api/pull", json={"model": REPO, "stream": False}, timeout=120)
+        assert r.json() == {"status": "success"}
+        assert REPO in {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
+        r = await http.post("/api/generate", json={"model": REPO, "prompt": "hi", "stream": False})
+        assert r.status_code == 200, r.text
+
+
 async def test_two_clients_share_one_download(redis_server, tmp_path, hub, model_dir):
     hub.bytes_per_s = 20e6
     async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:

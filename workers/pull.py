@@ -154,7 +154,6 @@ def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progre
         digest=Manifest.digest_of(manifest_files), modified_at=time.time(), description=describe(model_dir),
     )
     store.save(manifest)
-    progress.phase("success")
     return manifest
 
 
@@ -306,7 +305,6 @@ def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress) ->
         description=describe(target),
     )
     store.save(manifest)
-    progress.phase("success")
     return manifest
 
 

@@ -49,15 +49,17 @@ class PullWorker:
         self._stop = asyncio.Event()
         self._redis: ArqRedis | None = None
         self._sink: FrameSink | None = None
+        # Serialises writes to the store's Redis catalog: a resync from disk taken before a
+        # pull saved its manifest must not land after the pull's own update and hide it.
+        self._catalog_lock = asyncio.Lock()
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self, redis: ArqRedis | None = None) -> None:
         redis = self._redis = redis or await connect(self.settings.redis_url)
-        manifests = await asyncio.to_thread(self.store.list)
-        await catalog.reset(redis, self.store_id, manifests)
-        log.info("store %s: %d models in %s", self.store_id, len(manifests), self.store.root)
+        await self._resync()
+        log.info("store %s: %d models in %s", self.store_id, len(self.store.list()), self.store.root)
         self._sink = FrameSink(redis)
         self._sink.start()
         beat = asyncio.create_task(self._heartbeat(), name="store-heartbeat")
@@ -90,14 +92,20 @@ class PullWorker:
             await catalog.remove_store(redis, self.store_id)
             await redis.aclose()
 
+    async def _resync(self) -> frozenset:
+        """Make the Redis catalog equal to the manifests on disk; returns the version synced."""
+        async with self._catalog_lock:
+            version = self.store.version()
+            await catalog.reset(self._redis, self.store_id, await asyncio.to_thread(self.store.list))
+            return version
+
     async def _heartbeat(self) -> None:
         seen = self.store.version()
         while True:
             try:
-                if (version := self.store.version()) != seen:
+                if self.store.version() != seen:
                     # Changed behind our back (`vllama create`, a file removed by hand).
-                    seen = version
-                    await catalog.reset(self._redis, self.store_id, await asyncio.to_thread(self.store.list))
+                    seen = await self._resync()
                 info = catalog.StoreInfo(
                     store_id=self.store_id, host=socket.gethostname(), pid=os.getpid(),
                     root=str(self.store.root), free_bytes=await asyncio.to_thread(self.store.free_bytes),
@@ -119,7 +127,10 @@ class PullWorker:
                             notify=lambda: loop.call_soon_threadsafe(changed.set))
         try:
             manifest = await self._download(name, progress, changed, publisher, alive)
-            await catalog.put(self._redis, self.store_id, manifest)
+            async with self._catalog_lock:
+                await catalog.put(self._redis, self.store_id, manifest)
+            # Only now: a client told "success" lists the model and runs it at once.
+            progress.phase("success")
             await self._publish(publisher, progress.snapshot())
             log.info("pulled %s into %s", name, self.store.root)
         except asyncio.CancelledError:
@@ -167,15 +178,17 @@ class PullWorker:
         await publisher.send(PullFrame, state=state)
 
     async def delete(self, _ctx: dict, model: str) -> dict[str, Any]:
-        deleted = await asyncio.to_thread(self.store.delete, canonical_name(model))
-        if deleted is not None:
-            await catalog.remove(self._redis, self.store_id, deleted.name)
+        async with self._catalog_lock:
+            deleted = await asyncio.to_thread(self.store.delete, canonical_name(model))
+            if deleted is not None:
+                await catalog.remove(self._redis, self.store_id, deleted.name)
         return {"deleted": deleted is not None}
 
     async def copy(self, _ctx: dict, source: str, destination: str) -> dict[str, Any]:
-        copied = await asyncio.to_thread(self.store.copy, canonical_name(source), canonical_name(destination))
-        if copied is not None:
-            await catalog.put(self._redis, self.store_id, copied)
+        async with self._catalog_lock:
+            copied = await asyncio.to_thread(self.store.copy, canonical_name(source), canonical_name(destination))
+            if copied is not None:
+                await catalog.put(self._redis, self.store_id, copied)
         return {"copied": copied is not None}
 
 

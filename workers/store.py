@@ -64,12 +64,18 @@ class ModelStore:
         tmp.write_text(manifest.model_dump_json(indent=1))
         os.replace(tmp, file)
 
-    def version(self) -> int:
-        """Changes whenever a manifest is added, replaced or removed (the directory's mtime)."""
+    def version(self) -> frozenset:
+        """Changes whenever a manifest is added, replaced or removed.
+
+        Built from each manifest file's inode, mtime and size rather than the directory's
+        mtime: file times tick coarsely (milliseconds), so a temporary file and the rename
+        that replaces it can leave the directory's mtime unchanged, and a listing taken in
+        between would never be noticed as stale."""
         try:
-            return self.manifests.stat().st_mtime_ns
-        except FileNotFoundError:
-            return 0
+            return frozenset((f.name, st.st_ino, st.st_mtime_ns, st.st_size)
+                             for f in self.manifests.glob("*.json") for st in [f.stat()])
+        except FileNotFoundError:  # the directory, or a manifest removed while listing
+            return frozenset({("<changing>", time.monotonic_ns())})
 
     def model_dir(self, manifest: Manifest) -> Path:
         """The directory vLLM loads; refuses a manifest that points outside the store."""

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common.protocol import DoneFrame
+from common.tool_calls import ToolCall
 
 NDJSON = "application/x-ndjson"
 
@@ -35,9 +36,17 @@ def generate_chunk(model: str, text: str) -> dict[str, Any]:
     return {"model": model, "created_at": now_rfc3339(), "response": text, "done": False}
 
 
-def chat_chunk(model: str, text: str) -> dict[str, Any]:
-    return {"model": model, "created_at": now_rfc3339(),
-            "message": {"role": "assistant", "content": text}, "done": False}
+def chat_chunk(model: str, text: str, tool_calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls_json(tool_calls)
+    return {"model": model, "created_at": now_rfc3339(), "message": message, "done": False}
+
+
+def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Ollama's shape: arguments as an object, and the call's position as function.index."""
+    return [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}}
+            for i, c in enumerate(calls)]
 
 
 def final_fields(done: DoneFrame) -> dict[str, Any]:
@@ -51,8 +60,8 @@ def generate_final(model: str, done: DoneFrame, text: str = "") -> dict[str, Any
     return body
 
 
-def chat_final(model: str, done: DoneFrame, text: str = "") -> dict[str, Any]:
-    return {**chat_chunk(model, text), **final_fields(done)}
+def chat_final(model: str, done: DoneFrame, text: str = "", tool_calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    return {**chat_chunk(model, text, tool_calls), **final_fields(done)}
 
 
 def load_response(kind: str, model: str, reason: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from common.durations import parse_keep_alive
 from common.errors import BadRequest
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
+from common.tool_calls import ToolCall
 
 Format = dict[str, Any] | str | None
 
@@ -162,12 +163,35 @@ class GenerateRequest(_Request):
         )
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)  # an object in Ollama's API
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | None = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+    def to_chat_message(self) -> ChatMessage:
+        calls = [ToolCall(name=c.function.name, arguments=c.function.arguments, **({"id": c.id} if c.id else {}))
+                 for c in self.tool_calls or []]
+        return ChatMessage(role=self.role, content=self.content or "", tool_calls=calls,
+                           tool_name=self.tool_name, tool_call_id=self.tool_call_id)
 
     @field_validator("role")
     @classmethod
@@ -193,7 +217,7 @@ class ChatRequest(_Request):
             job_id=new_job_id(),
             model=self.canonical_model(),
             kind="chat",
-            messages=[ChatMessage(role=m.role, content=m.content or "") for m in self.messages],
+            messages=[m.to_chat_message() for m in self.messages],
             sampling=self.options.to_sampling(self.format),
             stream=True,
             created_at=time.time(),

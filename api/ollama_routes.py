@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
-import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api import ndjson
-from api.errors import parse_body
+from api.answers import Answer, respond
 from api.disconnect import unless_disconnected
-from api.dispatch import Dispatcher, JobStream
+from api.dispatch import Dispatcher
+from api.errors import parse_body
 from api.ollama_models import ChatRequest, GenerateRequest
-from api.tools import tools_headers
-from common.errors import VllamaError
-from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame
+from api.tools import attach_tools
+from common.protocol import DoneFrame, Frame, TokenFrame, ToolCallsFrame
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 Kind = Literal["generate", "chat"]
 
@@ -42,21 +39,13 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     if body.is_load_only():
         return JSONResponse(await _load_only(request, dispatcher, model, keep_alive, kind, body.model))
 
-    headers = tools_headers(body.model, getattr(body, "tools", None), None, dispatcher.settings.strict_tools)
-    stream = await dispatcher.submit(body.to_job(), keep_alive)
-    frames = stream.frames()
-    try:
-        first = await unless_disconnected(request, first_output(frames))
-        if not body.stream:
-            text, done = await unless_disconnected(request, collect(first, frames))
-            render = ndjson.generate_final if kind == "generate" else ndjson.chat_final
-            await close_stream(stream)
-            return JSONResponse(render(body.model, done, text), headers=headers)
-    except BaseException:
-        await close_stream(stream)
-        raise
-    return StreamingResponse(_relay(body.model, kind, first, frames, stream), media_type=ndjson.NDJSON,
-                             headers=headers)
+    job = body.to_job()
+    headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
+    stream = await dispatcher.submit(job, keep_alive)
+    whole = (lambda a: _whole(body.model, kind, a)) if not body.stream else None
+    return await respond(request, stream, whole=whole, relay=lambda first, frames: _relay(body.model, kind, first, frames),
+                         error=lambda message, _status: ndjson.line({"error": message}),
+                         media_type=ndjson.NDJSON, headers=headers)
 
 
 async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_alive: float | None,
@@ -73,50 +62,23 @@ async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_
     return ndjson.load_response(kind, shown, "load")
 
 
-async def first_output(frames: AsyncIterator[Frame]) -> TokenFrame | DoneFrame:
-    """Wait past the start frame, so an error before any output gets a real HTTP status."""
-    async for frame in frames:
-        if not isinstance(frame, StartFrame):
-            return frame
-    raise VllamaError("the answer ended before it began; retry the request")
+def _whole(model: str, kind: Kind, answer: Answer) -> dict:
+    if kind == "generate":
+        return ndjson.generate_final(model, answer.done, answer.text)
+    return ndjson.chat_final(model, answer.done, answer.text, answer.tool_calls)
 
 
-async def collect(first: Frame, frames: AsyncIterator[Frame]) -> tuple[str, DoneFrame]:
-    parts: list[str] = []
-    frame = first
-    while not isinstance(frame, DoneFrame):
-        if isinstance(frame, TokenFrame):
-            parts.append(frame.text)
-        frame = await anext(frames)
-    return "".join(parts), frame
-
-
-async def _relay(
-    model: str, kind: Kind, first: Frame, frames: AsyncIterator[Frame], stream: JobStream
-) -> AsyncIterator[bytes]:
+async def _relay(model: str, kind: Kind, first: Frame, frames: AsyncIterator[Frame]) -> AsyncIterator[bytes]:
     chunk = ndjson.generate_chunk if kind == "generate" else ndjson.chat_chunk
     final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
-    try:
-        frame = first
-        while True:
-            if isinstance(frame, TokenFrame):
-                yield ndjson.line(chunk(model, frame.text))
-            elif isinstance(frame, DoneFrame):
-                yield ndjson.line(final(model, frame))
-                return
-            frame = await anext(frames)
-    except VllamaError as exc:
-        # Headers are sent: the error travels in-band, as Ollama does.
-        yield ndjson.line({"error": exc.message})
-    except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-stream: still end with an error line
-        log.exception("stream failed")
-        yield ndjson.line({"error": f"the answer was interrupted ({exc}); retry the request"})
-    finally:
-        await close_stream(stream)
-
-
-async def close_stream(stream: JobStream) -> None:
-    # Shielded: this runs while the request is being cancelled (client gone), which is
-    # exactly when the job must still be aborted and the channel released.
-    with anyio.CancelScope(shield=True):
-        await stream.close()
+    frame = first
+    while True:
+        if isinstance(frame, TokenFrame):
+            yield ndjson.line(chunk(model, frame.text))
+        elif isinstance(frame, ToolCallsFrame):
+            # As Ollama: the calls in a chunk of their own, with empty content.
+            yield ndjson.line(ndjson.chat_chunk(model, "", frame.calls))
+        elif isinstance(frame, DoneFrame):
+            yield ndjson.line(final(model, frame))
+            return
+        frame = await anext(frames)

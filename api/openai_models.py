@@ -4,6 +4,7 @@ top_p 1, no top_k, no length limit but the context)."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from api.ollama_models import new_job_id
 from common.errors import BadRequest
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
+from common.tool_calls import ToolCall
 
 
 class StreamOptions(BaseModel):
@@ -95,11 +97,44 @@ class ResponseFormat(BaseModel):
             s.json_schema = schema
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str = "{}"  # JSON text in OpenAI's API
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_tool_call(self) -> ToolCall:
+        try:
+            arguments = json.loads(self.function.arguments or "{}")
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise BadRequest(f"the arguments of tool call {self.id or self.function.name!r} must be a JSON "
+                             f"object encoded as a string, not {self.function.arguments!r}")
+        return ToolCall(name=self.function.name, arguments=arguments, **({"id": self.id} if self.id else {}))
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def to_chat_message(self) -> ChatMessage:
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text(),
+                           tool_calls=[c.to_tool_call() for c in self.tool_calls or []],
+                           tool_call_id=self.tool_call_id, tool_name=self.name if self.role == "tool" else None)
 
     def text(self) -> str:
         """Plain text content; parts of type "text" are joined (images are not supported)."""
@@ -119,6 +154,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def to_job(self) -> GenerationJob:
         if not self.messages:
@@ -126,8 +162,7 @@ class ChatCompletionRequest(_OpenAIRequest):
         sampling = self._sampling(self.max_completion_tokens or self.max_tokens)
         if self.response_format is not None:
             self.response_format.apply(sampling)
-        messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-                    for m in self.messages]
+        messages = [m.to_chat_message() for m in self.messages]
         return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="chat", messages=messages,
                              sampling=sampling, created_at=time.time())
 

@@ -9,26 +9,24 @@ with finish_reason, a usage chunk when stream_options.include_usage is set, then
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from api.disconnect import unless_disconnected
-from api.dispatch import Dispatcher, JobStream
+from api.answers import Answer, respond
+from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
-from api.ollama_routes import close_stream, collect, first_output
 from api.openai_models import ChatCompletionRequest, CompletionRequest
-from api.tools import tools_headers
+from api.tools import attach_tools
 from common import catalog
-from common.errors import ModelNotFound, VllamaError
+from common.errors import ModelNotFound
 from common.models import canonical_name
-from common.protocol import DoneFrame, Frame, TokenFrame
+from common.protocol import DoneFrame, Frame, TokenFrame, ToolCallsFrame
+from common.tool_calls import ToolCall
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 Kind = Literal["chat", "completion"]
 SSE = "text/event-stream"
@@ -46,23 +44,17 @@ async def completions(request: Request) -> Response:
 
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
-    headers = tools_headers(body.model, getattr(body, "tools", None), getattr(body, "tool_choice", None),
-                            dispatcher.settings.strict_tools)
     job = body.to_job()
+    headers = {}
+    if isinstance(body, ChatCompletionRequest):
+        headers = await attach_tools(dispatcher, job, body.model, body.tools, body.tool_choice,
+                                     body.parallel_tool_calls)
     stream = await dispatcher.submit(job)
-    frames = stream.frames()
     shape = _Shape(kind, job.job_id, body.model)
-    try:
-        first = await unless_disconnected(request, first_output(frames))
-        if not body.stream:
-            text, done = await unless_disconnected(request, collect(first, frames))
-            await close_stream(stream)
-            return JSONResponse(shape.whole(text, done), headers=headers)
-    except BaseException:
-        await close_stream(stream)
-        raise
-    return StreamingResponse(_relay(shape, first, frames, stream, body.include_usage), media_type=SSE,
-                             headers=headers)
+    return await respond(request, stream, whole=None if body.stream else shape.whole,
+                         relay=lambda first, frames: _relay(shape, first, frames, body.include_usage),
+                         error=lambda message, status: sse(openai_error(message, status)),
+                         media_type=SSE, headers=headers)
 
 
 class _Shape:
@@ -80,25 +72,39 @@ class _Shape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def whole(self, text: str, done: DoneFrame) -> dict[str, Any]:
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        finish = finish_reason(answer.done, bool(answer.tool_calls))
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": done.done_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+            if answer.tool_calls:
+                message["content"] = answer.text or None
+                message["tool_calls"] = tool_calls_json(answer.tool_calls)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.done_reason}
-        return {**self._base(False), "choices": [choice], "usage": usage(done)}
+            choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": finish}
+        return {**self._base(False), "choices": [choice], "usage": usage(answer.done)}
 
-    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any] | None = None, text: str = "", finish: str | None = None) -> dict[str, Any]:
+        """A chat chunk carries ``delta``; a completion chunk carries ``text``."""
         if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {**self._base(True), "choices": [choice]}
 
     def usage_chunk(self, done: DoneFrame) -> dict[str, Any]:
         return {**self._base(True), "choices": [], "usage": usage(done)}
+
+
+def finish_reason(done: DoneFrame, called_tools: bool) -> str:
+    return "tool_calls" if called_tools and done.done_reason == "stop" else done.done_reason
+
+
+def tool_calls_json(calls: list[ToolCall], streamed: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's shape: arguments as JSON text; in a stream each call also says its index."""
+    return [{**({"index": i} if streamed else {}), "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for i, c in enumerate(calls)]
 
 
 def usage(done: DoneFrame) -> dict[str, int]:
@@ -111,30 +117,24 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _relay(shape: _Shape, first: Frame, frames: AsyncIterator[Frame], stream: JobStream,
-                 include_usage: bool) -> AsyncIterator[bytes]:
-    try:
-        if shape.kind == "chat":
-            yield sse(shape.chunk(role=True))
-        frame = first
-        while True:
-            if isinstance(frame, TokenFrame):
-                yield sse(shape.chunk(frame.text))
-            elif isinstance(frame, DoneFrame):
-                yield sse(shape.chunk(finish=frame.done_reason))
-                if include_usage:
-                    yield sse(shape.usage_chunk(frame))
-                yield sse("[DONE]")
-                return
-            frame = await anext(frames)
-    except VllamaError as exc:
-        # Headers are sent: the error travels in-band, as OpenAI's streams do.
-        yield sse(openai_error(exc.message, exc.status))
-    except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-stream: still end with an error
-        log.exception("stream failed")
-        yield sse(openai_error(f"the answer was interrupted ({exc}); retry the request", 500))
-    finally:
-        await close_stream(stream)
+async def _relay(shape: _Shape, first: Frame, frames: AsyncIterator[Frame], include_usage: bool) -> AsyncIterator[bytes]:
+    if shape.kind == "chat":
+        yield sse(shape.chunk({"role": "assistant", "content": ""}))
+    called_tools = False
+    frame = first
+    while True:
+        if isinstance(frame, TokenFrame):
+            yield sse(shape.chunk({"content": frame.text}, text=frame.text))
+        elif isinstance(frame, ToolCallsFrame):
+            called_tools = True
+            yield sse(shape.chunk({"tool_calls": tool_calls_json(frame.calls, streamed=True)}))
+        elif isinstance(frame, DoneFrame):
+            yield sse(shape.chunk(finish=finish_reason(frame, called_tools)))
+            if include_usage:
+                yield sse(shape.usage_chunk(frame))
+            yield sse("[DONE]")
+            return
+        frame = await anext(frames)
 
 
 @router.get("/models")

@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from common.tool_calls import tool_parser_for
+
 LICENSE_LIMIT = 64 * 1024
 _MAX_HEADER = 100 * 1024 * 1024  # a larger header means a corrupt or non-safetensors file
 _DTYPE_LEVEL = {"F8_E4M3": "FP8", "F8_E5M2": "FP8"}  # other safetensors dtypes are Ollama's names
@@ -31,7 +33,6 @@ _QUANT_AUX = re.compile(
     r"|\.nested_absmax|\.nested_quant_map|\.quant_state\..*|\.SCB|\.weight_format)$"
 )
 _SUBCONFIGS = ("text_config", "llm_config", "language_config")
-_JINJA_CODE = re.compile(r"\{[{%].*?[%}]\}", re.S)
 _SAMPLING = (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
              ("min_p", "min_p"), ("repetition_penalty", "repeat_penalty"))
 
@@ -61,6 +62,7 @@ class ModelDescription(BaseModel):
     parameters: str
     capabilities: list[str]
     license: str
+    tool_parser: str | None = None  # the vLLM tool parser for the calls its template teaches
 
 
 def human_number(n: int) -> str:
@@ -198,7 +200,7 @@ def _template(model_dir: Path, tokenizer_config: dict[str, Any]) -> tuple[str, s
 
 def _capabilities(config: dict[str, Any], templates: str) -> list[str]:
     caps = ["completion"]
-    if re.search(r"\btools\b", " ".join(_JINJA_CODE.findall(templates))):
+    if tool_parser_for(templates):  # rendered tools are no use unless the calls can be read back
         caps.append("tools")
     if isinstance(config.get("vision_config"), dict):
         caps.append("vision")
@@ -333,6 +335,7 @@ def describe(model_dir: Path) -> ModelDescription:
         parameters=_parameters(model_dir, config, generation, tokenizer_config),
         capabilities=_capabilities(config, all_templates),
         license=_license(model_dir),
+        tool_parser=tool_parser_for(all_templates),
     )
 
 

@@ -47,6 +47,7 @@ class ModelSource:
 
     hf_repo: str  # the upstream Hugging Face repo (tokenizer/config identity)
     bundled_gguf: str | None = None  # "package:file" of a GGUF shipped in a Python package
+    chat_template: str | None = None  # a file in common/chat_templates/ replacing the GGUF's template
     revision: str = DEFAULT_REVISION
     parameter_size: str | None = None  # Ollama style: "8.0B", "135M"
     size_bytes: int | None = None  # download size of the published safetensors weights
@@ -117,6 +118,7 @@ def _load_table() -> tuple[dict[str, ModelSource], dict[str, ModelSource]]:
         models[name] = ModelSource(
             hf_repo=entry["repo"],
             bundled_gguf=entry.get("bundled_gguf"),
+            chat_template=entry.get("chat_template"),
             revision=entry.get("revision", DEFAULT_REVISION),
             parameter_size=entry["parameter_size"],
             size_bytes=entry["size_bytes"],

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.tool_calls import ToolCall, ToolUse
+
 
 class Sampling(BaseModel):
     """Sampling settings with Ollama's defaults already applied (see api/ollama_models.py)."""
@@ -31,11 +33,28 @@ class Sampling(BaseModel):
     num_ctx: int | None = None  # per-request context window; None: the model's own
     json_schema: dict[str, Any] | None = None  # structured output: a JSON schema...
     json_object: bool = False  # ...or any JSON object (Ollama's format "json")
+    skip_special_tokens: bool = True  # False when a tool parser must see special tokens (set by the worker)
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers (OpenAI)
+    tool_name: str | None = None  # tool: the function that answered (Ollama)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (Hugging Face's convention)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_name is not None:
+            message["name"] = self.tool_name
+        return message
 
 
 class GenerationJob(BaseModel):
@@ -51,6 +70,7 @@ class GenerationJob(BaseModel):
     raw: bool = False  # generate: no chat template
     context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer
     messages: list[ChatMessage] = Field(default_factory=list)  # chat
+    tool_use: ToolUse | None = None  # chat: the tools the model may call
     sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = True  # whether a client reads frames live; async jobs set False
     created_at: float = Field(default_factory=time.time)
@@ -93,6 +113,13 @@ class DoneFrame(_Frame):
     context: list[int] | None = None  # generate without raw: prompt + answer tokens
 
 
+class ToolCallsFrame(_Frame):
+    """The calls the model made, each whole, once the answer is complete (before Done)."""
+
+    type: Literal["tool_calls"] = "tool_calls"
+    calls: list[ToolCall]
+
+
 class ErrorFrame(_Frame):
     type: Literal["error"] = "error"
     code: str  # an ErrorCode value (common/errors.py)
@@ -131,13 +158,15 @@ class PullFrame(_Frame):
     state: PullState
 
 
-Frame = Annotated[StartFrame | TokenFrame | DoneFrame | ErrorFrame | PullFrame, Field(discriminator="type")]
+Frame = Annotated[StartFrame | TokenFrame | ToolCallsFrame | DoneFrame | ErrorFrame | PullFrame,
+                  Field(discriminator="type")]
 
 
 class JobResult(BaseModel):
     """What a worker returns for arq to store (arq:result:<id>): the whole answer."""
 
-    text: str
+    text: str  # the content: tool calls the model wrote are in tool_calls, not here
     done_reason: Literal["stop", "length"]
     stats: Stats
     context: list[int] | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)

@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
     strict_tools: bool = Field(
         default=False,
-        description="Answer requests with tools 400 'does not support tools' (Ollama's way) instead of serving "
-                    "them without the tools.",
+        description="Answer requests with tools for a model that cannot take them 400 'does not support tools' "
+                    "(Ollama's way) instead of serving them without the tools.",
     )
     api_key: str = Field(
         default="", description="When set, every endpoint but / and /health needs `Authorization: Bearer <key>`.",

@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from common.catalog import Manifest
+from common.model_info import describe
+from workers.store import ModelStore, describe_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -130,3 +139,25 @@ def make_tiny_llama(
     # where every reader looks, rather than into a separate chat_template.jinja.
     tok.save_pretrained(target, save_jinja_files=False)
     return target
+
+
+def write_model(home: Path, name: str, hidden: int = 8, chat_template: str | None = None) -> Manifest:
+    """A small but real model directory (config + safetensors, and ``chat_template.jinja``
+    when given) in the store under ``home``, and its manifest: enough for the catalog and the
+    fake engine, not for vLLM."""
+    store = ModelStore(home / "models")
+    target = store.local / name.replace(":", "-").replace("/", "-")
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 512, "vocab_size": 16,
+    }))
+    save_file({"model.embed_tokens.weight": np.zeros((16, hidden), np.float32)}, str(target / "model.safetensors"))
+    if chat_template is not None:
+        (target / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    files = describe_files(target)
+    manifest = Manifest(name=name, path=str(target.relative_to(store.root)), files=files,
+                        size=sum(f.size for f in files), digest=Manifest.digest_of(files),
+                        modified_at=time.time(), description=describe(target))
+    store.save(manifest)
+    return manifest

@@ -173,21 +173,30 @@ def test_template_list_takes_default_and_tools_from_any_named_template(tmp_path)
     model = _bare_model(tmp_path)
     _write_json(model / "tokenizer_config.json", {"chat_template": [
         {"name": "default", "template": "{{ messages[0]['content'] }}"},
-        {"name": "tool_use", "template": "{% for tool in tools %}{{ tool | tojson }}{% endfor %}"},
+        {"name": "tool_use", "template": "{% for tool in tools %}{{ tool | tojson }}{% endfor %}<tool_call>"},
     ]})
     d = describe(model)
     assert d.template == "{{ messages[0]['content'] }}"
-    assert d.capabilities == ["completion", "tools"]
+    assert d.capabilities == ["completion", "tools"] and d.tool_parser == "hermes"
+
+
+def test_tools_need_a_call_format_that_can_be_read_back(tmp_path):
+    """A template may render tools and teach a call format no parser here reads: the model
+    cannot take tools then (its calls would come back as plain text)."""
+    model = _bare_model(tmp_path)
+    _write_json(model / "tokenizer_config.json", {"chat_template": "{% for tool in tools %}{{ tool }}{% endfor %}"})
+    d = describe(model)
+    assert d.capabilities == ["completion"] and d.tool_parser is None
 
 
 def test_chat_template_jinja_wins_and_thinking_is_detected(tmp_path):
     model = _bare_model(tmp_path)
     _write_json(model / "tokenizer_config.json", {"chat_template": "from tokenizer_config"})
-    jinja = "{% if tools %}{{ tools | tojson }}{% endif %}{% if enable_thinking %}<think>{% endif %}"
+    jinja = "{% if tools %}{{ tools | tojson }}Environment: ipython{% endif %}{% if enable_thinking %}<think>{% endif %}"
     (model / "chat_template.jinja").write_text(jinja, encoding="utf-8")
     d = describe(model)
     assert d.template == jinja
-    assert d.capabilities == ["completion", "tools", "thinking"]
+    assert d.capabilities == ["completion", "tools", "thinking"] and d.tool_parser == "llama3_json"
 
 
 def test_tools_in_plain_text_is_not_a_tools_template(tmp_path):

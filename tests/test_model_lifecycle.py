@@ -9,41 +9,19 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from common import keys
-from common.catalog import Manifest
-from common.model_info import describe
 from tests.fake_stack import MODEL, fake_stack
 from tests.harness import async_wait_until
+from tests.model_factory import write_model
 from workers.fake_engine import FakeEngine
-from workers.store import ModelStore, describe_files
+from workers.store import ModelStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 OTHER = "other:1b"
-
-
-def write_model(home: Path, name: str, hidden: int = 8) -> Manifest:
-    """A small but real model directory (config + safetensors) and its manifest."""
-    store = ModelStore(home / "models")
-    target = store.local / name.replace(":", "-").replace("/", "-")
-    target.mkdir(parents=True)
-    (target / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 512, "vocab_size": 16,
-    }))
-    save_file({"model.embed_tokens.weight": np.zeros((16, hidden), np.float32)}, str(target / "model.safetensors"))
-    files = describe_files(target)
-    manifest = Manifest(name=name, path=str(target.relative_to(store.root)), files=files,
-                        size=sum(f.size for f in files), digest=Manifest.digest_of(files),
-                        modified_at=time.time(), description=describe(target))
-    store.save(manifest)
-    return manifest
 
 
 async def ps(http) -> dict[str, dict]:

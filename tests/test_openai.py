@@ -111,33 +111,3 @@ async def test_bearer_key_when_configured(redis_server):
             await bad.models.list()
         await client.close()
         await bad.close()
-
-
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
-
-async def test_tools_are_dropped_with_a_header_until_tool_calling_exists(redis_server):
-    async with fake_stack(redis_server.url) as stack, stack.client() as http:
-        r = await http.post("/api/chat", json={"model": MODEL, "stream": False, "tools": [WEATHER_TOOL],
-                                               "messages": [{"role": "user", "content": "weather?"}]})
-        assert r.status_code == 200 and r.json()["message"]["content"] == EXPECTED_16
-        assert r.headers["x-vllama-tools-dropped"] == "1"
-        r = await http.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "tools": [WEATHER_TOOL],
-                                                          "messages": [{"role": "user", "content": "weather?"}]})
-        assert r.status_code == 200 and r.headers["x-vllama-tools-dropped"] == "1"
-        r = await http.post("/v1/chat/completions", json={"model": MODEL, "tools": [WEATHER_TOOL],
-                                                          "tool_choice": "required",
-                                                          "messages": [{"role": "user", "content": "weather?"}]})
-        assert r.status_code == 400 and "tool_choice" in r.json()["error"]["message"]
-        r = await http.post("/api/chat", json={"model": MODEL, "stream": False,
-                                               "messages": [{"role": "user", "content": "hi"}]})
-        assert "x-vllama-tools-dropped" not in r.headers
-
-
-async def test_strict_tools_answers_like_ollama(redis_server):
-    async with fake_stack(redis_server.url, strict_tools=True) as stack, stack.client() as http:
-        r = await http.post("/api/chat", json={"model": MODEL, "tools": [WEATHER_TOOL],
-                                               "messages": [{"role": "user", "content": "weather?"}]})
-        assert r.status_code == 400 and r.json() == {"error": f'"{MODEL}" does not support tools'}

@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from common.errors import BadRequest
 from common.protocol import ChatMessage, Sampling
@@ -33,9 +33,11 @@ class Delta:
 class Engine(Protocol):
     max_model_len: int
     max_num_seqs: int
+    tokenizer: Any  # what vLLM's tool parsers are built with
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """Prompt tokens for a conversation, rendered by the model's own chat template."""
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt tokens for a conversation (and the tools it may call), rendered by the
+        model's own chat template."""
 
     def encode_raw(self, text: str) -> list[int]:
         """Prompt tokens for text used as is (Ollama's raw mode)."""
@@ -66,7 +68,7 @@ class VllmEngine:
     def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
                  on_gpu: bool = False) -> None:
         self._llm = llm
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.on_gpu = on_gpu
@@ -112,15 +114,15 @@ class VllmEngine:
         return cls(llm, llm.get_tokenizer(), config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
                    on_gpu=cuda)
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            [m.for_template() for m in messages], tools=tools or None, tokenize=False, add_generation_prompt=True
         )
         # The template already wrote the special tokens it wants.
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def encode_raw(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=True))
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
@@ -164,6 +166,7 @@ class VllmEngine:
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
             structured_outputs=structured,
+            skip_special_tokens=sampling.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -25,9 +25,11 @@ from common.protocol import (
     StartFrame,
     Stats,
     TokenFrame,
+    ToolCallsFrame,
 )
 from workers.engine import Engine
 from workers.frames import FramePublisher, FrameSink
+from workers.tool_parsing import ToolCallSplitter
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class GenerationRunner:
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
         if job.kind == "chat":
-            return self.engine.encode_chat(job.messages)
+            return self.engine.encode_chat(job.messages, job.tool_use.tools if job.tool_use else None)
         if job.raw:
             return self.engine.encode_raw(job.prompt)
         messages = []
@@ -123,17 +125,33 @@ class GenerationRunner:
         output_ids: list[int] = []
         first_token_at: float | None = None
         finish = "length"
+        splitter = ToolCallSplitter(job.tool_use, self.engine.tokenizer) if job.tool_use else None
+        sampling = job.sampling
+        if splitter is not None and not splitter.skip_special_tokens:
+            sampling = sampling.model_copy(update={"skip_special_tokens": False})
+
+        async def send(text: str) -> None:
+            parts.append(text)
+            if await publisher.send(TokenFrame, text=text) == 0 and job.stream:
+                raise ClientGone
+
         if max_tokens > 0:
-            async for delta in self.engine.generate(job.job_id, prompt, job.sampling, max_tokens):
+            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                 output_ids.extend(delta.token_ids)
-                if delta.text:
-                    parts.append(delta.text)
-                    if await publisher.send(TokenFrame, text=delta.text) == 0 and job.stream:
-                        raise ClientGone
+                text = splitter.feed(delta.text, delta.token_ids) if splitter is not None else delta.text
+                if text:
+                    await send(text)
                 if delta.finish_reason is not None:
                     finish = "stop" if delta.finish_reason == "stop" else "length"
+        calls = []
+        if splitter is not None:
+            rest, calls = splitter.finish()
+            if rest:
+                await send(rest)
+            if calls:
+                await publisher.send(ToolCallsFrame, calls=calls)
         ended = time.monotonic()
         first_token_at = first_token_at or ended
         stats = Stats(
@@ -146,7 +164,7 @@ class GenerationRunner:
         )
         context = prompt + output_ids if job.kind == "generate" and not job.raw else None
         await publisher.send(DoneFrame, done_reason=finish, stats=stats, context=context)
-        return JobResult(text="".join(parts), done_reason=finish, stats=stats, context=context)
+        return JobResult(text="".join(parts), done_reason=finish, stats=stats, context=context, tool_calls=calls)
 
     async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
         await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))

@@ -29,6 +29,8 @@ from common.models import source_for
 from common.protocol import PullFile, PullState, PullStatus
 from workers.store import ModelStore, describe_files, file_sha256
 
+TEMPLATES = Path(__file__).resolve().parent.parent / "common" / "chat_templates"
+
 log = logging.getLogger(__name__)
 
 PARALLEL_FILES = 4
@@ -77,7 +79,7 @@ def pull(store: ModelStore, name: str, progress: Progress) -> Manifest:
         raise ModelNotFound(name, f"pull model manifest: '{name}' is not a model vLLama knows; use a "
                                   "Hugging Face repo id (org/name) or a name from `vllama suggest --all`")
     if source.bundled_gguf:
-        return import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), progress)
+        return import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), progress, source.chat_template)
     return pull_from_hub(store, name, source.hf_repo, source.revision, progress)
 
 
@@ -89,7 +91,7 @@ def ensure_local(store: ModelStore, name: str, entry: CatalogEntry | None) -> Pa
         silent = Progress(PullState(model=name, store_id="local"))
         source = source_for(name)
         if source is not None and source.bundled_gguf:
-            manifest = import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), silent)
+            manifest = import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), silent, source.chat_template)
         elif entry is not None and entry.manifest.repo:
             log.info("%s is not on this machine yet; fetching %s", name, entry.manifest.repo)
             manifest = pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", silent)
@@ -283,20 +285,26 @@ def bundled_gguf_path(bundled: str) -> Path:
     return path
 
 
-def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress) -> Manifest:
+def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress,
+                chat_template: str | None = None) -> Manifest:
     """Make a model from a GGUF file: converted once to safetensors (vLLM on CPU loads those)
-    in ``local/<digest>``, so importing the same file under another name reuses it."""
+    in ``local/<digest>``, so importing the same file under another name reuses it.
+    ``chat_template`` (a file in common/chat_templates/) replaces the GGUF's template."""
     progress.phase("manifest")
     size = gguf.stat().st_size
     progress.add_files([PullFile(path=gguf.name, digest="sha256:" + "0" * 64, total=size)])
     progress.phase("verifying")
     sha = file_sha256(gguf)
     progress.add_files([PullFile(path=gguf.name, digest=f"sha256:{sha}", total=size, completed=size)])
+    template = None
     target = store.local / sha[:16]
-    with store.lock(f"gguf-{sha}"):
+    if chat_template is not None:
+        template = (TEMPLATES / chat_template).read_text(encoding="utf-8")
+        target = target.with_name(f"{target.name}-{hashlib.sha256(template.encode()).hexdigest()[:8]}")
+    with store.lock(f"gguf-{target.name}"):
         if not (target / "config.json").exists():
             progress.phase("converting")
-            _convert_gguf(gguf, target)
+            _convert_gguf(gguf, target, template)
     progress.phase("writing")
     files = describe_files(target)
     manifest = Manifest(
@@ -308,7 +316,7 @@ def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress) ->
     return manifest
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path, chat_template: str | None) -> None:
     """Into a temporary directory renamed into place: a crash never leaves a half model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -324,4 +332,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if chat_template is not None:
+        (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     tmp.rename(target)

@@ -38,7 +38,7 @@ def test_bundled_model_is_listed_and_shown(client):
     assert shown.modelinfo["llama.context_length"] == 8192
     assert 130e6 < shown.modelinfo["general.parameter_count"] < 140e6
     assert "<|im_start|>" in shown.template
-    assert "completion" in shown.capabilities
+    assert "completion" in shown.capabilities and "tools" in shown.capabilities  # its bundled template
     with pytest.raises(ollama.ResponseError) as err:
         client.show("no-such-model:1b")
     assert err.value.status_code == 404
@@ -52,7 +52,9 @@ def test_pull_run_ps_copy_unload_delete(client, stack):
     files = {p.digest: p for p in progress if p.digest}
     assert len(files) >= 6 and all(p.completed == p.total for p in files.values())
     assert TINY_REPO in {m.model for m in client.list().models}
-    assert client.show(TINY_REPO).modelinfo["llama.embedding_length"] == 64
+    shown = client.show(TINY_REPO)
+    assert shown.modelinfo["llama.embedding_length"] == 64
+    assert "tools" not in shown.capabilities  # SmolLM2's own template renders no tools
 
     # Not loaded yet: the first request has the worker load it, beside the bundled model.
     assert TINY_REPO not in loaded(client)

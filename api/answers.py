@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api.disconnect import unless_disconnected
 from api.dispatch import JobStream
 from common.errors import VllamaError
-from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame, ToolCallsFrame
+from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame, TokenLogprob, ToolCallsFrame
 from common.tool_calls import ToolCall
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,18 @@ class Answer:
     text: str
     done: DoneFrame
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+
+
+def logprobs_json(logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Per token: its text, UTF-8 bytes and log probability, and the top ones likewise (the
+    same shape in Ollama's API and in OpenAI's chat completions)."""
+    return [{**_token_json(lp.token, lp.logprob), "top_logprobs": [_token_json(t.token, t.logprob) for t in lp.top]}
+            for lp in logprobs]
+
+
+def _token_json(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 async def respond(request: Request, stream: JobStream, *, whole: Callable[[Answer], dict[str, Any]] | None,
@@ -59,14 +71,18 @@ async def first_output(frames: AsyncIterator[Frame]) -> Frame:
 async def collect(first: Frame, frames: AsyncIterator[Frame]) -> Answer:
     parts: list[str] = []
     calls: list[ToolCall] = []
+    logprobs: list[TokenLogprob] | None = None
     frame = first
     while not isinstance(frame, DoneFrame):
         if isinstance(frame, TokenFrame):
             parts.append(frame.text)
+            if frame.logprobs is not None:
+                logprobs = logprobs if logprobs is not None else []
+                logprobs.extend(frame.logprobs)
         elif isinstance(frame, ToolCallsFrame):
             calls.extend(frame.calls)
         frame = await anext(frames)
-    return Answer("".join(parts), frame, calls)
+    return Answer("".join(parts), frame, calls, logprobs)
 
 
 async def _relayed(chunks: AsyncIterator[bytes], stream: JobStream, error: ErrorChunk) -> AsyncIterator[bytes]:

@@ -6,7 +6,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from common.protocol import DoneFrame
+from api.answers import logprobs_json
+from common.protocol import DoneFrame, TokenLogprob
 from common.tool_calls import ToolCall
 
 NDJSON = "application/x-ndjson"
@@ -32,15 +33,23 @@ def line(obj: dict[str, Any]) -> bytes:
     return (dumps(obj) + "\n").encode()
 
 
-def generate_chunk(model: str, text: str) -> dict[str, Any]:
-    return {"model": model, "created_at": now_rfc3339(), "response": text, "done": False}
+def generate_chunk(model: str, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    body = {"model": model, "created_at": now_rfc3339(), "response": text, "done": False}
+    return _with_logprobs(body, logprobs)
 
 
-def chat_chunk(model: str, text: str, tool_calls: list[ToolCall] | None = None) -> dict[str, Any]:
+def chat_chunk(model: str, text: str, tool_calls: list[ToolCall] | None = None,
+               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
         message["tool_calls"] = tool_calls_json(tool_calls)
-    return {"model": model, "created_at": now_rfc3339(), "message": message, "done": False}
+    return _with_logprobs({"model": model, "created_at": now_rfc3339(), "message": message, "done": False}, logprobs)
+
+
+def _with_logprobs(body: dict[str, Any], logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+    if logprobs is not None:
+        body["logprobs"] = logprobs_json(logprobs)
+    return body
 
 
 def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
@@ -53,15 +62,17 @@ def final_fields(done: DoneFrame) -> dict[str, Any]:
     return {"done": True, "done_reason": done.done_reason, **done.stats.model_dump()}
 
 
-def generate_final(model: str, done: DoneFrame, text: str = "") -> dict[str, Any]:
-    body = {**generate_chunk(model, text), **final_fields(done)}
+def generate_final(model: str, done: DoneFrame, text: str = "",
+                   logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    body = {**generate_chunk(model, text, logprobs), **final_fields(done)}
     if done.context is not None:
         body["context"] = done.context
     return body
 
 
-def chat_final(model: str, done: DoneFrame, text: str = "", tool_calls: list[ToolCall] | None = None) -> dict[str, Any]:
-    return {**chat_chunk(model, text, tool_calls), **final_fields(done)}
+def chat_final(model: str, done: DoneFrame, text: str = "", tool_calls: list[ToolCall] | None = None,
+               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    return {**chat_chunk(model, text, tool_calls, logprobs), **final_fields(done)}
 
 
 def load_response(kind: str, model: str, reason: str) -> dict[str, Any]:

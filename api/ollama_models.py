@@ -106,6 +106,8 @@ class _Request(BaseModel):
     options: Options = Field(default_factory=Options)
     keep_alive: float | str | None = None
     think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @field_validator("options", mode="before")
     @classmethod
@@ -124,6 +126,14 @@ class _Request(BaseModel):
     def _check_think(self) -> None:
         if self.think not in (None, False, "", "false"):
             raise BadRequest(f'"{self.model}" does not support thinking')
+
+    def sampling(self) -> Sampling:
+        s = self.options.to_sampling(self.format)
+        if not 0 <= self.top_logprobs <= 20:
+            raise BadRequest("top_logprobs must be between 0 and 20")
+        if self.logprobs:
+            s.logprobs = self.top_logprobs
+        return s
 
 
 class GenerateRequest(_Request):
@@ -157,7 +167,7 @@ class GenerateRequest(_Request):
             system=self.system,
             raw=self.raw,
             context=self.context or [],
-            sampling=self.options.to_sampling(self.format),
+            sampling=self.sampling(),
             stream=True,
             created_at=time.time(),
         )
@@ -218,7 +228,7 @@ class ChatRequest(_Request):
             model=self.canonical_model(),
             kind="chat",
             messages=[m.to_chat_message() for m in self.messages],
-            sampling=self.options.to_sampling(self.format),
+            sampling=self.sampling(),
             stream=True,
             created_at=time.time(),
         )

@@ -64,17 +64,19 @@ async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_
 
 def _whole(model: str, kind: Kind, answer: Answer) -> dict:
     if kind == "generate":
-        return ndjson.generate_final(model, answer.done, answer.text)
-    return ndjson.chat_final(model, answer.done, answer.text, answer.tool_calls)
+        return ndjson.generate_final(model, answer.done, answer.text, answer.logprobs)
+    return ndjson.chat_final(model, answer.done, answer.text, answer.tool_calls, answer.logprobs)
 
 
 async def _relay(model: str, kind: Kind, first: Frame, frames: AsyncIterator[Frame]) -> AsyncIterator[bytes]:
-    chunk = ndjson.generate_chunk if kind == "generate" else ndjson.chat_chunk
     final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
     frame = first
     while True:
         if isinstance(frame, TokenFrame):
-            yield ndjson.line(chunk(model, frame.text))
+            if kind == "generate":
+                yield ndjson.line(ndjson.generate_chunk(model, frame.text, frame.logprobs))
+            else:
+                yield ndjson.line(ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs))
         elif isinstance(frame, ToolCallsFrame):
             # As Ollama: the calls in a chunk of their own, with empty content.
             yield ndjson.line(ndjson.chat_chunk(model, "", frame.calls))

@@ -37,7 +37,6 @@ class _OpenAIRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     n: int | None = None
-    logprobs: bool | int | None = None
     user: str | None = None  # accepted and ignored, as vLLM does
 
     def canonical_model(self) -> str:
@@ -52,8 +51,6 @@ class _OpenAIRequest(BaseModel):
     def _sampling(self, max_tokens: int | None) -> Sampling:
         if self.n not in (None, 1):
             raise BadRequest("n must be 1: several choices per request are not supported yet; send n requests")
-        if self.logprobs:
-            raise BadRequest("logprobs are not supported yet")
         s = Sampling(temperature=1.0, top_k=0, top_p=1.0)
         if self.temperature is not None:
             if not 0 <= self.temperature <= 2:
@@ -155,11 +152,20 @@ class ChatCompletionRequest(_OpenAIRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def to_job(self) -> GenerationJob:
         if not self.messages:
             raise BadRequest("messages must contain at least one message")
         sampling = self._sampling(self.max_completion_tokens or self.max_tokens)
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= 20:
+                raise BadRequest("top_logprobs must be between 0 and 20")
+            if not self.logprobs:
+                raise BadRequest("top_logprobs needs logprobs: true")
+        if self.logprobs:
+            sampling.logprobs = self.top_logprobs or 0
         if self.response_format is not None:
             self.response_format.apply(sampling)
         messages = [m.to_chat_message() for m in self.messages]
@@ -172,6 +178,7 @@ class CompletionRequest(_OpenAIRequest):
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = None  # how many top tokens to list per token (the legacy API's form)
 
     def to_job(self) -> GenerationJob:
         prompt = self.prompt
@@ -181,6 +188,11 @@ class CompletionRequest(_OpenAIRequest):
             prompt = prompt[0]
         if self.echo or self.suffix:
             raise BadRequest("echo and suffix are not supported")
+        sampling = self._sampling(self.max_tokens)
+        if self.logprobs is not None:
+            if not 0 <= self.logprobs <= 5:
+                raise BadRequest("logprobs must be between 0 and 5")
+            sampling.logprobs = self.logprobs
         # The text is continued as is: no chat template.
         return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="generate", prompt=prompt,
-                             raw=True, sampling=self._sampling(self.max_tokens), created_at=time.time())
+                             raw=True, sampling=sampling, created_at=time.time())

@@ -8,6 +8,7 @@ with finish_reason, a usage chunk when stream_options.include_usage is set, then
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from api.answers import Answer, respond
+from api.answers import Answer, logprobs_json, respond
 from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
 from api.openai_models import ChatCompletionRequest, CompletionRequest
@@ -24,7 +25,7 @@ from api.tools import attach_tools
 from common import catalog
 from common.errors import ModelNotFound
 from common.models import canonical_name
-from common.protocol import DoneFrame, Frame, TokenFrame, ToolCallsFrame
+from common.protocol import DoneFrame, Frame, TokenFrame, TokenLogprob, ToolCallsFrame
 from common.tool_calls import ToolCall
 
 router = APIRouter(prefix="/v1")
@@ -65,6 +66,7 @@ class _Shape:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id
         self.model = model
         self.created = int(time.time())
+        self.text_offset = 0  # completions: characters streamed so far
 
     def _base(self, chunk: bool) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "completion" else \
@@ -74,23 +76,37 @@ class _Shape:
 
     def whole(self, answer: Answer) -> dict[str, Any]:
         finish = finish_reason(answer.done, bool(answer.tool_calls))
+        logprobs = self.logprobs(answer.logprobs)
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": answer.text}
             if answer.tool_calls:
                 message["content"] = answer.text or None
                 message["tool_calls"] = tool_calls_json(answer.tool_calls)
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": answer.text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._base(False), "choices": [choice], "usage": usage(answer.done)}
 
-    def chunk(self, delta: dict[str, Any] | None = None, text: str = "", finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any] | None = None, text: str = "", finish: str | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
         """A chat chunk carries ``delta``; a completion chunk carries ``text``."""
         if self.kind == "chat":
-            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta or {}, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
+            self.text_offset += len(text)
         return {**self._base(True), "choices": [choice]}
+
+    def logprobs(self, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """Chat's ``{"content": [...]}``, or the legacy completions' parallel lists (whose
+        text_offset counts on from the text already sent)."""
+        if logprobs is None:
+            return None
+        if self.kind == "chat":
+            return {"content": logprobs_json(logprobs), "refusal": None}
+        offsets = list(itertools.accumulate((len(lp.token) for lp in logprobs[:-1]), initial=self.text_offset))
+        return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs], "text_offset": offsets}
 
     def usage_chunk(self, done: DoneFrame) -> dict[str, Any]:
         return {**self._base(True), "choices": [], "usage": usage(done)}
@@ -124,7 +140,7 @@ async def _relay(shape: _Shape, first: Frame, frames: AsyncIterator[Frame], incl
     frame = first
     while True:
         if isinstance(frame, TokenFrame):
-            yield sse(shape.chunk({"content": frame.text}, text=frame.text))
+            yield sse(shape.chunk({"content": frame.text}, text=frame.text, logprobs=frame.logprobs))
         elif isinstance(frame, ToolCallsFrame):
             called_tools = True
             yield sse(shape.chunk({"tool_calls": tool_calls_json(frame.calls, streamed=True)}))

@@ -34,6 +34,7 @@ class Sampling(BaseModel):
     json_schema: dict[str, Any] | None = None  # structured output: a JSON schema...
     json_object: bool = False  # ...or any JSON object (Ollama's format "json")
     skip_special_tokens: bool = True  # False when a tool parser must see special tokens (set by the worker)
+    logprobs: int | None = None  # per token: its log probability and this many top alternatives; None: off
 
 
 class ChatMessage(BaseModel):
@@ -90,9 +91,23 @@ class StartFrame(_Frame):
     worker_id: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """One generated token's log probability, and the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class TokenFrame(_Frame):
     type: Literal["token"] = "token"
     text: str
+    logprobs: list[TokenLogprob] | None = None  # the tokens of this piece, when asked for
 
 
 class Stats(BaseModel):
@@ -170,3 +185,4 @@ class JobResult(BaseModel):
     stats: Stats
     context: list[int] | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None

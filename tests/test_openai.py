@@ -111,3 +111,51 @@ async def test_bearer_key_when_configured(redis_server):
             await bad.models.list()
         await client.close()
         await bad.close()
+
+
+async def test_logprobs_in_both_apis_streaming_and_not(redis_server):
+    """The fake engine's tokens are its pieces at -0.25, then alt1, alt2, ... below them."""
+    async with fake_stack(redis_server.url) as stack, stack.client() as http:
+        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused")
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, logprobs=True, top_logprobs=2)
+        content = r.choices[0].logprobs.content
+        assert [c.token for c in content] == ["tok0 ", "tok1 ", "tok2 "] and content[0].logprob == -0.25
+        assert [(t.token, t.logprob) for t in content[1].top_logprobs] == [("tok1 ", -0.25), ("alt1", -2.0)]
+        assert content[0].bytes == list(b"tok0 ")
+        chunks = [c async for c in await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, stream=True)]
+        streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        assert [t.token for t in streamed] == ["tok0 ", "tok1 ", "tok2 "] and all(not t.top_logprobs for t in streamed)
+        plain = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=3)
+        assert plain.choices[0].logprobs is None
+
+        legacy = await client.completions.create(model=MODEL, prompt="abc", max_tokens=3, logprobs=2)
+        lp = legacy.choices[0].logprobs
+        assert lp.tokens == ["tok0 ", "tok1 ", "tok2 "] and lp.token_logprobs == [-0.25] * 3
+        assert lp.text_offset == [0, 5, 10] and lp.top_logprobs[2] == {"tok2 ": -0.25, "alt1": -2.0}
+        parts = [c async for c in await client.completions.create(model=MODEL, prompt="abc", max_tokens=3,
+                                                                   logprobs=0, stream=True)]
+        assert [o for p in parts if p.choices and p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset] \
+            == [0, 5, 10]
+        await client.close()
+
+        ollama_client = ollama.AsyncClient(host=stack.base_url)
+        g = await ollama_client.generate(model=MODEL, prompt="hi", options={"num_predict": 2}, logprobs=True,
+                                         top_logprobs=1)
+        assert [(x.token, x.logprob, [t.token for t in x.top_logprobs]) for x in g.logprobs] == [
+            ("tok0 ", -0.25, ["tok0 "]), ("tok1 ", -0.25, ["tok1 "])]
+        chunks = [c async for c in await ollama_client.chat(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                             options={"num_predict": 2}, logprobs=True, stream=True)]
+        assert [x.token for c in chunks for x in c.logprobs or []] == ["tok0 ", "tok1 "]
+
+        for body, message in [({"logprobs": True, "top_logprobs": 21}, "between 0 and 20"),
+                              ({"top_logprobs": 2}, "needs logprobs")]:
+            r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user",
+                                                                                             "content": "x"}], **body})
+            assert r.status_code == 400 and message in r.json()["error"]["message"]
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 6})
+        assert r.status_code == 400 and "between 0 and 5" in r.json()["error"]["message"]
+        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x", "logprobs": True, "top_logprobs": 21})
+        assert r.status_code == 400 and r.json() == {"error": "top_logprobs must be between 0 and 20"}

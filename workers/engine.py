@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.errors import BadRequest
-from common.protocol import ChatMessage, Sampling
+from common.protocol import ChatMessage, Sampling, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Delta:
     num_tokens: int
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" / "length" on the last delta
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the sampling asks for them
 
 
 class Engine(Protocol):
@@ -139,6 +140,7 @@ class VllmEngine:
                     num_tokens=len(completion.token_ids),
                     token_ids=list(completion.token_ids),
                     finish_reason=completion.finish_reason if out.finished else None,
+                    logprobs=_logprobs(completion, sampling.logprobs),
                 )
         except (ValueError, VLLMClientError) as exc:
             # vLLM's request validation: sampling values, a JSON schema it cannot compile.
@@ -167,6 +169,7 @@ class VllmEngine:
             frequency_penalty=sampling.frequency_penalty,
             structured_outputs=structured,
             skip_special_tokens=sampling.skip_special_tokens,
+            logprobs=sampling.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -181,3 +184,20 @@ class VllmEngine:
             # AsyncLLM sits in reference cycles; collect it now, while the interpreter is whole,
             # not at exit where its __del__ fails on torn-down modules.
             gc.collect()
+
+
+def _logprobs(completion: object, top: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token dicts (the chosen token and the ``top`` most likely, by rank) as ours."""
+    if top is None or completion.logprobs is None:
+        return None
+    found = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs):
+        chosen = candidates[token_id]
+        best = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= top), key=lambda c: c.rank)
+        found.append(TokenLogprob(token=chosen.decoded_token or "", logprob=_finite(chosen.logprob),
+                                  top=[TopLogprob(token=c.decoded_token or "", logprob=_finite(c.logprob)) for c in best]))
+    return found
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # -inf (a masked token) is not valid JSON

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from common.protocol import ChatMessage, Sampling
+from common.protocol import ChatMessage, Sampling, TokenLogprob, TopLogprob
 from workers.engine import Delta
 
 
@@ -67,7 +67,8 @@ class FakeEngine:
                 finish = None
                 if last:  # the counting answer says "length" also when max_tokens is exactly its size
                     finish = "length" if max_tokens < size + (self.reply is None) else "stop"
-                yield Delta(text=self._piece(i), num_tokens=1, token_ids=[1000 + i], finish_reason=finish)
+                yield Delta(text=self._piece(i), num_tokens=1, token_ids=[1000 + i], finish_reason=finish,
+                            logprobs=_logprobs(self._piece(i), sampling.logprobs))
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)
             raise
@@ -84,3 +85,12 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+
+def _logprobs(piece: str, top: int | None) -> list[TokenLogprob] | None:
+    """The piece was the likeliest token (-0.25); ``alt1``, ``alt2``, ... came next."""
+    if top is None:
+        return None
+    alternatives = [TopLogprob(token=piece, logprob=-0.25)] + \
+        [TopLogprob(token=f"alt{j}", logprob=-1.0 - j) for j in range(1, top)]
+    return [TokenLogprob(token=piece, logprob=-0.25, top=alternatives[:top])]

@@ -25,6 +25,7 @@ from common.protocol import (
     StartFrame,
     Stats,
     TokenFrame,
+    TokenLogprob,
     ToolCallsFrame,
 )
 from workers.engine import Engine
@@ -130,9 +131,13 @@ class GenerationRunner:
         if splitter is not None and not splitter.skip_special_tokens:
             sampling = sampling.model_copy(update={"skip_special_tokens": False})
 
-        async def send(text: str) -> None:
+        logprobs: list[TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
+
+        async def send(text: str, token_logprobs: list[TokenLogprob] | None = None) -> None:
             parts.append(text)
-            if await publisher.send(TokenFrame, text=text) == 0 and job.stream:
+            if token_logprobs:
+                logprobs.extend(token_logprobs)
+            if await publisher.send(TokenFrame, text=text, logprobs=token_logprobs) == 0 and job.stream:
                 raise ClientGone
 
         if max_tokens > 0:
@@ -141,8 +146,8 @@ class GenerationRunner:
                     first_token_at = time.monotonic()
                 output_ids.extend(delta.token_ids)
                 text = splitter.feed(delta.text, delta.token_ids) if splitter is not None else delta.text
-                if text:
-                    await send(text)
+                if text or delta.logprobs:
+                    await send(text, delta.logprobs)
                 if delta.finish_reason is not None:
                     finish = "stop" if delta.finish_reason == "stop" else "length"
         calls = []
@@ -164,7 +169,8 @@ class GenerationRunner:
         )
         context = prompt + output_ids if job.kind == "generate" and not job.raw else None
         await publisher.send(DoneFrame, done_reason=finish, stats=stats, context=context)
-        return JobResult(text="".join(parts), done_reason=finish, stats=stats, context=context, tool_calls=calls)
+        return JobResult(text="".join(parts), done_reason=finish, stats=stats, context=context, tool_calls=calls,
+                         logprobs=logprobs)
 
     async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
         await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))

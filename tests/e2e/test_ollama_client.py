@@ -55,3 +55,27 @@ def test_missing_model_raises_response_error_404(client):
 def test_load_with_empty_prompt(client):
     r = client.generate(model=MODEL)
     assert r.done and r.done_reason == "load"
+
+
+def test_generate_with_logprobs(client):
+    r = client.generate(model=MODEL, prompt="Why is the sky blue?", logprobs=True, top_logprobs=2,
+                        options={"num_predict": 6, "temperature": 0})
+    assert len(r.logprobs) == r.eval_count and "".join(x.token for x in r.logprobs) == r.response
+    assert all(len(x.top_logprobs) == 2 and x.top_logprobs[0].logprob >= x.top_logprobs[1].logprob for x in r.logprobs)
+
+
+def test_chat_with_tools_and_a_tool_result(client):
+    """The bundled model's template renders tools, calls and results; with "auto" the model
+    may or may not call a tool, so the answer is checked for shape, not content."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+               {"role": "tool", "tool_name": "get_weather", "content": "sunny, 21 C"}]
+    r = client.chat(model=MODEL, messages=history, tools=tools, options={"num_predict": 24, "temperature": 0})
+    assert r.done and (r.message.content or r.message.tool_calls)
+    assert r.prompt_eval_count > 150  # the tool signature and the call's history were rendered
+    for call in r.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)

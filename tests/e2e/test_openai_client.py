@@ -110,3 +110,16 @@ def test_auto_tools_answer_with_content_or_calls(client):
     for call in message.tool_calls or []:
         assert call.function.name in ("get_weather", "get_time") and isinstance(json.loads(call.function.arguments), dict)
     assert r.usage.prompt_tokens > 150  # the tool signatures were rendered into the prompt
+
+
+def test_logprobs_are_the_models(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                       max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        top = [t.logprob for t in c.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True) and all(lp <= 0 for lp in top)
+        # Greedy: the chosen token is the likeliest (or tied with it).
+        assert c.logprob == top[0] and c.token in [t.token for t in c.top_logprobs if t.logprob == top[0]]

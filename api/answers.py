@@ -1,9 +1,12 @@
-"""One submitted job's answer, whatever the wire format: wait for its first output (so an
-error before it gets a real HTTP status), then either collect it whole or relay it as it
-streams; the stream is closed (the job aborted if unfinished) however the request ends."""
+"""Submitted jobs' answers, whatever the wire format: wait for each job's first output (so
+an error before it gets a real HTTP status), then either collect the answers whole or relay
+them as they stream; the streams are closed (unfinished jobs aborted) however the request
+ends. A request is usually one job; OpenAI's ``n`` (and a list of prompts) is one job per
+choice, so the choices spread over the batch, or over workers, like any other requests."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,13 +17,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.disconnect import unless_disconnected
-from api.dispatch import JobStream
+from api.dispatch import Dispatcher, JobStream
 from common.errors import VllamaError
-from common.protocol import DoneFrame, Frame, StartFrame, TokenFrame, TokenLogprob, ToolCallsFrame
+from common.protocol import DoneFrame, Frame, GenerationJob, StartFrame, TokenFrame, TokenLogprob, ToolCallsFrame
 from common.tool_calls import ToolCall
 
 log = logging.getLogger(__name__)
-Relay = Callable[[Frame, AsyncIterator[Frame]], AsyncIterator[bytes]]
+Output = tuple[Frame, AsyncIterator[Frame]]  # a job's first output, and the frames after it
+Relay = Callable[[list[Output]], AsyncIterator[bytes]]
 ErrorChunk = Callable[[str, int], bytes]  # (message, HTTP status) -> the stream's error chunk
 
 
@@ -43,21 +47,73 @@ def _token_json(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
-async def respond(request: Request, stream: JobStream, *, whole: Callable[[Answer], dict[str, Any]] | None,
-                  relay: Relay, error: ErrorChunk, media_type: str, headers: dict[str, str]) -> Response:
-    """The whole answer as one JSON object (``whole``), or else the ``relay``'s stream, which
-    ends with an ``error`` chunk if the answer fails once streaming has begun."""
-    frames = stream.frames()
+async def submit_all(dispatcher: Dispatcher, jobs: list[GenerationJob], keep_alive: float | None = None
+                     ) -> list[JobStream]:
+    streams: list[JobStream] = []
     try:
-        first = await unless_disconnected(request, first_output(frames))
-        if whole is not None:
-            answer = await unless_disconnected(request, collect(first, frames))
-            await close_stream(stream)
-            return JSONResponse(whole(answer), headers=headers)
+        for job in jobs:
+            streams.append(await dispatcher.submit(job, keep_alive))
     except BaseException:
-        await close_stream(stream)
+        await close_streams(streams)  # the jobs already queued are withdrawn
         raise
-    return StreamingResponse(_relayed(relay(first, frames), stream, error), media_type=media_type, headers=headers)
+    return streams
+
+
+async def respond(request: Request, streams: list[JobStream], *,
+                  whole: Callable[[list[Answer]], dict[str, Any]] | None, relay: Relay, error: ErrorChunk,
+                  media_type: str, headers: dict[str, str]) -> Response:
+    """The whole answers as one JSON object (``whole``), or else the ``relay``'s stream, which
+    ends with an ``error`` chunk if an answer fails once streaming has begun."""
+    try:
+        outputs: list[Output] = []
+        for stream in streams:
+            frames = stream.frames()
+            outputs.append((await unless_disconnected(request, first_output(frames)), frames))
+        if whole is not None:
+            answers = [await unless_disconnected(request, collect(*output)) for output in outputs]
+            await close_streams(streams)
+            return JSONResponse(whole(answers), headers=headers)
+    except BaseException:
+        await close_streams(streams)
+        raise
+    return StreamingResponse(_relayed(relay(outputs), streams, error), media_type=media_type, headers=headers)
+
+
+async def merged(outputs: list[Output]) -> AsyncIterator[tuple[int, Frame]]:
+    """The frames of several jobs as they come, each with its job's index, until every job
+    is done; an error in any job ends it."""
+    if len(outputs) == 1:  # the usual case: no tasks, no extra hop
+        frame, frames = outputs[0]
+        while True:
+            yield 0, frame
+            if isinstance(frame, DoneFrame):
+                return
+            frame = await anext(frames)
+    queue: asyncio.Queue[tuple[int, Frame | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, frame: Frame, frames: AsyncIterator[Frame]) -> None:
+        try:
+            while True:
+                await queue.put((index, frame))
+                if isinstance(frame, DoneFrame):
+                    return
+                frame = await anext(frames)
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            await queue.put((index, exc))
+
+    pumps = [asyncio.create_task(pump(i, *output)) for i, output in enumerate(outputs)]
+    try:
+        remaining = len(outputs)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, DoneFrame):
+                remaining -= 1
+            yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
 
 
 async def first_output(frames: AsyncIterator[Frame]) -> Frame:
@@ -85,7 +141,7 @@ async def collect(first: Frame, frames: AsyncIterator[Frame]) -> Answer:
     return Answer("".join(parts), frame, calls, logprobs)
 
 
-async def _relayed(chunks: AsyncIterator[bytes], stream: JobStream, error: ErrorChunk) -> AsyncIterator[bytes]:
+async def _relayed(chunks: AsyncIterator[bytes], streams: list[JobStream], error: ErrorChunk) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield chunk
@@ -96,11 +152,12 @@ async def _relayed(chunks: AsyncIterator[bytes], stream: JobStream, error: Error
         log.exception("stream failed")
         yield error(f"the answer was interrupted ({exc}); retry the request", 500)
     finally:
-        await close_stream(stream)
+        await close_streams(streams)
 
 
-async def close_stream(stream: JobStream) -> None:
+async def close_streams(streams: list[JobStream]) -> None:
     # Shielded: this runs while the request is being cancelled (client gone), which is
-    # exactly when the job must still be aborted and the channel released.
+    # exactly when the jobs must still be aborted and their channels released.
     with anyio.CancelScope(shield=True):
-        await stream.close()
+        for stream in streams:
+            await stream.close()

@@ -42,8 +42,8 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     job = body.to_job()
     headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
     stream = await dispatcher.submit(job, keep_alive)
-    whole = (lambda a: _whole(body.model, kind, a)) if not body.stream else None
-    return await respond(request, stream, whole=whole, relay=lambda first, frames: _relay(body.model, kind, first, frames),
+    whole = (lambda answers: _whole(body.model, kind, answers[0])) if not body.stream else None
+    return await respond(request, [stream], whole=whole, relay=lambda outputs: _relay(body.model, kind, *outputs[0]),
                          error=lambda message, _status: ndjson.line({"error": message}),
                          media_type=ndjson.NDJSON, headers=headers)
 

@@ -17,6 +17,23 @@ from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.tool_calls import ToolCall
 
 
+MAX_CHOICES = 128  # choices in one request (n times the prompts), as OpenAI allows
+
+
+def fan_out(jobs: list[GenerationJob], n: int) -> list[GenerationJob]:
+    """``n`` jobs per job, one per choice: choice ``i`` of prompt ``k`` is job ``k * n + i``.
+    With a seed, choice i samples with seed + i, so the choices differ and are reproducible."""
+    if len(jobs) * n > MAX_CHOICES:
+        raise BadRequest(f"{len(jobs)} prompts times n={n} is more than {MAX_CHOICES} choices; send fewer")
+    out = []
+    for job in jobs:
+        for i in range(n):
+            sampling = job.sampling if job.sampling.seed is None or i == 0 else \
+                job.sampling.model_copy(update={"seed": job.sampling.seed + i})
+            out.append(job if i == 0 else job.model_copy(update={"job_id": new_job_id(), "sampling": sampling}))
+    return out
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -44,13 +61,17 @@ class _OpenAIRequest(BaseModel):
             raise BadRequest("you must provide a model parameter")
         return canonical_name(self.model)
 
+    def choices_per_prompt(self) -> int:
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_CHOICES:
+            raise BadRequest(f"n must be between 1 and {MAX_CHOICES}")
+        return n
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def _sampling(self, max_tokens: int | None) -> Sampling:
-        if self.n not in (None, 1):
-            raise BadRequest("n must be 1: several choices per request are not supported yet; send n requests")
         s = Sampling(temperature=1.0, top_k=0, top_p=1.0)
         if self.temperature is not None:
             if not 0 <= self.temperature <= 2:
@@ -180,12 +201,11 @@ class CompletionRequest(_OpenAIRequest):
     suffix: str | None = None
     logprobs: int | None = None  # how many top tokens to list per token (the legacy API's form)
 
-    def to_job(self) -> GenerationJob:
-        prompt = self.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise BadRequest("prompt must be one string: batches of prompts are not supported yet")
-            prompt = prompt[0]
+    def to_jobs(self) -> list[GenerationJob]:
+        """One job per prompt."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts:
+            raise BadRequest("prompt must be a string or a non-empty list of strings")
         if self.echo or self.suffix:
             raise BadRequest("echo and suffix are not supported")
         sampling = self._sampling(self.max_tokens)
@@ -194,5 +214,6 @@ class CompletionRequest(_OpenAIRequest):
                 raise BadRequest("logprobs must be between 0 and 5")
             sampling.logprobs = self.logprobs
         # The text is continued as is: no chat template.
-        return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="generate", prompt=prompt,
-                             raw=True, sampling=sampling, created_at=time.time())
+        return [GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="generate", prompt=prompt,
+                              raw=True, sampling=sampling.model_copy(), created_at=time.time())
+                for prompt in prompts]

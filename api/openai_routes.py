@@ -17,15 +17,15 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from api.answers import Answer, logprobs_json, respond
+from api.answers import Answer, Output, logprobs_json, merged, respond, submit_all
 from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
-from api.openai_models import ChatCompletionRequest, CompletionRequest
+from api.openai_models import ChatCompletionRequest, CompletionRequest, fan_out
 from api.tools import attach_tools
 from common import catalog
 from common.errors import ModelNotFound
 from common.models import canonical_name
-from common.protocol import DoneFrame, Frame, TokenFrame, TokenLogprob, ToolCallsFrame
+from common.protocol import DoneFrame, TokenFrame, TokenLogprob, ToolCallsFrame
 from common.tool_calls import ToolCall
 
 router = APIRouter(prefix="/v1")
@@ -45,28 +45,35 @@ async def completions(request: Request) -> Response:
 
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
-    job = body.to_job()
-    headers = {}
+    headers: dict[str, str] = {}
     if isinstance(body, ChatCompletionRequest):
+        job = body.to_job()
         headers = await attach_tools(dispatcher, job, body.model, body.tools, body.tool_choice,
                                      body.parallel_tool_calls)
-    stream = await dispatcher.submit(job)
-    shape = _Shape(kind, job.job_id, body.model)
-    return await respond(request, stream, whole=None if body.stream else shape.whole,
-                         relay=lambda first, frames: _relay(shape, first, frames, body.include_usage),
+        prompts = [job]
+    else:
+        prompts = body.to_jobs()
+    n = body.choices_per_prompt()
+    jobs = fan_out(prompts, n)
+    streams = await submit_all(dispatcher, jobs)
+    shape = _Shape(kind, jobs[0].job_id, body.model, n)
+    return await respond(request, streams, whole=None if body.stream else shape.whole,
+                         relay=lambda outputs: _relay(shape, outputs, body.include_usage),
                          error=lambda message, status: sse(openai_error(message, status)),
                          media_type=SSE, headers=headers)
 
 
 class _Shape:
-    """OpenAI's objects for one request: chat.completion(.chunk) or text_completion."""
+    """OpenAI's objects for one request: chat.completion(.chunk) or text_completion, with one
+    choice per job (``n`` per prompt)."""
 
-    def __init__(self, kind: Kind, job_id: str, model: str) -> None:
+    def __init__(self, kind: Kind, job_id: str, model: str, n: int) -> None:
         self.kind = kind
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id
         self.model = model
+        self.n = n
         self.created = int(time.time())
-        self.text_offset = 0  # completions: characters streamed so far
+        self.text_offsets: dict[int, int] = {}  # completions: characters streamed so far, per choice
 
     def _base(self, chunk: bool) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "completion" else \
@@ -74,42 +81,57 @@ class _Shape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def whole(self, answer: Answer) -> dict[str, Any]:
-        finish = finish_reason(answer.done, bool(answer.tool_calls))
-        logprobs = self.logprobs(answer.logprobs)
+    def whole(self, answers: list[Answer]) -> dict[str, Any]:
+        return {**self._base(False), "choices": [self._choice(i, a) for i, a in enumerate(answers)],
+                "usage": self.usage([a.done for a in answers])}
+
+    def _choice(self, index: int, answer: Answer) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": answer.text}
             if answer.tool_calls:
                 message["content"] = answer.text or None
                 message["tool_calls"] = tool_calls_json(answer.tool_calls)
-            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            choice["message"] = message
         else:
-            choice = {"index": 0, "text": answer.text, "logprobs": logprobs, "finish_reason": finish}
-        return {**self._base(False), "choices": [choice], "usage": usage(answer.done)}
+            choice["text"] = answer.text
+        choice["logprobs"] = self.logprobs(index, answer.logprobs)
+        choice["finish_reason"] = finish_reason(answer.done, bool(answer.tool_calls))
+        return choice
 
-    def chunk(self, delta: dict[str, Any] | None = None, text: str = "", finish: str | None = None,
+    def chunk(self, index: int, delta: dict[str, Any] | None = None, text: str = "", finish: str | None = None,
               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
         """A chat chunk carries ``delta``; a completion chunk carries ``text``."""
+        choice: dict[str, Any] = {"index": index}
         if self.kind == "chat":
-            choice = {"index": 0, "delta": delta or {}, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
+            choice["delta"] = delta or {}
         else:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
-            self.text_offset += len(text)
+            choice["text"] = text
+        choice["logprobs"] = self.logprobs(index, logprobs)
+        choice["finish_reason"] = finish
+        self.text_offsets[index] = self.text_offsets.get(index, 0) + len(text)
         return {**self._base(True), "choices": [choice]}
 
-    def logprobs(self, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
         """Chat's ``{"content": [...]}``, or the legacy completions' parallel lists (whose
         text_offset counts on from the text already sent)."""
         if logprobs is None:
             return None
         if self.kind == "chat":
             return {"content": logprobs_json(logprobs), "refusal": None}
-        offsets = list(itertools.accumulate((len(lp.token) for lp in logprobs[:-1]), initial=self.text_offset))
+        start = self.text_offsets.get(index, 0)
+        offsets = list(itertools.accumulate((len(lp.token) for lp in logprobs[:-1]), initial=start))
         return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
                 "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs], "text_offset": offsets}
 
-    def usage_chunk(self, done: DoneFrame) -> dict[str, Any]:
-        return {**self._base(True), "choices": [], "usage": usage(done)}
+    def usage(self, dones: list[DoneFrame]) -> dict[str, int]:
+        """Each prompt counted once, however many choices it has."""
+        prompt = sum(done.stats.prompt_eval_count for done in dones[::self.n])
+        completion = sum(done.stats.eval_count for done in dones)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self, dones: list[DoneFrame]) -> dict[str, Any]:
+        return {**self._base(True), "choices": [], "usage": self.usage(dones)}
 
 
 def finish_reason(done: DoneFrame, called_tools: bool) -> str:
@@ -123,34 +145,29 @@ def tool_calls_json(calls: list[ToolCall], streamed: bool = False) -> list[dict[
             for i, c in enumerate(calls)]
 
 
-def usage(done: DoneFrame) -> dict[str, int]:
-    prompt, completion = done.stats.prompt_eval_count, done.stats.eval_count
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def sse(obj: dict[str, Any] | str) -> bytes:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
 
-async def _relay(shape: _Shape, first: Frame, frames: AsyncIterator[Frame], include_usage: bool) -> AsyncIterator[bytes]:
+async def _relay(shape: _Shape, outputs: list[Output], include_usage: bool) -> AsyncIterator[bytes]:
     if shape.kind == "chat":
-        yield sse(shape.chunk({"role": "assistant", "content": ""}))
-    called_tools = False
-    frame = first
-    while True:
+        for index in range(len(outputs)):
+            yield sse(shape.chunk(index, {"role": "assistant", "content": ""}))
+    called_tools: set[int] = set()
+    dones: dict[int, DoneFrame] = {}
+    async for index, frame in merged(outputs):
         if isinstance(frame, TokenFrame):
-            yield sse(shape.chunk({"content": frame.text}, text=frame.text, logprobs=frame.logprobs))
+            yield sse(shape.chunk(index, {"content": frame.text}, text=frame.text, logprobs=frame.logprobs))
         elif isinstance(frame, ToolCallsFrame):
-            called_tools = True
-            yield sse(shape.chunk({"tool_calls": tool_calls_json(frame.calls, streamed=True)}))
+            called_tools.add(index)
+            yield sse(shape.chunk(index, {"tool_calls": tool_calls_json(frame.calls, streamed=True)}))
         elif isinstance(frame, DoneFrame):
-            yield sse(shape.chunk(finish=finish_reason(frame, called_tools)))
-            if include_usage:
-                yield sse(shape.usage_chunk(frame))
-            yield sse("[DONE]")
-            return
-        frame = await anext(frames)
+            dones[index] = frame
+            yield sse(shape.chunk(index, finish=finish_reason(frame, index in called_tools)))
+    if include_usage:
+        yield sse(shape.usage_chunk([dones[i] for i in sorted(dones)]))
+    yield sse("[DONE]")
 
 
 @router.get("/models")

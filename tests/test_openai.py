@@ -159,3 +159,51 @@ async def test_logprobs_in_both_apis_streaming_and_not(redis_server):
         assert r.status_code == 400 and "between 0 and 5" in r.json()["error"]["message"]
         r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x", "logprobs": True, "top_logprobs": 21})
         assert r.status_code == 400 and r.json() == {"error": "top_logprobs must be between 0 and 20"}
+
+
+async def test_n_choices_and_several_prompts(redis_server):
+    """One job per choice: they run side by side, and every choice comes back once, in order."""
+    async with fake_stack(redis_server.url) as stack, stack.client() as http:
+        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused")
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2, n=3, seed=7)
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        assert all(c.message.content == "tok0 tok1 " for c in r.choices)
+        assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == r.usage.total_tokens - 6
+        single = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=2)
+        assert r.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counted once
+
+        chunks = [c async for c in await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2, stream=True,
+            stream_options={"include_usage": True})]
+        texts: dict[int, str] = {}
+        finishes: dict[int, str] = {}
+        for c in chunks:
+            for choice in c.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+                if choice.finish_reason:
+                    assert choice.index not in finishes
+                    finishes[choice.index] = choice.finish_reason
+        assert texts == {0: "tok0 tok1 ", 1: "tok0 tok1 "} and finishes == {0: "length", 1: "length"}
+        assert chunks[-1].usage.completion_tokens == 4
+
+        legacy = await client.completions.create(model=MODEL, prompt=["a", "bb"], max_tokens=1, n=2)
+        assert [(c.index, c.text) for c in legacy.choices] == [(i, "tok0 ") for i in range(4)]
+        assert legacy.usage.prompt_tokens == 1 + 2 and legacy.usage.completion_tokens == 4
+        await client.close()
+
+        seeds = []
+        original = stack.engine.generate
+
+        def spy(request_id, prompt, sampling, max_tokens):
+            seeds.append(sampling.seed)
+            return original(request_id, prompt, sampling, max_tokens)
+
+        stack.engine.generate = spy
+        await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1, "n": 3, "seed": 10})
+        assert sorted(seeds) == [10, 11, 12]  # different, reproducible choices
+        for body, message in [({"n": 0}, "between 1 and 128"), ({"n": 129}, "between 1 and 128"),
+                              ({"n": 64, "prompt": ["a", "b", "c"]}, "more than 128 choices")]:
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", **body})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

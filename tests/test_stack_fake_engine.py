@@ -128,6 +128,18 @@ async def test_disconnect_aborts_the_engine_request(redis_server):
             lambda: _status_is(stack.redis, record_key, "cancelled"), 5, "the job record to say cancelled")
 
 
+async def test_disconnect_aborts_every_choice_of_an_n_request(redis_server):
+    engine = FakeEngine(answer_tokens=10_000, step_s=0.02)
+    async with fake_stack(redis_server.url, engine=engine) as stack, stack.client() as http:
+        async with http.stream("POST", "/v1/chat/completions", json={
+                "model": MODEL, "n": 3, "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+            lines = r.aiter_lines()
+            for _ in range(8):  # three role chunks, then content
+                await anext(lines)
+        await async_wait_until(lambda: _true(len(engine.aborted) == 3), 5, "all three engine requests to be aborted")
+        assert engine.in_flight() == 0
+
+
 async def test_disconnect_while_waiting_for_a_non_streaming_answer_aborts_too(redis_server):
     engine = FakeEngine(answer_tokens=10_000, step_s=0.02)
     async with fake_stack(redis_server.url, engine=engine) as stack, stack.client() as http:

@@ -56,7 +56,7 @@ def test_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model:1b", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=0)
     assert MODEL in [m.id for m in client.models.list().data]
 
 
@@ -123,3 +123,14 @@ def test_logprobs_are_the_models(client):
         assert len(top) == 3 and top == sorted(top, reverse=True) and all(lp <= 0 for lp in top)
         # Greedy: the chosen token is the likeliest (or tied with it).
         assert c.logprob == top[0] and c.token in [t.token for t in c.top_logprobs if t.logprob == top[0]]
+
+
+def test_n_choices_sample_independently(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                       max_tokens=12, temperature=1.0, seed=42, n=3)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(texts)
+    assert len(set(texts)) > 1  # seeds 42, 43, 44: three different samples
+    assert 3 <= r.usage.completion_tokens <= 36
+    legacy = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0)
+    assert [c.index for c in legacy.choices] == [0, 1] and all(c.text for c in legacy.choices)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import ollama
 import pytest
 
 from tests.e2e.conftest import MODEL
+from tests.e2e.test_openai_client import SHOTS, WEATHER
 
 pytestmark = pytest.mark.e2e
 
@@ -79,3 +82,25 @@ def test_chat_with_tools_and_a_tool_result(client):
     assert r.prompt_eval_count > 150  # the tool signature and the call's history were rendered
     for call in r.message.tool_calls or []:
         assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+
+
+def test_chat_auto_tool_call_written_by_the_model(client):
+    """The few-shot history of tests/e2e/test_openai_client.py in Ollama's shapes (arguments
+    as objects, results named by tool): the model calls the tool, Ollama-style."""
+    history = []
+    for m in SHOTS:
+        if m.get("tool_calls"):
+            history.append({"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                for c in m["tool_calls"]]})
+        elif m["role"] == "tool":
+            history.append({"role": "tool", "tool_name": "get_weather", "content": m["content"]})
+        else:
+            history.append(m)
+    history.append({"role": "user", "content": "What is the weather in Paris?"})
+    r = client.chat(model=MODEL, messages=history, tools=[WEATHER], options={"num_predict": 40, "temperature": 0})
+    [call] = r.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    parts = list(client.chat(model=MODEL, messages=history, tools=[WEATHER], stream=True,
+                             options={"num_predict": 40, "temperature": 0}))
+    assert [c.function.arguments for p in parts for c in p.message.tool_calls or []] == [{"city": "Paris"}]

@@ -49,7 +49,7 @@ async def enqueue_if_room(
     job_id = job.job_id
     return int(await redis.eval(
         _ENQUEUE_IF_ROOM, 5,
-        keys.generation_queue(job.model), job_key_prefix + job_id, result_key_prefix + job_id, keys.job_record(job_id),
+        keys.queue_for(job.model, job.priority), job_key_prefix + job_id, result_key_prefix + job_id, keys.job_record(job_id),
         keys.keep_alive(job.model),
         limit, payload, JOB_EXPIRES_MS, now_ms, job_id, job_records.encode(job, "queued"), record_ttl_s,
         "" if keep_alive is None else repr(keep_alive),

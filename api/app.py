@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from api.auth import install_auth
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
+from api.jobs_routes import router as jobs_router
 from api.model_routes import router as model_router
 from api.ollama_routes import router as ollama_router
 from api.openai_routes import router as openai_router
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app.include_router(ollama_router)
     app.include_router(model_router)
     app.include_router(openai_router)
+    app.include_router(jobs_router)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def root() -> str:

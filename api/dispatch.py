@@ -154,7 +154,7 @@ class JobStream:
 
     async def _forget_in_arq(self) -> None:
         """A stream cannot be resumed, so a job whose worker died must not run later."""
-        await forget_job(self._d.redis, keys.generation_queue(self.job.model), self.job.job_id)
+        await forget_job(self._d.redis, keys.queue_for(self.job.model, self.job.priority), self.job.job_id)
 
     async def cancel(self) -> None:
         """Ask arq to abort the job: a queued job never starts, a running one is cancelled

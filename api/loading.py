@@ -50,6 +50,11 @@ class Loader:
             await pull_to_end(self.redis, self.mux, self.settings, model)
         await self._ask(model)
 
+    async def ask_later(self, model: str) -> None:
+        """Ask for ``model`` even though no worker may load it now: a worker that starts later
+        claims the request (a job waiting for it stays queued meanwhile)."""
+        await self.redis.zadd(keys.LOADS, {model: int(time.time() * 1000)}, nx=True)
+
     async def _ask(self, model: str) -> None:
         workers = [w for w in await self.live_workers() if w.state != "draining"]
         if not workers:
@@ -58,7 +63,7 @@ class Loader:
             allowed = sorted({p for w in workers for p in w.may_load})
             raise Unavailable(f"no worker may load '{model}' (the workers' VLLAMA_MODELS allow "
                               f"{', '.join(allowed)}); start a worker that may, or use another model")
-        await self.redis.zadd(keys.LOADS, {model: int(time.time() * 1000)}, nx=True)
+        await self.ask_later(model)
 
     async def check_waiting(self, model: str, since: float) -> None:
         """For a request waiting for ``model``, which no worker holds: raise the reason the

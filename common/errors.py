@@ -13,6 +13,8 @@ from enum import StrEnum
 class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     MODEL_NOT_FOUND = "model_not_found"
+    NOT_FOUND = "not_found"  # something else asked for by id: a job
+    CONFLICT = "conflict"  # e.g. cancelling a job that has ended
     PROMPT_TOO_LONG = "prompt_too_long"
     SERVER_BUSY = "server_busy"
     WORKER_LOST = "worker_lost"
@@ -29,6 +31,8 @@ _STATUS = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.PROMPT_TOO_LONG: 400,
     ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
     ErrorCode.CANCELLED: 499,
     ErrorCode.SERVER_BUSY: 503,
     ErrorCode.UNAVAILABLE: 503,
@@ -73,6 +77,14 @@ class ModelNotFound(VllamaError):
         shown = model.removesuffix(":latest")  # as the user typed it, usually
         super().__init__(message or f"model '{shown}' not found, try pulling it first: ollama pull {shown}")
         self.model = model
+
+
+class NotFound(VllamaError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Conflict(VllamaError):
+    code = ErrorCode.CONFLICT
 
 
 class ServerBusy(VllamaError):

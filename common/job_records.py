@@ -24,6 +24,8 @@ def encode(job: GenerationJob, status: Status, **fields: Any) -> str:
         "job_id": job.job_id,
         "model": job.model,
         "kind": job.kind,
+        "priority": job.priority,
+        "async": not job.stream,
         "status": status,
         "created_at": job.created_at,
         "updated_at": time.time(),

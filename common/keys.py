@@ -17,6 +17,18 @@ def generation_queue(model: str) -> str:
     return f"{PREFIX}:queue:{model}"
 
 
+def batch_queue(model: str) -> str:
+    """arq queue (zset) of one model's batch-class jobs (async jobs, Batch API lines). Workers
+    take from it with fewer slots than from the interactive queue, and vLLM schedules its
+    requests at a lower priority, so a new chat never waits behind a long batch. No TTL: arq
+    owns it."""
+    return f"{PREFIX}:batch-queue:{model}"
+
+
+def queue_for(model: str, priority: str) -> str:
+    return batch_queue(model) if priority == "batch" else generation_queue(model)
+
+
 def frames_channel(job_id: str) -> str:
     """Pub/sub channel carrying one job's frames (nothing is stored)."""
     return f"{PREFIX}:frames:{job_id}"
@@ -25,6 +37,18 @@ def frames_channel(job_id: str) -> str:
 def job_record(job_id: str) -> str:
     """JSON record of one job's state (who runs it, status, error); TTL = settings.keep_result_s."""
     return f"{PREFIX}:job:{job_id}"
+
+
+def job_frames(job_id: str) -> str:
+    """List of an async job's frames (JSON, in order), kept so the jobs API can show partial
+    output and let a client attach to the stream at any point. TTL = settings.keep_result_s,
+    renewed with every frame."""
+    return f"{PREFIX}:job-frames:{job_id}"
+
+
+# Zset of async job ids scored by submission time (ms), for listing recent jobs. No TTL: it
+# is shared; the API drops members older than settings.keep_result_s whenever it adds one.
+JOBS = f"{PREFIX}:jobs"
 
 
 def worker_record(worker_id: str) -> str:

@@ -73,7 +73,10 @@ class GenerationJob(BaseModel):
     messages: list[ChatMessage] = Field(default_factory=list)  # chat
     tool_use: ToolUse | None = None  # chat: the tools the model may call
     sampling: Sampling = Field(default_factory=Sampling)
-    stream: bool = True  # whether a client reads frames live; async jobs set False
+    # False for async jobs: they run whether or not anyone listens, and their frames are also
+    # kept in vllama:job-frames:<id> for the jobs API.
+    stream: bool = True
+    priority: Literal["interactive", "batch"] = "interactive"  # batch: served after interactive work
     created_at: float = Field(default_factory=time.time)
 
 

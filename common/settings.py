@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         default=512, ge=1,
         description="Jobs waiting for a worker, per model, beyond which requests get 503 (Ollama's OLLAMA_MAX_QUEUE).",
     )
+    max_batch_queue: int = Field(
+        default=100_000, ge=1,
+        description="Async (batch-class) jobs waiting per model, beyond which submissions get 503.",
+    )
     keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
     strict_tools: bool = Field(
         default=False,
@@ -94,6 +98,11 @@ class Settings(BaseSettings):
                                 "model directory (a network disk) should share the name.",
     )
     max_jobs: int = Field(default=0, ge=0, description="Jobs one worker runs at once; 0 = the engine's max_num_seqs.")
+    batch_share: float = Field(
+        default=0.75, gt=0, le=1,
+        description="The share of a worker's job slots that batch-class jobs (async jobs, Batch API lines) may "
+                    "fill; the rest stay free for interactive requests.",
+    )
     max_num_seqs: int = Field(default=0, ge=0, description="vLLM max_num_seqs; 0 = 64 on CPU, 256 on GPU.")
     max_model_len: int = Field(default=0, ge=0, description="vLLM max_model_len; 0 = the model's own.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)

@@ -37,13 +37,15 @@ class FakeStack:
 
 @asynccontextmanager
 async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine | None = None,
-                     pull_worker: bool = False, engine_factory=None, **overrides):
+                     pull_worker: bool = False, engine_factory=None, flush: bool = True, **overrides):
     """``pull_worker``: also run a store (settings.home must then be a temporary directory);
-    ``engine_factory(name, path)``: the engines of models loaded on demand."""
+    ``engine_factory(name, path)``: the engines of models loaded on demand; ``flush``: start
+    from an empty Redis (False: join what another stack left there)."""
     settings = Settings(redis_url=redis_url, model=MODEL, heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0,
                         poll_delay_s=0.01, engine="fake", **overrides)
     redis = await connect(redis_url)
-    await redis.flushdb()
+    if flush:
+        await redis.flushdb()
     engine = engine or FakeEngine()
     store_obj = store_task = None
     if pull_worker:

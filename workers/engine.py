@@ -44,9 +44,10 @@ class Engine(Protocol):
         """Prompt tokens for text used as is (Ollama's raw mode)."""
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
     ) -> AsyncIterator[Delta]:
-        """Stream the answer. Closing or cancelling the iterator aborts the request."""
+        """Stream the answer. Closing or cancelling the iterator aborts the request. A request
+        with a lower ``priority`` (a larger number) waits while others want the engine."""
 
     def in_flight(self) -> int:
         """Requests the engine itself is holding (to see that aborts really reach it)."""
@@ -107,6 +108,9 @@ class VllmEngine:
             enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True,
+            # Batch-class jobs run at a lower priority: waiting interactive requests go first,
+            # and when the KV cache runs short a batch request is preempted, not a chat.
+            scheduling_policy="priority",
             disable_log_stats=True,
             **({"gpu_memory_utilization": gpu_memory_utilization} if cuda else {}),
         )
@@ -126,14 +130,15 @@ class VllmEngine:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
     ) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
 
         try:
             params = self._sampling_params(sampling, max_tokens)
             # vLLM aborts the request itself when this generator is closed or cancelled.
-            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
+                                                priority=priority):
                 completion = out.outputs[0]
                 yield Delta(
                     text=completion.text,

@@ -53,7 +53,7 @@ class FakeEngine:
         return [ord(c) % 50_000 for c in text]
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
         self.last_sampling = sampling

@@ -5,6 +5,8 @@ gathered as one pipeline while the previous one is in flight. Under load (a GPU 
 stream hundreds of requests, tens of thousands of frames a second) this turns one Redis
 round trip and socket write per token into one per batch; when idle a frame goes out at
 once. Frames of one job keep their order: there is a single sender and batches are FIFO.
+An async job's frames are also appended to a list (``vllama:job-frames:<id>``) in the same
+pipeline, for the jobs API to read later.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 class FrameSink:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pending: list[tuple[str, str, asyncio.Future[int]]] = []
+        self._pending: list[tuple[str, str, FrameLog | None, asyncio.Future[int]]] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -35,10 +37,11 @@ class FrameSink:
         await cancel_and_wait(self._task)
         self._task = None
 
-    async def publish(self, channel: str, data: str) -> int:
-        """Publish one message; returns how many subscribers received it."""
+    async def publish(self, channel: str, data: str, keep: FrameLog | None = None) -> int:
+        """Publish one message (and append it to ``keep``'s list); returns how many
+        subscribers received it."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((channel, data, future))
+        self._pending.append((channel, data, keep, future))
         self._ready.set()
         return await future
 
@@ -51,9 +54,11 @@ class FrameSink:
                 continue
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, data, _ in batch:
+                    for channel, data, keep, _ in batch:
                         pipe.publish(channel, data)
-                    counts = await pipe.execute()
+                        if keep is not None:
+                            keep.append(pipe, data)
+                    replies = await pipe.execute()
             except asyncio.CancelledError:
                 for *_, future in batch:
                     future.cancel()
@@ -63,17 +68,37 @@ class FrameSink:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (*_, future), count in zip(batch, counts):
+            counts = iter(replies)
+            for _, _, keep, future in batch:
+                count = next(counts)
+                if keep is not None:
+                    for _ in range(keep.REPLIES):
+                        next(counts)
                 if not future.done():
                     future.set_result(count)
 
 
-class FramePublisher:
-    """One job's frames, with consecutive sequence numbers."""
+class FrameLog:
+    """Where an async job's frames are kept, and for how long after the latest."""
 
-    def __init__(self, sink: FrameSink, job_id: str) -> None:
+    REPLIES = 2  # commands append() adds to a pipeline
+
+    def __init__(self, job_id: str, ttl_s: int) -> None:
+        self.key = keys.job_frames(job_id)
+        self.ttl_s = ttl_s
+
+    def append(self, pipe: Any, data: str) -> None:
+        pipe.rpush(self.key, data)
+        pipe.expire(self.key, self.ttl_s)
+
+
+class FramePublisher:
+    """One job's frames, with consecutive sequence numbers (kept in ``keep`` too, if given)."""
+
+    def __init__(self, sink: FrameSink, job_id: str, keep: FrameLog | None = None) -> None:
         self._sink = sink
         self.channel = keys.frames_channel(job_id)
+        self.keep = keep
         self._seq = 0
 
     def next(self, frame_type: type, **fields: Any) -> str:
@@ -84,4 +109,4 @@ class FramePublisher:
 
     async def send(self, frame_type: type, **fields: Any) -> int:
         """Publish a frame; returns how many subscribers received it."""
-        return await self._sink.publish(self.channel, self.next(frame_type, **fields))
+        return await self._sink.publish(self.channel, self.next(frame_type, **fields), self.keep)

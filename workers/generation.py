@@ -29,10 +29,11 @@ from common.protocol import (
     ToolCallsFrame,
 )
 from workers.engine import Engine
-from workers.frames import FramePublisher, FrameSink
+from workers.frames import FrameLog, FramePublisher, FrameSink
 from workers.tool_parsing import ToolCallSplitter
 
 log = logging.getLogger(__name__)
+BATCH_PRIORITY = 1  # vLLM serves smaller numbers first
 
 
 class ClientGone(Exception):
@@ -55,6 +56,7 @@ class GenerationRunner:
         self.keep_result_s = keep_result_s
         self.load_window = load_window  # (start, end) of the model's load, wall clock
         self.running: set[str] = set()
+        self._started_at: dict[str, float] = {}  # job id -> when it started here
 
     def load_duration(self, job: GenerationJob) -> float:
         """How long this job waited for its model to load (Ollama's load_duration)."""
@@ -63,7 +65,9 @@ class GenerationRunner:
 
     async def run(self, ctx: dict, spec: dict) -> dict:
         job = GenerationJob.model_validate(spec)
-        publisher = FramePublisher(self.sink, job.job_id)
+        # An async job's frames are kept, for the jobs API to show and replay.
+        keep = None if job.stream else FrameLog(job.job_id, self.keep_result_s)
+        publisher = FramePublisher(self.sink, job.job_id, keep)
         self.running.add(job.job_id)
         try:
             if await self._start(job, publisher) == 0 and job.stream:
@@ -91,11 +95,16 @@ class GenerationRunner:
     async def _start(self, job: GenerationJob, publisher: FramePublisher) -> int:
         """Record the job as running and tell its listener who runs it, in one round trip
         (time to first token). Returns how many listeners the start frame reached."""
-        record = job_records.encode(job, "running", worker_id=self.worker_id, started_at=time.time())
+        self._started_at[job.job_id] = started_at = time.time()
+        record = job_records.encode(job, "running", worker_id=self.worker_id, started_at=started_at)
+        start = publisher.next(StartFrame, worker_id=self.worker_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
-            pipe.publish(publisher.channel, publisher.next(StartFrame, worker_id=self.worker_id))
-            _, listeners = await pipe.execute()
+            pipe.publish(publisher.channel, start)
+            if publisher.keep is not None:
+                pipe.delete(publisher.keep.key)  # frames of an earlier attempt, if any, are void
+                publisher.keep.append(pipe, start)
+            _, listeners, *_ = await pipe.execute()
         return listeners
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
@@ -141,7 +150,8 @@ class GenerationRunner:
                 raise ClientGone
 
         if max_tokens > 0:
-            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens):
+            priority = BATCH_PRIORITY if job.priority == "batch" else 0
+            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, priority):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                 output_ids.extend(delta.token_ids)
@@ -177,4 +187,6 @@ class GenerationRunner:
         await asyncio.shield(self._record(job, "failed", error=message))
 
     async def _record(self, job: GenerationJob, status: job_records.Status, **fields: Any) -> None:
-        await job_records.write(self.redis, job, status, self.keep_result_s, worker_id=self.worker_id, **fields)
+        """The job's final record (every caller ends the job)."""
+        await job_records.write(self.redis, job, status, self.keep_result_s, worker_id=self.worker_id,
+                                started_at=self._started_at.pop(job.job_id, None), **fields)

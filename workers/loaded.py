@@ -1,7 +1,11 @@
 """One model loaded in a worker: its engine, its job consumer, and when it may be unloaded.
 
-Each loaded model takes jobs from its own queue (``vllama:queue:<model>``) with its own arq
-consumer, up to ``max_jobs`` at once, so vLLM batches that model's requests. Idle time is
+Each loaded model takes jobs from its own queues with its own arq consumers, so vLLM batches
+that model's requests: the interactive queue (``vllama:queue:<model>``) up to ``max_jobs`` at
+once, and the batch queue (``vllama:batch-queue:<model>``) up to a share of them
+(VLLAMA_BATCH_SHARE). The rest of the engine's slots stay free for interactive requests, and
+vLLM schedules batch requests at a lower priority, so a chat that arrives during a long batch
+starts at once instead of after it. Idle time is
 measured from the last job ending while no job waits in its queue; ``keep_alive`` (the latest
 request's, from Redis, or the worker's default) says how long an idle model stays.
 """
@@ -37,8 +41,8 @@ class LoadedModel:
         self.size = size
         self.engine: Engine | None = None
         self.runner: GenerationRunner | None = None
-        self.arq: GenerationArqWorker | None = None
-        self.task: asyncio.Task | None = None
+        self.consumers: list[GenerationArqWorker] = []  # interactive queue, batch queue
+        self.task: asyncio.Task | None = None  # runs the consumers
         self.max_jobs = 0
         self.load_started_at = self.loaded_at = time.time()
         self.idle_since: float | None = time.time()
@@ -47,13 +51,24 @@ class LoadedModel:
     def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings) -> None:
         self.engine = engine
         self.max_jobs = settings.max_jobs or engine.max_num_seqs
+        batch_jobs = max(1, int(self.max_jobs * settings.batch_share))
         self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,
                                        load_window=(self.load_started_at, time.time()))
-        self.arq = GenerationArqWorker(
+        self.consumers = [self._consumer(keys.generation_queue(self.name), self.max_jobs, redis, settings),
+                          self._consumer(keys.batch_queue(self.name), batch_jobs, redis, settings)]
+        self.task = asyncio.create_task(self._consume(), name=f"jobs-{self.name}")
+        self.state = "ready"
+        self.loaded_at = self.idle_since = time.time()
+        self.observe(self.loaded_at, 0, None)  # until the next look at Redis
+        log.info("serving %s with up to %d jobs at once (%d from the batch queue)", self.name, self.max_jobs,
+                 batch_jobs)
+
+    def _consumer(self, queue: str, max_jobs: int, redis: Redis, settings: Settings) -> GenerationArqWorker:
+        return GenerationArqWorker(
             functions=[func(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
-            queue_name=keys.generation_queue(self.name),
+            queue_name=queue,
             redis_pool=redis,
-            max_jobs=self.max_jobs,
+            max_jobs=max_jobs,
             poll_delay=settings.poll_delay_s,
             allow_abort_jobs=True,
             keep_result=settings.keep_result_s,
@@ -64,11 +79,24 @@ class LoadedModel:
             # A generation cannot resume a broken stream, so a lost job is failed, not re-run.
             retry_jobs=False,
         )
-        self.task = asyncio.create_task(self.arq.async_run(), name=f"jobs-{self.name}")
-        self.state = "ready"
-        self.loaded_at = self.idle_since = time.time()
-        self.observe(self.loaded_at, 0, None)  # until the next look at Redis
-        log.info("serving %s with up to %d jobs at once", self.name, self.max_jobs)
+
+    async def _consume(self) -> None:
+        """Both consumers; if one stops (an error), the other is stopped too."""
+        tasks = [asyncio.create_task(c.async_run()) for c in self.consumers]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                await cancel_and_wait(task)
+
+    def _job_tasks(self) -> list[asyncio.Task]:
+        return [t for c in self.consumers for t in c.tasks.values()]
+
+    def _pick_jobs(self, allowed: bool) -> None:
+        for consumer in self.consumers:
+            consumer.allow_pick_jobs = allowed
 
     @property
     def running(self) -> int:
@@ -97,11 +125,11 @@ class LoadedModel:
     async def try_stop(self, poll_delay_s: float) -> bool:
         """Stop taking jobs; give up (and go on serving) if a job started meanwhile."""
         self.state = "unloading"
-        self.arq.allow_pick_jobs = False
+        self._pick_jobs(False)
         # A poll already under way may still start a job: let it finish its round.
         await asyncio.sleep(max(3 * poll_delay_s, 0.05))
-        if self.running or any(not t.done() for t in self.arq.tasks.values()):
-            self.arq.allow_pick_jobs = True
+        if self.running or any(not t.done() for t in self._job_tasks()):
+            self._pick_jobs(True)
             self.state = "ready"
             return False
         await self.close()
@@ -110,13 +138,13 @@ class LoadedModel:
     async def drain(self, grace_s: float) -> None:
         """Shutdown: stop taking jobs, let running ones finish, then cancel the rest."""
         self.state = "unloading"
-        if self.arq is not None:
-            # The poll loop keeps running so aborts of running jobs are still honoured.
-            self.arq.allow_pick_jobs = False
+        if self.consumers:
+            # The poll loops keep running so aborts of running jobs are still honoured.
+            self._pick_jobs(False)
             deadline = time.monotonic() + grace_s
             while self.running and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            tasks = list(self.arq.tasks.values())
+            tasks = self._job_tasks()
             for task in tasks:
                 task.cancel()
             # arq writes each cancelled job's result before its task ends.

@@ -138,12 +138,13 @@ class GenerationWorker:
             for m in ready:
                 pipe.get(keys.keep_alive(m.name))
                 pipe.zcard(keys.generation_queue(m.name))
+                pipe.zcard(keys.batch_queue(m.name))
             pipe.zrange(keys.LOADS, 0, -1, withscores=True)
             results = await pipe.execute()
         now = time.time()
         for i, m in enumerate(ready):
-            raw, queued = results[2 * i], results[2 * i + 1]
-            m.observe(now, queued, None if raw is None else float(raw))
+            raw, interactive, batch = results[3 * i:3 * i + 3]
+            m.observe(now, interactive + batch, None if raw is None else float(raw))
         for m in ready:
             if m.task is not None and m.task.done():
                 log.error("the job consumer of %s stopped (%s); unloading it", m.name, m.task.exception())

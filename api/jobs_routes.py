@@ -1,0 +1,132 @@
+"""The jobs API: submit a generate or chat body and come back for the answer.
+
+    POST   /api/jobs/generate, /api/jobs/chat   202 and the job (same bodies as /api/generate
+                                                and /api/chat, plus "priority")
+    GET    /api/jobs                            recent jobs, newest first (?limit=, ?status=)
+    GET    /api/jobs/{id}                       status, output so far, result when done
+    GET    /api/jobs/{id}/stream                the answer as NDJSON, from the start, live
+    DELETE /api/jobs/{id}                       cancel a queued or running job
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from api import jobs, ndjson
+from api.dispatch import Dispatcher
+from api.errors import parse_body
+from api.ollama_models import ChatRequest, GenerateRequest
+from api.tools import attach_tools
+from common.errors import BadRequest, VllamaError
+from common.protocol import DoneFrame, TokenFrame, ToolCallsFrame
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+Priority = Literal["interactive", "batch"]
+
+
+class AsyncGenerateRequest(GenerateRequest):
+    priority: Priority = "batch"
+
+
+class AsyncChatRequest(ChatRequest):
+    priority: Priority = "batch"
+
+
+@router.post("/generate", status_code=202)
+async def submit_generate(request: Request) -> JSONResponse:
+    return await _submit(request, await parse_body(request, AsyncGenerateRequest))
+
+
+@router.post("/chat", status_code=202)
+async def submit_chat(request: Request) -> JSONResponse:
+    return await _submit(request, await parse_body(request, AsyncChatRequest))
+
+
+async def _submit(request: Request, body: AsyncGenerateRequest | AsyncChatRequest) -> JSONResponse:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    if body.is_load_only():
+        raise BadRequest("an async job needs a prompt (or messages); to load a model, use /api/generate")
+    job = body.to_job()
+    job.priority = body.priority
+    headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
+    record = await jobs.submit(dispatcher, job, body.keep_alive_s())
+    return JSONResponse(_job_json(jobs.JobState(record)), status_code=202, headers=headers)
+
+
+@router.get("")
+async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000),
+                    status: str | None = None) -> dict[str, Any]:
+    records = await jobs.recent(request.app.state.dispatcher, limit)
+    return {"jobs": [_job_json(jobs.JobState(r)) for r in records if status in (None, r["status"])]}
+
+
+@router.get("/{job_id}")
+async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    return _job_json(await jobs.read(request.app.state.dispatcher, job_id), full=True)
+
+
+@router.get("/{job_id}/stream")
+async def stream_job(request: Request, job_id: str) -> Response:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    state = await jobs.read(dispatcher, job_id)  # a 404 before the stream starts
+    record = state.record
+    return StreamingResponse(_relay(dispatcher, job_id, record["model"], record["kind"]), media_type=ndjson.NDJSON)
+
+
+@router.delete("/{job_id}")
+async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    await jobs.cancel(dispatcher, job_id)
+    return _job_json(await jobs.read(dispatcher, job_id))
+
+
+async def _relay(dispatcher: Dispatcher, job_id: str, model: str, kind: str) -> AsyncIterator[bytes]:
+    """The job's answer as /api/generate or /api/chat would stream it."""
+    try:
+        async for frame in jobs.follow(dispatcher, job_id):
+            if isinstance(frame, TokenFrame):
+                chunk = ndjson.generate_chunk(model, frame.text, frame.logprobs) if kind == "generate" else \
+                    ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs)
+                yield ndjson.line(chunk)
+            elif isinstance(frame, ToolCallsFrame):
+                yield ndjson.line(ndjson.chat_chunk(model, "", frame.calls))
+            elif isinstance(frame, DoneFrame):
+                final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
+                yield ndjson.line(final(model, frame))
+    except VllamaError as exc:
+        yield ndjson.line({"error": exc.message})
+
+
+def _job_json(state: jobs.JobState, full: bool = False) -> dict[str, Any]:
+    """A job as the jobs API shows it; ``full`` adds the output so far and, once it is done,
+    the result: the object /api/generate or /api/chat answers with "stream": false."""
+    r = state.record
+    status = "done" if state.done is not None else "failed" if state.error is not None else r["status"]
+    body: dict[str, Any] = {
+        "id": r["job_id"], "type": r["kind"], "model": r["model"], "status": status,
+        "priority": r.get("priority", "interactive"),
+        "created_at": _time(r.get("created_at")), "started_at": _time(r.get("started_at")),
+        "finished_at": _time(r.get("updated_at")) if status in jobs.FINISHED else None,
+        "worker_id": r.get("worker_id"),
+        "error": state.error.message if state.error is not None else r.get("error"),
+    }
+    if full:
+        body["output"] = state.text
+        if state.tool_calls:
+            body["tool_calls"] = ndjson.tool_calls_json(state.tool_calls)
+        if state.done is not None:
+            body["result"] = ndjson.generate_final(r["model"], state.done, state.text, state.logprobs) \
+                if r["kind"] == "generate" else \
+                ndjson.chat_final(r["model"], state.done, state.text, state.tool_calls, state.logprobs)
+    return body
+
+
+def _time(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -63,3 +63,19 @@ async def forget_job(redis: Redis, queue: str, job_id: str) -> None:
         pipe.zrem(queue, job_id)
         pipe.delete(job_key_prefix + job_id, in_progress_key_prefix + job_id, retry_key_prefix + job_id)
         await pipe.execute()
+
+
+# Take a queued job out of its queue unless a worker has started it (arq marks a job in
+# progress before running it): 1 removed, 0 already running (abort it instead).
+_WITHDRAW = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+async def withdraw(redis: Redis, queue: str, job_id: str) -> bool:
+    """Remove a job no worker has started; False if one has."""
+    return bool(await redis.eval(_WITHDRAW, 3, queue, job_key_prefix + job_id, in_progress_key_prefix + job_id,
+                                 job_id))

@@ -25,16 +25,16 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
                  404: "invalid_request_error", 499: "invalid_request_error"}
 
 
-def openai_error(message: str, status: int) -> dict[str, dict[str, object]]:
+def openai_error(message: str, status: int, code: str | None = None) -> dict[str, dict[str, object]]:
     """OpenAI's error object; its clients read ``error.message`` and the HTTP status."""
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    code = "model_not_found" if status == 404 else None
+    code = "model_not_found" if code == "model_not_found" or (code is None and status == 404) else None
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def error_response(request: Request, message: str, status: int) -> JSONResponse:
+def error_response(request: Request, message: str, status: int, code: str | None = None) -> JSONResponse:
     """Ollama's ``{"error": "..."}``, or OpenAI's error object under /v1/."""
-    body = openai_error(message, status) if request.url.path.startswith("/v1/") else error_body(message)
+    body = openai_error(message, status, code) if request.url.path.startswith("/v1/") else error_body(message)
     return JSONResponse(body, status_code=status)
 
 
@@ -58,7 +58,7 @@ def describe_validation_error(exc: RequestValidationError | ValidationError) -> 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VllamaError)
     async def _vllama_error(request: Request, exc: VllamaError) -> JSONResponse:
-        return error_response(request, exc.message, exc.status)
+        return error_response(request, exc.message, exc.status, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss
 from pydantic import TypeAdapter
 
-from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job
+from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job, withdraw
 from api.dispatch import Dispatcher
 from common import job_records, keys, registry
 from common.errors import Conflict, NotFound, ServerBusy, Unavailable, VllamaError, from_code
@@ -41,16 +41,6 @@ from common.tool_calls import ToolCall
 
 _frame = TypeAdapter(Frame)
 FINISHED = ("done", "failed", "cancelled")
-
-# Take a queued job out of its queue unless a worker has started it (arq marks a job in
-# progress before running it): 1 removed, 0 already running.
-_WITHDRAW = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-return 1
-"""
-
 
 async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float | None) -> dict[str, Any]:
     """Queue ``job`` to run without a listener; returns its record. A model no worker holds
@@ -156,9 +146,7 @@ async def cancel(dispatcher: Dispatcher, job_id: str) -> None:
         raise Conflict(f"job '{job_id}' is already {state.record['status']}; nothing to cancel")
     redis = dispatcher.redis
     queue = keys.queue_for(state.record["model"], state.record.get("priority", "interactive"))
-    withdrawn = await redis.eval(_WITHDRAW, 3, queue, job_key_prefix + job_id, in_progress_key_prefix + job_id,
-                                 job_id)
-    if withdrawn:
+    if await withdraw(redis, queue, job_id):
         record = {**state.record, "status": "cancelled", "error": "cancelled before it started",
                   "updated_at": time.time()}
         await redis.set(keys.job_record(job_id), json.dumps(record), ex=dispatcher.settings.keep_result_s)

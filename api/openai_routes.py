@@ -56,14 +56,14 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     n = body.choices_per_prompt()
     jobs = fan_out(prompts, n)
     streams = await submit_all(dispatcher, jobs)
-    shape = _Shape(kind, jobs[0].job_id, body.model, n)
+    shape = Shape(kind, jobs[0].job_id, body.model, n)
     return await respond(request, streams, whole=None if body.stream else shape.whole,
                          relay=lambda outputs: _relay(shape, outputs, body.include_usage),
                          error=lambda message, status: sse(openai_error(message, status)),
                          media_type=SSE, headers=headers)
 
 
-class _Shape:
+class Shape:
     """OpenAI's objects for one request: chat.completion(.chunk) or text_completion, with one
     choice per job (``n`` per prompt)."""
 
@@ -150,7 +150,7 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _relay(shape: _Shape, outputs: list[Output], include_usage: bool) -> AsyncIterator[bytes]:
+async def _relay(shape: Shape, outputs: list[Output], include_usage: bool) -> AsyncIterator[bytes]:
     if shape.kind == "chat":
         for index in range(len(outputs)):
             yield sse(shape.chunk(index, {"role": "assistant", "content": ""}))

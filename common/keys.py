@@ -125,3 +125,49 @@ def keep_alive(model: str) -> str:
     Absent means the worker's default. No TTL: it is the model's current setting, one short
     key per model ever requested; a request without keep_alive deletes it."""
     return f"{PREFIX}:keep-alive:{model}"
+
+
+# ---------------------------------------------------------------- OpenAI files and batches
+# All of these live for settings.file_ttl_s (OpenAI keeps batch files for 30 days).
+
+
+def file_content(file_id: str) -> str:
+    """The bytes of an uploaded (or batch output) file."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_meta(file_id: str) -> str:
+    """JSON: OpenAI's file object (name, size, purpose, created_at)."""
+    return f"{PREFIX}:file-meta:{file_id}"
+
+
+# Zsets of file ids and batch ids by creation time (s), for listing. No TTL: shared; members
+# older than settings.file_ttl_s are dropped whenever one is added.
+FILES = f"{PREFIX}:files"
+BATCHES = f"{PREFIX}:batches"
+
+
+def batch(batch_id: str) -> str:
+    """JSON: OpenAI's batch object, as last written by the API (status, times, file ids)."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_finishing(batch_id: str) -> str:
+    """Lock held by the API replica writing a batch's output files. TTL 60 s."""
+    return f"{PREFIX}:batch-finishing:{batch_id}"
+
+
+def batch_lines(batch_id: str) -> str:
+    """JSON list, one entry per input line: its custom_id, the model, the job that runs it (if any)."""
+    return f"{PREFIX}:batch-lines:{batch_id}"
+
+
+def batch_results(batch_id: str) -> str:
+    """Hash: line index -> how that line ended (the answer, or the error). Written once per
+    line, by the worker that ran it or by the API for lines that never ran."""
+    return f"{PREFIX}:batch-results:{batch_id}"
+
+
+def batch_counts(batch_id: str) -> str:
+    """Hash: completed, failed: lines ended so far (OpenAI's request_counts while it runs)."""
+    return f"{PREFIX}:batch-counts:{batch_id}"

@@ -58,6 +58,14 @@ class ChatMessage(BaseModel):
         return message
 
 
+class BatchRef(BaseModel):
+    """Which line of an OpenAI batch a job runs (common/batch_lines.py)."""
+
+    batch_id: str
+    index: int
+    ttl_s: int  # how long the batch's keys live
+
+
 class GenerationJob(BaseModel):
     """One generation request as the worker runs it."""
 
@@ -77,6 +85,7 @@ class GenerationJob(BaseModel):
     # kept in vllama:job-frames:<id> for the jobs API.
     stream: bool = True
     priority: Literal["interactive", "batch"] = "interactive"  # batch: served after interactive work
+    batch: BatchRef | None = None  # a line of an OpenAI batch: its outcome is recorded there
     created_at: float = Field(default_factory=time.time)
 
 

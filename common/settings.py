@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         description="Async (batch-class) jobs waiting per model, beyond which submissions get 503.",
     )
     keep_result_s: int = Field(default=3600, ge=1, description="How long job records and results stay in Redis.")
+    file_ttl_s: int = Field(
+        default=30 * 24 * 3600, ge=60,
+        description="How long uploaded files, batches and their output files stay in Redis (OpenAI keeps 30 days).",
+    )
     strict_tools: bool = Field(
         default=False,
         description="Answer requests with tools for a model that cannot take them 400 'does not support tools' "

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from redis.asyncio import Redis
 
-from common import job_records, keys
-from common.errors import ErrorCode, PromptTooLong, VllamaError
+from common import batch_lines, job_records, keys
+from common.batch_lines import LineError, LineOutcome
+from common.errors import ErrorCode, PromptTooLong, VllamaError, from_code
 from common.protocol import (
     ChatMessage,
     DoneFrame,
@@ -89,7 +89,7 @@ class GenerationRunner:
             raise
         finally:
             self.running.discard(job.job_id)
-        await asyncio.shield(self._record(job, "done"))
+        await asyncio.shield(self._record(job, "done", result=result))
         return result.model_dump(mode="json")
 
     async def _start(self, job: GenerationJob, publisher: FramePublisher) -> int:
@@ -184,9 +184,15 @@ class GenerationRunner:
 
     async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
         await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))
-        await asyncio.shield(self._record(job, "failed", error=message))
+        await asyncio.shield(self._record(job, "failed", error=message, code=code))
 
-    async def _record(self, job: GenerationJob, status: job_records.Status, **fields: Any) -> None:
-        """The job's final record (every caller ends the job)."""
+    async def _record(self, job: GenerationJob, status: job_records.Status, *, error: str | None = None,
+                      code: str = ErrorCode.CANCELLED, result: JobResult | None = None) -> None:
+        """The job's final record (every caller ends the job), and for a batch line its outcome."""
         await job_records.write(self.redis, job, status, self.keep_result_s, worker_id=self.worker_id,
-                                started_at=self._started_at.pop(job.job_id, None), **fields)
+                                started_at=self._started_at.pop(job.job_id, None), error=error)
+        if job.batch is not None:
+            line_error = None if error is None else LineError(status=from_code(code, error).status, code=code,
+                                                              message=error)
+            await batch_lines.record(self.redis, job.batch, LineOutcome(status=status, job_id=job.job_id,
+                                                                        result=result, error=line_error))

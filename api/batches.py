@@ -1,0 +1,310 @@
+"""OpenAI's Batch API: /v1/batches over the jobs machinery.
+
+Creating a batch reads its input file (JSONL, one request per line), checks the file's shape
+(as OpenAI does: a malformed file fails the whole batch, with the line numbers), and queues
+each line as a batch-class job carrying its place in the batch. There is no coordinator: the
+worker that ends a line records its outcome once (common/batch_lines.py), so the counts are
+true while it runs and survive any API replica going away. When every line has an outcome,
+whichever replica reads the batch next writes the output and error files (one line per input
+line, in input order) and marks it completed. Cancelling withdraws the lines still queued and
+aborts the running ones; their outcomes are "cancelled" lines in the error file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from arq.constants import abort_jobs_ss
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from api import files
+from api.admission import ENQUEUED, QUEUE_FULL, enqueue_if_room, withdraw
+from api.answers import Answer
+from api.dispatch import Dispatcher
+from api.errors import describe_validation_error, openai_error
+from api.openai_models import ChatCompletionRequest, CompletionRequest
+from api.openai_routes import Shape
+from api.tools import attach_tools
+from common import batch_lines, keys
+from common.batch_lines import LineError, LineOutcome
+from common.errors import BadRequest, Conflict, ErrorCode, NotFound, Unavailable, VllamaError
+from common.protocol import BatchRef, DoneFrame, GenerationJob
+
+router = APIRouter(prefix="/v1", tags=["openai batch"])
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+WINDOW_S = 24 * 3600
+FINALIZE_LOCK_S = 60
+
+
+class CreateBatch(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = None
+
+
+class InputLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    method: Literal["POST"]
+    url: str
+    body: dict[str, Any]
+
+
+# ------------------------------------------------------------------ routes
+
+
+@router.post("/batches")
+async def create_batch(request: Request) -> dict[str, Any]:
+    body = CreateBatch.model_validate_json(await request.body() or b"{}")
+    if body.endpoint not in ENDPOINTS:
+        raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}")
+    return await create(request.app.state.dispatcher, body)
+
+
+@router.get("/batches")
+async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None
+                       ) -> dict[str, Any]:
+    d: Dispatcher = request.app.state.dispatcher
+    ids = [i.decode() if isinstance(i, bytes) else i for i in await d.redis.zrevrange(keys.BATCHES, 0, -1)]
+    if after in ids:
+        ids = ids[ids.index(after) + 1:]
+    page = [await read(d, batch_id) for batch_id in ids[:limit] if await d.redis.exists(keys.batch(batch_id))]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+
+
+@router.get("/batches/{batch_id}")
+async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
+    return await read(request.app.state.dispatcher, batch_id)
+
+
+@router.post("/batches/{batch_id}/cancel")
+async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
+    return await cancel(request.app.state.dispatcher, batch_id)
+
+
+# ------------------------------------------------------------------ creating
+
+
+async def create(d: Dispatcher, body: CreateBatch) -> dict[str, Any]:
+    data = await files.content(d.redis, body.input_file_id)
+    now = int(time.time())
+    batch: dict[str, Any] = {
+        "id": f"batch_{uuid.uuid4().hex[:24]}", "object": "batch", "endpoint": body.endpoint, "errors": None,
+        "input_file_id": body.input_file_id, "completion_window": body.completion_window, "status": "in_progress",
+        "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": now,
+        "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
+        "expired_at": None, "cancelling_at": None, "cancelled_at": None, "total": 0, "metadata": body.metadata,
+    }
+    lines, errors = _parse(data, body.endpoint)
+    if errors:
+        batch.update(status="failed", failed_at=now, in_progress_at=None,
+                     errors={"object": "list", "data": errors[:100]})
+    else:
+        batch["total"] = len(lines)
+    await _save(d, batch)
+    async with d.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.BATCHES, {batch["id"]: now})
+        pipe.zremrangebyscore(keys.BATCHES, "-inf", now - d.settings.file_ttl_s)
+        await pipe.execute()
+    if not errors:
+        await _queue_lines(d, batch, lines)
+    return await read(d, batch["id"])
+
+
+def _parse(data: bytes, endpoint: str) -> tuple[list[InputLine], list[dict[str, Any]]]:
+    """The file's lines, or OpenAI-style errors naming the lines that are wrong."""
+    lines: list[InputLine] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, text in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = InputLine.model_validate_json(text)
+        except ValidationError as exc:
+            errors.append(_line_error("invalid_request", describe_validation_error(exc), number))
+            continue
+        if line.url != endpoint:
+            errors.append(_line_error("mismatched_endpoint", f"url {line.url!r} is not the batch's endpoint "
+                                                              f"{endpoint!r}", number))
+        elif line.custom_id in seen:
+            errors.append(_line_error("duplicate_custom_id", f"custom_id {line.custom_id!r} is used twice", number))
+        seen.add(line.custom_id)
+        lines.append(line)
+    if not lines and not errors:
+        errors.append(_line_error("empty_file", "the input file has no requests", None))
+    return lines, errors
+
+
+def _line_error(code: str, message: str, line: int | None) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": None, "line": line}
+
+
+async def _queue_lines(d: Dispatcher, batch: dict[str, Any], lines: list[InputLine]) -> None:
+    """Each line as a batch-class job; a line that cannot run gets its error outcome now. The
+    lines' list is written before any job is queued: a batch whose lines all end at once must
+    find it when its files are written."""
+    entries: list[dict[str, Any]] = []
+    queued: list[tuple[GenerationJob, BatchRef]] = []
+    models: dict[str, VllamaError | None] = {}  # each model is checked once
+    for index, line in enumerate(lines):
+        ref = BatchRef(batch_id=batch["id"], index=index, ttl_s=d.settings.file_ttl_s)
+        entry = {"custom_id": line.custom_id, "job_id": None, "model": None, "shown_model": line.body.get("model")}
+        entries.append(entry)
+        try:
+            job = await _job(d, batch["endpoint"], line, ref, models)
+        except VllamaError as exc:
+            await _fail_line(d, ref, exc)
+            continue
+        entry["job_id"], entry["model"] = job.job_id, job.model
+        queued.append((job, ref))
+    await d.redis.set(keys.batch_lines(batch["id"]), json.dumps(entries), ex=d.settings.file_ttl_s)
+    for job, ref in queued:
+        outcome = await enqueue_if_room(d.redis, job, "generate", d.settings.max_batch_queue, d.settings.keep_result_s)
+        if outcome == QUEUE_FULL:
+            await _fail_line(d, ref, VllamaError("the batch queue is full (VLLAMA_MAX_BATCH_QUEUE); submit the rest "
+                                                 "later", ErrorCode.SERVER_BUSY))
+        elif outcome != ENQUEUED:
+            await _fail_line(d, ref, VllamaError(f"job id {job.job_id} already exists"))
+
+
+async def _fail_line(d: Dispatcher, ref: BatchRef, exc: VllamaError) -> None:
+    await batch_lines.record(d.redis, ref, LineOutcome(
+        status="failed", error=LineError(status=exc.status, code=exc.code, message=exc.message)))
+
+
+async def _job(d: Dispatcher, endpoint: str, line: InputLine, ref: BatchRef,
+               models: dict[str, VllamaError | None]) -> GenerationJob:
+    try:
+        request = ENDPOINTS[endpoint].model_validate(line.body)
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
+    if request.choices_per_prompt() != 1:
+        raise BadRequest("n must be 1 in a batch; repeat the line with other custom_ids for more choices")
+    if isinstance(request, ChatCompletionRequest):
+        job = request.to_job()
+        await attach_tools(d, job, request.model, request.tools, request.tool_choice, request.parallel_tool_calls)
+    else:
+        jobs = request.to_jobs()
+        if len(jobs) != 1:
+            raise BadRequest("prompt must be one string in a batch line; put each prompt on its own line")
+        job = jobs[0]
+    if job.model not in models:
+        models[job.model] = await _model_problem(d, job.model)
+    if (problem := models[job.model]) is not None:
+        raise problem
+    job.priority, job.stream, job.batch = "batch", False, ref
+    return job
+
+
+async def _model_problem(d: Dispatcher, model: str) -> VllamaError | None:
+    """Why ``model`` cannot be had (404), or None. With no worker up, lines wait for one."""
+    try:
+        await d.ensure_served(model)
+    except Unavailable:
+        await d.loader.ask_later(model)
+    except VllamaError as exc:
+        return exc
+    return None
+
+
+# ------------------------------------------------------------------ reading, finishing, cancelling
+
+
+async def _save(d: Dispatcher, batch: dict[str, Any]) -> None:
+    await d.redis.set(keys.batch(batch["id"]), json.dumps(batch), ex=d.settings.file_ttl_s)
+
+
+async def _load(d: Dispatcher, batch_id: str) -> dict[str, Any]:
+    raw = await d.redis.get(keys.batch(batch_id))
+    if raw is None:
+        raise NotFound(f"No batch found with id '{batch_id}'")
+    return json.loads(raw)
+
+
+async def read(d: Dispatcher, batch_id: str) -> dict[str, Any]:
+    """The batch as OpenAI shows it, with live counts; finished (files written) if every line
+    has an outcome."""
+    batch = await _load(d, batch_id)
+    completed, failed = (int(n or 0) for n in await d.redis.hmget(keys.batch_counts(batch_id), "completed", "failed"))
+    if batch["status"] in ("in_progress", "cancelling") and completed + failed >= batch["total"]:
+        batch = await _finish(d, batch)
+    shown = {k: v for k, v in batch.items() if k != "total"}
+    shown["request_counts"] = {"total": batch["total"], "completed": completed, "failed": failed}
+    return shown
+
+
+async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:
+    """Write the output and error files; one replica does it (a lock), the others see the result."""
+    if not await d.redis.set(keys.batch_finishing(batch["id"]), "1", nx=True, ex=FINALIZE_LOCK_S):
+        return batch
+    entries = json.loads(await d.redis.get(keys.batch_lines(batch["id"])) or "[]")
+    raw = await d.redis.hgetall(keys.batch_results(batch["id"]))
+    outcomes = {int(k): LineOutcome.model_validate_json(v) for k, v in raw.items()}
+    kind = "chat" if batch["endpoint"] == "/v1/chat/completions" else "completion"
+    output, error = [], []
+    for index, entry in enumerate(entries):
+        outcome = outcomes[index]
+        line = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": entry["custom_id"], "response": None,
+                "error": None}
+        if outcome.status == "done" and outcome.result is not None:
+            r = outcome.result
+            answer = Answer(r.text, DoneFrame(seq=0, done_reason=r.done_reason, stats=r.stats), r.tool_calls, r.logprobs)
+            body = Shape(kind, outcome.job_id or "", entry["shown_model"] or "", 1).whole([answer])
+            line["response"] = {"status_code": 200, "request_id": outcome.job_id, "body": body}
+            output.append(line)
+        elif outcome.status == "cancelled":
+            line["error"] = {"code": "batch_cancelled", "message": "the batch was cancelled before this request ended"}
+            error.append(line)
+        else:
+            e = outcome.error or LineError(status=500, code="internal", message="the request failed")
+            line["response"] = {"status_code": e.status, "request_id": outcome.job_id,
+                                "body": openai_error(e.message, e.status, e.code)}
+            error.append(line)
+    now = int(time.time())
+    stem = batch["id"]
+    if output:
+        batch["output_file_id"] = (await files.save(d.redis, d.settings, _jsonl(output), f"{stem}_output.jsonl",
+                                                    "batch_output"))["id"]
+    if error:
+        batch["error_file_id"] = (await files.save(d.redis, d.settings, _jsonl(error), f"{stem}_error.jsonl",
+                                                   "batch_output"))["id"]
+    if batch["status"] == "cancelling":
+        batch.update(status="cancelled", cancelled_at=now)
+    else:
+        batch.update(status="completed", finalizing_at=now, completed_at=now)
+    await _save(d, batch)
+    return batch
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+
+
+async def cancel(d: Dispatcher, batch_id: str) -> dict[str, Any]:
+    batch = await _load(d, batch_id)
+    if batch["status"] != "in_progress":
+        raise Conflict(f"batch {batch_id} is {batch['status']}; only a batch in progress can be cancelled")
+    batch.update(status="cancelling", cancelling_at=int(time.time()))
+    await _save(d, batch)
+    entries = json.loads(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
+    ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch_id))}
+    for index, entry in enumerate(entries):
+        job_id = entry["job_id"]
+        if index in ended or job_id is None:
+            continue
+        if await withdraw(d.redis, keys.batch_queue(entry["model"]), job_id):
+            ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
+            await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=job_id))
+        else:  # running: its worker aborts it and records the outcome
+            await d.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
+    return await read(d, batch_id)

@@ -1,0 +1,167 @@
+"""OpenAI's Files and Batch APIs with the official client, over real Redis and HTTP with the
+fake engine standing in for vLLM (tests/e2e runs a small batch through real vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import openai
+import pytest
+
+from common import keys
+from tests.fake_stack import MODEL, fake_stack
+from tests.harness import async_wait_until
+from workers.fake_engine import FakeEngine
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def chat_line(i: int, model: str = MODEL, **body) -> dict:
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 3,
+                     **body}}
+
+
+def client_for(stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+async def finished(client, batch_id: str, timeout_s: float = 60):
+    seen = []
+
+    async def done() -> bool:
+        batch = await client.batches.retrieve(batch_id)
+        seen.append(batch)
+        return batch.status in ("completed", "failed", "cancelled")
+
+    await async_wait_until(done, timeout_s, f"batch {batch_id} to finish")
+    return seen
+
+
+async def test_files_round_trip(redis_server):
+    async with fake_stack(redis_server.url) as stack:
+        client = client_for(stack)
+        data = jsonl([chat_line(0)])
+        f = await client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        assert f.id.startswith("file-") and f.bytes == len(data) and f.purpose == "batch" and f.filename == "in.jsonl"
+        assert (await client.files.retrieve(f.id)).id == f.id
+        assert (await client.files.content(f.id)).content == data
+        assert [x.id for x in (await client.files.list()).data] == [f.id]
+        assert (await client.files.delete(f.id)).deleted
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(f.id)
+        with pytest.raises(openai.BadRequestError):
+            await client.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="nonsense")
+        await client.close()
+
+
+async def test_a_thousand_lines_each_answered_exactly_once(redis_server):
+    async with fake_stack(redis_server.url, engine=FakeEngine(step_s=0.001)) as stack:
+        client = client_for(stack)
+        rows = [chat_line(i) for i in range(1000)]
+        f = await client.files.create(file=("big.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h", metadata={"run": "t"})
+        assert batch.status == "in_progress" and batch.request_counts.total == 1000 and batch.metadata == {"run": "t"}
+        seen = await finished(client, batch.id, timeout_s=120)
+        counts = [(b.request_counts.completed, b.request_counts.failed) for b in seen]
+        assert counts == sorted(counts) and all(c + e <= 1000 for c, e in counts)  # true while it ran
+        done = seen[-1]
+        assert done.status == "completed" and done.request_counts.completed == 1000 and done.error_file_id is None
+        lines = [json.loads(x) for x in (await client.files.content(done.output_file_id)).text.splitlines()]
+        assert [x["custom_id"] for x in lines] == [f"req-{i}" for i in range(1000)]  # each once, in order
+        first = lines[0]["response"]
+        assert first["status_code"] == 200 and first["body"]["object"] == "chat.completion"
+        assert first["body"]["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+        assert first["body"]["usage"]["completion_tokens"] == 3
+        assert len({x["id"] for x in lines}) == 1000
+        listed = await client.batches.list()
+        assert [b.id for b in listed.data] == [batch.id]
+        await client.close()
+
+
+async def test_lines_that_cannot_run_go_to_the_error_file(redis_server):
+    async with fake_stack(redis_server.url) as stack:
+        client = client_for(stack)
+        rows = [chat_line(0), chat_line(1, model="nowhere:1b"), chat_line(2, temperature=9), chat_line(3, n=2)]
+        f = await client.files.create(file=("mixed.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        done = (await finished(client, batch.id))[-1]
+        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (1, 3)
+        output = [json.loads(x) for x in (await client.files.content(done.output_file_id)).text.splitlines()]
+        errors = {json.loads(x)["custom_id"]: json.loads(x) for x in
+                  (await client.files.content(done.error_file_id)).text.splitlines()}
+        assert [x["custom_id"] for x in output] == ["req-0"]
+        assert errors["req-1"]["response"]["status_code"] == 404
+        assert "ollama pull" in errors["req-1"]["response"]["body"]["error"]["message"]
+        assert errors["req-2"]["response"]["status_code"] == 400
+        assert "temperature" in errors["req-2"]["response"]["body"]["error"]["message"]
+        assert "n must be 1" in errors["req-3"]["response"]["body"]["error"]["message"]
+
+        # A malformed file fails the whole batch, naming the lines.
+        bad = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\nnot json\n'
+        f = await client.files.create(file=("bad.jsonl", io.BytesIO(bad)), purpose="batch")
+        failed = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                             completion_window="24h")
+        assert failed.status == "failed"
+        assert [(e.code, e.line) for e in failed.errors.data] == [("mismatched_endpoint", 1), ("invalid_request", 2)]
+        with pytest.raises(openai.NotFoundError):
+            await client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        with pytest.raises(openai.BadRequestError):
+            await client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        await client.close()
+
+
+async def test_cancel_stops_the_remaining_lines(redis_server):
+    engine = FakeEngine(answer_tokens=20, step_s=0.02)  # 0.4 s a line
+    async with fake_stack(redis_server.url, engine=engine, max_jobs=4, batch_share=0.5) as stack:
+        client = client_for(stack)
+        rows = [chat_line(i, max_tokens=20) for i in range(40)]
+        f = await client.files.create(file=("c.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await async_wait_until(lambda: _some_done(client, batch.id), 20, "a few lines to finish")
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+        done = (await finished(client, batch.id))[-1]
+        assert done.status == "cancelled"
+        ok = [json.loads(x)["custom_id"] for x in (await client.files.content(done.output_file_id)).text.splitlines()]
+        cancelled = [json.loads(x) for x in (await client.files.content(done.error_file_id)).text.splitlines()]
+        assert sorted(ok + [x["custom_id"] for x in cancelled], key=lambda c: int(c[4:])) == \
+            [f"req-{i}" for i in range(40)]  # none lost, none twice
+        assert all(x["error"]["code"] == "batch_cancelled" for x in cancelled) and len(cancelled) > 20
+        assert len(engine.started) < 40  # the queued lines never ran
+        assert await stack.redis.zcard(keys.batch_queue(MODEL)) == 0
+        with pytest.raises(openai.ConflictError):
+            await client.batches.cancel(batch.id)
+        await client.close()
+
+
+async def _some_done(client, batch_id: str) -> bool:
+    return (await client.batches.retrieve(batch_id)).request_counts.completed >= 2
+
+
+async def test_a_chat_during_a_big_batch_starts_at_once(redis_server):
+    engine = FakeEngine(answer_tokens=30, step_s=0.01)
+    async with fake_stack(redis_server.url, engine=engine, max_jobs=4, batch_share=0.5) as stack:
+        client = client_for(stack)
+        rows = [chat_line(i, max_tokens=30) for i in range(100)]  # ~15 s of batch work, 2 at a time
+        f = await client.files.create(file=("big.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await asyncio.sleep(0.3)
+        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "now"}],
+                                                      max_tokens=2, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        counts = (await client.batches.retrieve(batch.id)).request_counts
+        assert counts.completed < 20  # the chat did not wait for the batch
+        await client.batches.cancel(batch.id)
+        await client.close()

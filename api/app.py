@@ -15,6 +15,7 @@ from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.batches import router as batches_router
 from api.files import router as files_router
+from api import metrics
 from api.jobs_routes import router as jobs_router
 from api.model_routes import router as model_router
 from api.ollama_routes import router as ollama_router
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app.include_router(jobs_router)
     app.include_router(files_router)
     app.include_router(batches_router)
+    metrics.install(app)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def root() -> str:

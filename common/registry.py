@@ -17,6 +17,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from common import keys
+from common.metrics import ModelStats
 
 
 class ModelStatus(BaseModel):
@@ -31,6 +32,7 @@ class ModelStatus(BaseModel):
     size_vram: int = 0  # bytes of GPU memory it holds (0 on CPU)
     loaded_at: float = 0.0
     expires_at: float | None = None  # when it unloads if still idle; None: never
+    stats: ModelStats | None = None  # cumulative since it was loaded (for /metrics)
 
 
 class WorkerInfo(BaseModel):

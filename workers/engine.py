@@ -21,6 +21,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class SchedulerView:
+    """The latest scheduler statistics vLLM reported (it reports after each engine step)."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+
+    def logger_factory(self):  # -> vllm StatLoggerFactory
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        view = self
+
+        class _Recorder(StatLoggerBase):
+            def __init__(self, vllm_config: object, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    view.num_running_reqs = scheduler_stats.num_running_reqs
+                    view.num_waiting_reqs = scheduler_stats.num_waiting_reqs
+                    view.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Recorder
+
+
+@dataclass
 class Delta:
     """New output of one request since the previous Delta."""
 
@@ -52,6 +81,9 @@ class Engine(Protocol):
     def in_flight(self) -> int:
         """Requests the engine itself is holding (to see that aborts really reach it)."""
 
+    def scheduler_stats(self) -> tuple[int, int, float]:
+        """(requests running, requests waiting, KV cache use 0..1), as the engine last said."""
+
     def close(self) -> None: ...
 
 
@@ -68,8 +100,9 @@ class VllmEngine:
     """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
 
     def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
-                 on_gpu: bool = False) -> None:
+                 on_gpu: bool = False, scheduler: SchedulerView | None = None) -> None:
         self._llm = llm
+        self._scheduler = scheduler or SchedulerView()
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -111,13 +144,16 @@ class VllmEngine:
             # Batch-class jobs run at a lower priority: waiting interactive requests go first,
             # and when the KV cache runs short a batch request is preempted, not a chat.
             scheduling_policy="priority",
-            disable_log_stats=True,
+            # Statistics on: SchedulerView reads the scheduler's running/waiting/KV figures
+            # (vLLM also logs a throughput line every few seconds).
+            disable_log_stats=False,
             **({"gpu_memory_utilization": gpu_memory_utilization} if cuda else {}),
         )
-        llm = AsyncLLM.from_engine_args(args)
+        scheduler = SchedulerView()
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.logger_factory()])
         config = llm.model_config
         return cls(llm, llm.get_tokenizer(), config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
-                   on_gpu=cuda)
+                   on_gpu=cuda, scheduler=scheduler)
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -180,6 +216,10 @@ class VllmEngine:
 
     def in_flight(self) -> int:
         return self._llm.output_processor.get_num_unfinished_requests()
+
+    def scheduler_stats(self) -> tuple[int, int, float]:
+        s = self._scheduler
+        return s.num_running_reqs, s.num_waiting_reqs, s.kv_cache_usage
 
     def close(self) -> None:
         if self._llm is not None:

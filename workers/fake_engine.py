@@ -83,6 +83,9 @@ class FakeEngine:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    def scheduler_stats(self) -> tuple[int, int, float]:
+        return len(self._in_flight), 0, 0.0
+
     def close(self) -> None:
         pass
 

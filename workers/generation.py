@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from common import batch_lines, job_records, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import ErrorCode, PromptTooLong, VllamaError, from_code
+from common.metrics import ModelStats
 from common.protocol import (
     ChatMessage,
     DoneFrame,
@@ -57,6 +58,7 @@ class GenerationRunner:
         self.load_window = load_window  # (start, end) of the model's load, wall clock
         self.running: set[str] = set()
         self._started_at: dict[str, float] = {}  # job id -> when it started here
+        self.stats = ModelStats()  # for /metrics, through the heartbeat
 
     def load_duration(self, job: GenerationJob) -> float:
         """How long this job waited for its model to load (Ollama's load_duration)."""
@@ -186,9 +188,21 @@ class GenerationRunner:
         await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))
         await asyncio.shield(self._record(job, "failed", error=message, code=code))
 
+    def _count(self, status: str, result: JobResult | None) -> None:
+        self.stats.ended(status)
+        if result is not None:
+            counts = result.stats
+            self.stats.prompt_tokens += counts.prompt_eval_count
+            self.stats.generated_tokens += counts.eval_count
+            if counts.eval_count:
+                self.stats.ttft.observe(counts.prompt_eval_duration / 1e9)
+            if counts.eval_count > 1:
+                self.stats.tpot.observe(counts.eval_duration / 1e9 / (counts.eval_count - 1))
+
     async def _record(self, job: GenerationJob, status: job_records.Status, *, error: str | None = None,
                       code: str = ErrorCode.CANCELLED, result: JobResult | None = None) -> None:
         """The job's final record (every caller ends the job), and for a batch line its outcome."""
+        self._count(status, result)
         await job_records.write(self.redis, job, status, self.keep_result_s, worker_id=self.worker_id,
                                 started_at=self._started_at.pop(job.job_id, None), error=error)
         if job.batch is not None:

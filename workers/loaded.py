@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.durations import FOREVER
+from common.metrics import ModelStats
 from common.redis_conn import job_deserializer, job_serializer
 from common.registry import ModelStatus
 from common.settings import Settings
@@ -165,5 +166,12 @@ class LoadedModel:
             context_length=self.engine.max_model_len if self.engine is not None else 0,
             # The weights are on the GPU (vLLM's KV cache comes on top of them).
             size=self.size, size_vram=self.size if getattr(self.engine, "on_gpu", False) else 0,
-            loaded_at=self.loaded_at, expires_at=self.expires_at,
+            loaded_at=self.loaded_at, expires_at=self.expires_at, stats=self._stats(),
         )
+
+    def _stats(self) -> ModelStats | None:
+        if self.runner is None or self.engine is None:
+            return None
+        running, waiting, kv_cache_usage = self.engine.scheduler_stats()
+        return self.runner.stats.model_copy(update={"engine_running": running, "engine_waiting": waiting,
+                                                    "kv_cache_usage": kv_cache_usage})

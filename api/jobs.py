@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from pydantic import TypeAdapter
 
 from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job, withdraw
 from api.dispatch import Dispatcher
+from api.pulls import pull_states, start_pulls
 from common import job_records, keys, registry
 from common.errors import Conflict, NotFound, ServerBusy, Unavailable, VllamaError, from_code
 from common.protocol import (
@@ -65,6 +67,37 @@ async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float |
     return json.loads(job_records.encode(job, "queued"))
 
 
+async def submit_pull(dispatcher: Dispatcher, model: str) -> dict[str, Any]:
+    """Start (or join) the pull of ``model`` on every live store; the job's record names the
+    stores, and its state is read from their pull records."""
+    stores = await start_pulls(dispatcher.redis, dispatcher.settings, model)
+    now = time.time()
+    record = {"job_id": f"pull-{uuid.uuid4().hex}", "model": model, "kind": "pull", "priority": "batch",
+              "async": True, "status": "queued", "stores": stores, "created_at": now, "updated_at": now}
+    async with dispatcher.redis.pipeline(transaction=False) as pipe:
+        pipe.set(keys.job_record(record["job_id"]), json.dumps(record), ex=dispatcher.settings.keep_result_s)
+        pipe.zadd(keys.JOBS, {record["job_id"]: int(now * 1000)})
+        await pipe.execute()
+    return record
+
+
+async def pull_progress(dispatcher: Dispatcher, record: dict[str, Any]) -> dict[str, Any]:
+    """A pull job's record brought up to date from its stores' pull records: status, bytes."""
+    states = await pull_states(dispatcher.redis, record["stores"], record["model"])
+    known = [s for s in states.values() if s is not None]
+    failed = [s for s in known if s.status == "failed"]
+    if failed:
+        status, error = "failed", failed[0].error
+    elif known and len(known) == len(states) and all(s.status == "success" for s in known):
+        status, error = "done", None
+    else:
+        status, error = ("running" if any(s.status != "queued" for s in known) else "queued"), None
+    files = {f.digest: f for s in known for f in s.files}
+    return {**record, "status": status, "error": error,
+            "completed": sum(f.completed for f in files.values()), "total": sum(f.total for f in files.values()),
+            "updated_at": max([record["updated_at"], *(s.updated_at for s in known)])}
+
+
 @dataclass
 class JobState:
     """A job's record and what its kept frames say so far."""
@@ -90,6 +123,9 @@ async def read(dispatcher: Dispatcher, job_id: str) -> JobState:
     if raw is None:
         raise job_not_found(job_id, dispatcher.settings.keep_result_s)
     state = JobState(json.loads(raw))
+    if state.record["kind"] == "pull":
+        state.record = await pull_progress(dispatcher, state.record)
+        return state
     for item in kept:
         _apply(state, _frame.validate_json(item))
     if state.record["status"] == "running" and not state.finished \
@@ -144,6 +180,9 @@ async def cancel(dispatcher: Dispatcher, job_id: str) -> None:
     state = await read(dispatcher, job_id)
     if state.finished:
         raise Conflict(f"job '{job_id}' is already {state.record['status']}; nothing to cancel")
+    if state.record["kind"] == "pull":
+        raise Conflict("a pull cannot be cancelled (other clients may be waiting for it); delete the model "
+                       "once it is done if it is not wanted")
     redis = dispatcher.redis
     queue = keys.queue_for(state.record["model"], state.record.get("priority", "interactive"))
     if await withdraw(redis, queue, job_id):

@@ -1,7 +1,8 @@
-"""The jobs API: submit a generate or chat body and come back for the answer.
+"""The jobs API: submit a generate, chat or pull body and come back for the answer.
 
     POST   /api/jobs/generate, /api/jobs/chat   202 and the job (same bodies as /api/generate
                                                 and /api/chat, plus "priority")
+    POST   /api/jobs/pull                       202 and the job: the pull runs on every store
     GET    /api/jobs                            recent jobs, newest first (?limit=, ?status=)
     GET    /api/jobs/{id}                       status, output so far, result when done
     GET    /api/jobs/{id}/stream                the answer as NDJSON, from the start, live
@@ -20,6 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api import jobs, ndjson
 from api.dispatch import Dispatcher
 from api.errors import parse_body
+from api.model_routes import pull_response
+from api.model_wire import PullRequest
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.tools import attach_tools
 from common.errors import BadRequest, VllamaError
@@ -58,10 +61,19 @@ async def _submit(request: Request, body: AsyncGenerateRequest | AsyncChatReques
     return JSONResponse(_job_json(jobs.JobState(record)), status_code=202, headers=headers)
 
 
+@router.post("/pull", status_code=202)
+async def submit_pull(request: Request) -> JSONResponse:
+    body = await parse_body(request, PullRequest)
+    record = await jobs.submit_pull(request.app.state.dispatcher, body.canonical())
+    return JSONResponse(_job_json(jobs.JobState(record)), status_code=202)
+
+
 @router.get("")
 async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000),
                     status: str | None = None) -> dict[str, Any]:
-    records = await jobs.recent(request.app.state.dispatcher, limit)
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    records = [await jobs.pull_progress(dispatcher, r) if r["kind"] == "pull" else r
+               for r in await jobs.recent(dispatcher, limit)]
     return {"jobs": [_job_json(jobs.JobState(r)) for r in records if status in (None, r["status"])]}
 
 
@@ -75,6 +87,8 @@ async def stream_job(request: Request, job_id: str) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
     state = await jobs.read(dispatcher, job_id)  # a 404 before the stream starts
     record = state.record
+    if record["kind"] == "pull":  # the pull's progress lines, joining it (or re-checking it, if done)
+        return await pull_response(dispatcher, record["model"], stream=True)
     return StreamingResponse(_relay(dispatcher, job_id, record["model"], record["kind"]), media_type=ndjson.NDJSON)
 
 
@@ -115,6 +129,9 @@ def _job_json(state: jobs.JobState, full: bool = False) -> dict[str, Any]:
         "worker_id": r.get("worker_id"),
         "error": state.error.message if state.error is not None else r.get("error"),
     }
+    if r["kind"] == "pull":
+        body.update(stores=r["stores"], completed=r.get("completed", 0), total=r.get("total", 0))
+        return body
     if full:
         body["output"] = state.text
         if state.tool_calls:

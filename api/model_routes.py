@@ -37,12 +37,15 @@ def _dispatcher(request: Request) -> Dispatcher:
 @router.post("/api/pull")
 async def pull(request: Request) -> Response:
     body = await parse_body(request, PullRequest)
-    model = body.canonical()
-    d = _dispatcher(request)
+    return await pull_response(_dispatcher(request), body.canonical(), body.stream)
+
+
+async def pull_response(d: Dispatcher, model: str, stream: bool) -> Response:
+    """Start or join the pull of ``model``; Ollama's progress lines, or one object at the end."""
     states = follow_pull(d.redis, d.mux, d.settings, model)
     lines = PullLines()
     first = await anext(states)  # errors before anything is under way get a real status
-    if not body.stream:
+    if not stream:
         try:
             async for state in _from(first, states):
                 lines.lines(state)

@@ -37,9 +37,7 @@ async def follow_pull(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
                       model: str) -> AsyncIterator[dict[str, PullState]]:
     """Start (or join) the pull of ``model`` on every live store; yield the states of all
     stores after each change, until every store has finished."""
-    stores = sorted(s.store_id for s in await catalog.live_stores(redis, settings.heartbeat_ttl_s))
-    if not stores:
-        raise Unavailable(NO_STORE)
+    stores = await live_store_ids(redis, settings)
     channels = {s: keys.frames_channel(keys.pull_job_id(s, model)) for s in stores}
     queues = {s: await mux.subscribe(channels[s]) for s in stores}  # before enqueue
     try:
@@ -53,6 +51,27 @@ async def follow_pull(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
     finally:
         for channel in channels.values():
             await mux.unsubscribe(channel)
+
+
+async def live_store_ids(redis: ArqRedis, settings: Settings) -> list[str]:
+    stores = sorted(s.store_id for s in await catalog.live_stores(redis, settings.heartbeat_ttl_s))
+    if not stores:
+        raise Unavailable(NO_STORE)
+    return stores
+
+
+async def start_pulls(redis: ArqRedis, settings: Settings, model: str) -> list[str]:
+    """Start (or join) the pull of ``model`` on every live store, without following it."""
+    stores = await live_store_ids(redis, settings)
+    for store_id in stores:
+        await _start(redis, settings, store_id, model)
+    return stores
+
+
+async def pull_states(redis: ArqRedis, stores: list[str], model: str) -> dict[str, PullState | None]:
+    """The latest state of ``model``'s pull on each store (None once its record expired)."""
+    raws = await redis.mget([keys.pull_record(s, model) for s in stores])
+    return {s: None if raw is None else PullState.model_validate_json(raw) for s, raw in zip(stores, raws)}
 
 
 async def _start(redis: ArqRedis, settings: Settings, store_id: str, model: str) -> PullState:

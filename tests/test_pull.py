@@ -122,6 +122,31 @@ async def test_success_comes_once_the_model_is_listed(redis_server, tmp_path, hu
         assert r.status_code == 200, r.text
 
 
+async def test_async_pull_job(redis_server, tmp_path, hub, model_dir):
+    hub.bytes_per_s = 5e6  # slow enough that polls see it part-way
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        r = await http.post("/api/jobs/pull", json={"model": REPO})
+        assert r.status_code == 202
+        job = r.json()
+        assert job["type"] == "pull" and job["status"] in ("queued", "running") and job["stores"]
+        seen: list[dict] = []
+
+        async def done() -> bool:
+            seen.append((await http.get(f"/api/jobs/{job['id']}")).json())
+            return seen[-1]["status"] in ("done", "failed")
+
+        await async_wait_until(done, 60, "the pull job to finish")
+        assert seen[-1]["status"] == "done" and seen[-1]["finished_at"], seen[-1]
+        assert seen[-1]["completed"] == seen[-1]["total"] == sum(p.stat().st_size for p in model_dir.iterdir())
+        assert any(0 < s["completed"] < s["total"] for s in seen if s["status"] == "running")
+        assert REPO in {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
+        assert [j["id"] for j in (await http.get("/api/jobs")).json()["jobs"]] == [job["id"]]
+        r = await http.delete(f"/api/jobs/{job['id']}")
+        assert r.status_code == 409
+        lines = ndjson_lines((await http.get(f"/api/jobs/{job['id']}/stream")).text)
+        assert lines[-1] == {"status": "success"}
+
+
 async def test_two_clients_share_one_download(redis_server, tmp_path, hub, model_dir):
     hub.bytes_per_s = 20e6
     async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:

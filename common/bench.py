@@ -70,15 +70,23 @@ async def run_level(one: Callable[[int], Awaitable[Sample]], concurrency: int, r
                        statistics.median(s.ttft_s for s in samples) * 1000)
 
 
-async def measure(one, levels: list[int], per_level) -> list[LevelResult]:
+async def measure(one, levels: list[int], per_level, label: str) -> list[LevelResult]:
     """Warm up at the highest level (so every batch shape has been seen), then run each level
     REPEATS times and keep the median run by throughput: two cores make single runs noisy."""
+    from tqdm import tqdm
+
     top = max(levels)
-    await run_level(one, top, top)
     results = []
-    for c in levels:
-        runs = sorted([await run_level(one, c, per_level(c)) for _ in range(REPEATS)], key=lambda r: r.tokens_per_s)
-        results.append(runs[len(runs) // 2])
+    with tqdm(total=1 + len(levels) * REPEATS, desc=label, unit="run", leave=False) as bar:
+        await run_level(one, top, top)
+        bar.update()
+        for c in levels:
+            runs = []
+            for _ in range(REPEATS):
+                runs.append(await run_level(one, c, per_level(c)))
+                bar.update()
+            runs.sort(key=lambda r: r.tokens_per_s)
+            results.append(runs[len(runs) // 2])
     return results
 
 
@@ -107,7 +115,7 @@ async def bench_engine(settings, levels: list[int], num_predict: int, per_level)
                 tokens += delta.num_tokens
             return Sample(first or 0.0, tokens)
 
-        return await measure(one, levels, per_level)
+        return await measure(one, levels, per_level, "engine")
     finally:
         engine.close()
 
@@ -150,7 +158,7 @@ async def bench_stack(settings, levels: list[int], num_predict: int, per_level) 
                             tokens = chunk["eval_count"]
                 return Sample(first or 0.0, tokens)
 
-            return await measure(one, levels, per_level)
+            return await measure(one, levels, per_level, "stack")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -7,6 +7,8 @@
   vllama pull-worker  looks after this machine's models: pull, delete, copy (needs VLLAMA_REDIS_URL)
   vllama create       add a model to this machine's store from a local GGUF file
   vllama suggest      models that fit this machine's GPU memory
+  vllama pull         pull a model on the running server, with progress bars
+  vllama batch        run a JSONL file of requests as an OpenAI batch, with a progress bar
   vllama bench        throughput and time to first token, stack vs engine in-process
 """
 
@@ -218,9 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from", dest="gguf", required=True, metavar="FILE.gguf", help="the GGUF file")
     p.set_defaults(func=cmd_create)
 
-    from common import suggest
+    from common import client_cli, suggest
 
     suggest.add_parser(sub)
+    client_cli.add_parsers(sub)
 
     p = sub.add_parser("bench", help="tokens/s and time to first token: stack vs engine")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")

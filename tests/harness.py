@@ -109,3 +109,12 @@ def start_api(redis_url: str, log_dir: Path, **env: str) -> tuple[Proc, str]:
 
     wait_until(up, 30, "the API to answer")
     return proc, base
+
+
+async def run_cli(base_url: str, *args: str) -> tuple[int, str]:
+    """`vllama ...` against the stack at ``base_url``; returns (exit code, stdout + stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "OLLAMA_HOST": base_url}, cwd=ROOT)
+    out, _ = await proc.communicate()
+    return proc.returncode, out.decode()

@@ -12,7 +12,7 @@ import pytest
 
 from common import keys
 from tests.fake_stack import MODEL, fake_stack
-from tests.harness import async_wait_until
+from tests.harness import async_wait_until, run_cli
 from workers.fake_engine import FakeEngine
 
 
@@ -165,3 +165,18 @@ async def test_a_chat_during_a_big_batch_starts_at_once(redis_server):
         assert counts.completed < 20  # the chat did not wait for the batch
         await client.batches.cancel(batch.id)
         await client.close()
+
+
+async def test_cli_batch_runs_a_file_with_a_progress_bar(redis_server, tmp_path):
+    async with fake_stack(redis_server.url) as stack:
+        source = tmp_path / "questions.jsonl"
+        source.write_bytes(jsonl([chat_line(i) for i in range(5)] + [chat_line(5, model="nowhere:1b")]))
+        code, out = await run_cli(stack.base_url, "batch", str(source))
+        assert code == 0, out
+        assert "6 requests" in out and "completed: 5 completed, 1 failed" in out and "6/6" in out
+        output = [json.loads(x) for x in (tmp_path / "questions.output.jsonl").read_text().splitlines()]
+        errors = [json.loads(x) for x in (tmp_path / "questions.errors.jsonl").read_text().splitlines()]
+        assert [x["custom_id"] for x in output] == [f"req-{i}" for i in range(5)]
+        assert [x["custom_id"] for x in errors] == ["req-5"]
+        code, out = await run_cli(stack.base_url, "batch", str(tmp_path / "missing.jsonl"))
+        assert code == 1 and "no such file" in out

@@ -12,7 +12,7 @@ import pytest
 from common import catalog, keys
 from common.embedded_redis import free_port
 from tests.fake_stack import fake_stack
-from tests.harness import Proc, async_wait_until, ndjson_lines
+from tests.harness import Proc, async_wait_until, ndjson_lines, run_cli
 from tests.hub_standin import HubStandin, isolate_hf_client
 from tests.model_factory import embedding_bytes, make_tiny_llama
 from workers.store import ModelStore
@@ -282,3 +282,15 @@ async def test_unreachable_hub_is_502_saying_what_to_check(redis_server, tmp_pat
     async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
         r = await http.post("/api/pull", json={"model": REPO, "stream": False}, timeout=120)
         assert r.status_code == 502 and "HF_ENDPOINT" in r.json()["error"], r.text
+
+
+async def test_cli_pull_shows_progress_bars(redis_server, tmp_path, hub, model_dir):
+    hub.bytes_per_s = 20e6
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        code, out = await run_cli(stack.base_url, "pull", REPO)
+        assert code == 0, out
+        assert "pulling manifest" in out and "success" in out
+        assert "pulling " in out and "%|" in out  # a bar per file
+        assert REPO in {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
+        code, out = await run_cli(stack.base_url, "pull", "no-org/no-model")
+        assert code == 1 and "error:" in out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -120,7 +121,9 @@ async def bench_engine(settings, levels: list[int], num_predict: int, per_level)
         engine.close()
 
 
-async def bench_stack(settings, levels: list[int], num_predict: int, per_level) -> list[LevelResult]:
+@contextlib.asynccontextmanager
+async def running_stack(settings):
+    """redis-server, a worker and the API as separate processes; yields an HTTP session."""
     # aiohttp, not httpx, for the load: with its C parser the client takes ~8x less CPU per
     # token, which on a small machine would otherwise be taken from the engine and counted
     # against the stack.
@@ -140,25 +143,7 @@ async def bench_stack(settings, levels: list[int], num_predict: int, per_level) 
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector, timeout=timeout) as http:
             await _wait_healthy(http, procs)
-
-            async def one(i: int) -> Sample:
-                body = {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
-                        "options": {"temperature": 0, "num_predict": num_predict}}
-                start = time.perf_counter()
-                first = None
-                tokens = 0
-                async with http.post("/api/generate", json=body) as r:
-                    async for line in r.content:
-                        chunk = json.loads(line)
-                        if "error" in chunk:
-                            raise RuntimeError(chunk["error"])
-                        if first is None and chunk.get("response"):
-                            first = time.perf_counter() - start
-                        if chunk.get("done"):
-                            tokens = chunk["eval_count"]
-                return Sample(first or 0.0, tokens)
-
-            return await measure(one, levels, per_level, "stack")
+            yield http
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -168,6 +153,80 @@ async def bench_stack(settings, levels: list[int], num_predict: int, per_level) 
             except subprocess.TimeoutExpired:
                 p.kill()
         redis.stop()
+
+
+async def stream_generate(http, body: dict) -> tuple[Sample, float]:
+    """One streamed /api/generate: (time to first token and tokens, mean seconds between tokens)."""
+    start = time.perf_counter()
+    first = last = None
+    tokens = chunks = 0
+    async with http.post("/api/generate", json=body) as r:
+        async for line in r.content:
+            chunk = json.loads(line)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if chunk.get("response"):
+                last = time.perf_counter()
+                first = first or last - start
+                chunks += 1
+            if chunk.get("done"):
+                tokens = chunk["eval_count"]
+    between = (last - start - first) / (chunks - 1) if first is not None and chunks > 1 else 0.0
+    return Sample(first or 0.0, tokens), between
+
+
+async def bench_stack(settings, levels: list[int], num_predict: int, per_level) -> list[LevelResult]:
+    async with running_stack(settings) as http:
+        async def one(i: int) -> Sample:
+            body = {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
+                    "options": {"temperature": 0, "num_predict": num_predict}}
+            return (await stream_generate(http, body))[0]
+
+        return await measure(one, levels, per_level, "stack")
+
+
+async def bench_during_batch(settings, jobs: int, num_predict: int, samples: int = 3) -> None:
+    """Time to first token of streamed requests sent one after another: idle, then behind a
+    backlog of ``jobs`` batch-class jobs, then behind the same backlog sent as interactive
+    jobs (which queue like any request: first come, first served). The first request of each
+    is the one that meets the fullest backlog."""
+    from tqdm import tqdm
+
+    async with running_stack(settings) as http:
+        async def probe() -> list[tuple[Sample, float]]:
+            return [await stream_generate(http, {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
+                                                 "options": {"temperature": 0, "num_predict": 16}})
+                    for i in range(samples)]
+
+        async def backlog(priority: str) -> list[str]:
+            ids = []
+            for i in tqdm(range(jobs), desc=f"{priority} backlog", unit="job", leave=False):
+                body = {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)], "priority": priority,
+                        "options": {"temperature": 0, "num_predict": num_predict}}
+                async with http.post("/api/jobs/generate", json=body) as r:
+                    assert r.status == 202, await r.text()
+                    ids.append((await r.json())["id"])
+            await asyncio.sleep(2)  # the engine is full of it by now
+            return ids
+
+        async def cancel(ids: list[str]) -> None:
+            for job_id in ids:  # those that ended answer 409, which is fine
+                async with http.delete(f"/api/jobs/{job_id}"):
+                    pass
+            await asyncio.sleep(2)
+
+        rows = [("idle", await probe())]
+        for priority in ("batch", "interactive"):
+            ids = await backlog(priority)
+            rows.append((f"behind {jobs} {priority}-class jobs", await probe()))
+            await cancel(ids)
+    print()
+    print(f"{'situation':<36} | {'first TTFT ms':>13} {'median TTFT ms':>14} | {'ms between tokens':>17}")
+    print("-" * 88)
+    for what, runs in rows:
+        print(f"{what:<36} | {runs[0][0].ttft_s * 1000:>13.1f} {statistics.median(s.ttft_s for s, _ in runs) * 1000:>14.1f}"
+              f" | {statistics.median(b for _, b in runs) * 1000:>17.1f}")
+    print()
 
 
 async def _wait_healthy(http, procs, timeout_s: float = 900) -> None:
@@ -210,6 +269,11 @@ def run_bench(args: argparse.Namespace) -> None:
     def per_level(c: int) -> int:
         return args.requests_per_level or max(4, 2 * c)
 
+    if args.during_batch:
+        print(f"model {settings.model}: a streamed request idle and behind {args.during_batch} jobs of "
+              f"{args.num_predict} tokens, median of 5")
+        asyncio.run(bench_during_batch(settings, args.during_batch, args.num_predict))
+        return
     print(f"model {settings.model}, {args.num_predict} tokens per request, greedy, levels {levels}, "
           f"median of {REPEATS} runs per level")
     print("phase 1/2: engine in-process")

@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests-per-level", type=int, default=0, help="0 = 2x the concurrency (min 4)")
     p.add_argument("--repeats", type=int, default=3, help="runs per level; the median is reported")
     p.add_argument("--model")
+    p.add_argument("--during-batch", type=int, default=0, metavar="N",
+                   help="instead: time to first token idle and behind N batch-class (then interactive) jobs")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

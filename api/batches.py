@@ -22,14 +22,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from api import files
-from api.admission import ENQUEUED, QUEUE_FULL, enqueue_if_room, withdraw
+from api.admission import ENQUEUED, QUEUE_FULL, enqueue_if_room, forget_job, withdraw
 from api.answers import Answer
 from api.dispatch import Dispatcher
 from api.errors import describe_validation_error, openai_error
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.openai_routes import Shape
 from api.tools import attach_tools
-from common import batch_lines, keys
+from common import batch_lines, keys, registry
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, Conflict, ErrorCode, NotFound, Unavailable, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
@@ -38,6 +38,7 @@ router = APIRouter(prefix="/v1", tags=["openai batch"])
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 60
+LOST_CHECK_S = 5  # how often a batch's running lines are checked for a dead worker
 
 
 class CreateBatch(BaseModel):
@@ -235,12 +236,50 @@ async def read(d: Dispatcher, batch_id: str) -> dict[str, Any]:
     """The batch as OpenAI shows it, with live counts; finished (files written) if every line
     has an outcome."""
     batch = await _load(d, batch_id)
-    completed, failed = (int(n or 0) for n in await d.redis.hmget(keys.batch_counts(batch_id), "completed", "failed"))
+    completed, failed = await _counts(d, batch_id)
+    if batch["status"] in ("in_progress", "cancelling") and completed + failed < batch["total"] \
+            and await _fail_lines_of_lost_workers(d, batch_id):
+        completed, failed = await _counts(d, batch_id)
     if batch["status"] in ("in_progress", "cancelling") and completed + failed >= batch["total"]:
         batch = await _finish(d, batch)
     shown = {k: v for k, v in batch.items() if k != "total"}
     shown["request_counts"] = {"total": batch["total"], "completed": completed, "failed": failed}
     return shown
+
+
+async def _counts(d: Dispatcher, batch_id: str) -> tuple[int, int]:
+    completed, failed = await d.redis.hmget(keys.batch_counts(batch_id), "completed", "failed")
+    return int(completed or 0), int(failed or 0)
+
+
+async def _fail_lines_of_lost_workers(d: Dispatcher, batch_id: str) -> bool:
+    """Lines whose worker died while running them would never end: fail them (at most one
+    look every few seconds per batch). True if any was failed."""
+    if not await d.redis.set(keys.batch_checked(batch_id), "1", nx=True, ex=LOST_CHECK_S):
+        return False
+    entries = json.loads(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
+    ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch_id))}
+    pending = [(i, e) for i, e in enumerate(entries) if i not in ended and e["job_id"]]
+    if not pending:
+        return False
+    raws = await d.redis.mget([keys.job_record(e["job_id"]) for _, e in pending])
+    alive: dict[str, bool] = {}
+    lost = False
+    for (index, entry), raw in zip(pending, raws):
+        record = json.loads(raw) if raw else {}
+        worker = record.get("worker_id")
+        if record.get("status") != "running" or not worker:
+            continue
+        if worker not in alive:
+            alive[worker] = await registry.worker_alive(d.redis, worker)
+        if not alive[worker]:
+            await forget_job(d.redis, keys.batch_queue(entry["model"]), entry["job_id"])
+            ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
+            lost |= await batch_lines.record(d.redis, ref, LineOutcome(
+                status="failed", job_id=entry["job_id"], error=LineError(
+                    status=500, code=ErrorCode.WORKER_LOST,
+                    message=f"the worker running this request ({worker}) stopped responding")))
+    return lost
 
 
 async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:

@@ -157,6 +157,11 @@ def batch_finishing(batch_id: str) -> str:
     return f"{PREFIX}:batch-finishing:{batch_id}"
 
 
+def batch_checked(batch_id: str) -> str:
+    """Marker: a batch's running lines were just checked for a dead worker. TTL 5 s."""
+    return f"{PREFIX}:batch-checked:{batch_id}"
+
+
 def batch_lines(batch_id: str) -> str:
     """JSON list, one entry per input line: its custom_id, the model, the job that runs it (if any)."""
     return f"{PREFIX}:batch-lines:{batch_id}"

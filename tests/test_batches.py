@@ -180,3 +180,35 @@ async def test_cli_batch_runs_a_file_with_a_progress_bar(redis_server, tmp_path)
         assert [x["custom_id"] for x in errors] == ["req-5"]
         code, out = await run_cli(stack.base_url, "batch", str(tmp_path / "missing.jsonl"))
         assert code == 1 and "no such file" in out
+
+
+async def test_a_line_whose_worker_died_fails_and_is_counted_once(redis_server):
+    engine = FakeEngine(answer_tokens=500, step_s=0.02)  # 10 s a line: dead-worker checks come every 5 s
+    async with fake_stack(redis_server.url, engine=engine) as stack:
+        client = client_for(stack)
+        f = await client.files.create(file=("one.jsonl", io.BytesIO(jsonl([chat_line(0, max_tokens=500)]))),
+                                      purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await async_wait_until(lambda: _started(engine), 5, "the line to start")
+        # As if its worker had died: the record names a worker with no heartbeat.
+        job_id = engine.started[0]
+        record = json.loads(await stack.redis.get(keys.job_record(job_id)))
+        await stack.redis.set(keys.job_record(job_id), json.dumps({**record, "worker_id": "gone"}))
+        done = (await finished(client, batch.id, timeout_s=8))[-1]
+        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (0, 1)
+        [line] = [json.loads(x) for x in (await client.files.content(done.error_file_id)).text.splitlines()]
+        assert line["response"]["status_code"] == 500 and "stopped responding" in \
+            line["response"]["body"]["error"]["message"]
+        await async_wait_until(lambda: _true(engine.in_flight() == 0), 15, "the real job to end")
+        again = await client.batches.retrieve(batch.id)
+        assert (again.request_counts.completed, again.request_counts.failed) == (0, 1)  # not counted twice
+        await client.close()
+
+
+async def _started(engine) -> bool:
+    return bool(engine.started)
+
+
+async def _true(value) -> bool:
+    return bool(value)

@@ -44,6 +44,7 @@ from common.tool_calls import ToolCall
 _frame = TypeAdapter(Frame)
 FINISHED = ("done", "failed", "cancelled")
 
+
 async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float | None) -> dict[str, Any]:
     """Queue ``job`` to run without a listener; returns its record. A model no worker holds
     is asked for, and with no worker up at all the job simply waits for one."""

@@ -24,9 +24,9 @@ from api.errors import parse_body
 from api.model_routes import pull_response
 from api.model_wire import PullRequest
 from api.ollama_models import ChatRequest, GenerateRequest
+from api.ollama_routes import ndjson_answer
 from api.tools import attach_tools
 from common.errors import BadRequest, VllamaError
-from common.protocol import DoneFrame, TokenFrame, ToolCallsFrame
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Priority = Literal["interactive", "batch"]
@@ -102,16 +102,8 @@ async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
 async def _relay(dispatcher: Dispatcher, job_id: str, model: str, kind: str) -> AsyncIterator[bytes]:
     """The job's answer as /api/generate or /api/chat would stream it."""
     try:
-        async for frame in jobs.follow(dispatcher, job_id):
-            if isinstance(frame, TokenFrame):
-                chunk = ndjson.generate_chunk(model, frame.text, frame.logprobs) if kind == "generate" else \
-                    ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs)
-                yield ndjson.line(chunk)
-            elif isinstance(frame, ToolCallsFrame):
-                yield ndjson.line(ndjson.chat_chunk(model, "", frame.calls))
-            elif isinstance(frame, DoneFrame):
-                final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
-                yield ndjson.line(final(model, frame))
+        async for line in ndjson_answer(model, kind, jobs.follow(dispatcher, job_id)):
+            yield line
     except VllamaError as exc:
         yield ndjson.line({"error": exc.message})
 

@@ -69,9 +69,19 @@ def _whole(model: str, kind: Kind, answer: Answer) -> dict:
 
 
 async def _relay(model: str, kind: Kind, first: Frame, frames: AsyncIterator[Frame]) -> AsyncIterator[bytes]:
+    async def all_frames() -> AsyncIterator[Frame]:
+        yield first
+        async for frame in frames:
+            yield frame
+
+    async for line in ndjson_answer(model, kind, all_frames()):
+        yield line
+
+
+async def ndjson_answer(model: str, kind: str, frames: AsyncIterator[Frame]) -> AsyncIterator[bytes]:
+    """An answer's frames as /api/generate or /api/chat stream them, up to the final chunk."""
     final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
-    frame = first
-    while True:
+    async for frame in frames:
         if isinstance(frame, TokenFrame):
             if kind == "generate":
                 yield ndjson.line(ndjson.generate_chunk(model, frame.text, frame.logprobs))
@@ -83,4 +93,3 @@ async def _relay(model: str, kind: Kind, first: Frame, frames: AsyncIterator[Fra
         elif isinstance(frame, DoneFrame):
             yield ndjson.line(final(model, frame))
             return
-        frame = await anext(frames)

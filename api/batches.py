@@ -38,6 +38,7 @@ router = APIRouter(prefix="/v1", tags=["openai batch"])
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 60
+INTERNAL = ("total", "expiring")  # kept in the batch's record, not shown
 LOST_CHECK_S = 5  # how often a batch's running lines are checked for a dead worker
 
 
@@ -236,13 +237,15 @@ async def read(d: Dispatcher, batch_id: str) -> dict[str, Any]:
     """The batch as OpenAI shows it, with live counts; finished (files written) if every line
     has an outcome."""
     batch = await _load(d, batch_id)
+    if batch["status"] == "in_progress" and time.time() > batch["expires_at"]:
+        batch = await _stop(d, batch, expired=True)
     completed, failed = await _counts(d, batch_id)
     if batch["status"] in ("in_progress", "cancelling") and completed + failed < batch["total"] \
             and await _fail_lines_of_lost_workers(d, batch_id):
         completed, failed = await _counts(d, batch_id)
     if batch["status"] in ("in_progress", "cancelling") and completed + failed >= batch["total"]:
         batch = await _finish(d, batch)
-    shown = {k: v for k, v in batch.items() if k != "total"}
+    shown = {k: v for k, v in batch.items() if k not in INTERNAL}
     shown["request_counts"] = {"total": batch["total"], "completed": completed, "failed": failed}
     return shown
 
@@ -301,6 +304,9 @@ async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:
             body = Shape(kind, outcome.job_id or "", entry["shown_model"] or "", 1).whole([answer])
             line["response"] = {"status_code": 200, "request_id": outcome.job_id, "body": body}
             output.append(line)
+        elif outcome.status == "cancelled" and batch.get("expiring"):
+            line["error"] = {"code": "batch_expired", "message": "the batch's 24 h window ended before this request did"}
+            error.append(line)
         elif outcome.status == "cancelled":
             line["error"] = {"code": "batch_cancelled", "message": "the batch was cancelled before this request ended"}
             error.append(line)
@@ -317,7 +323,9 @@ async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:
     if error:
         batch["error_file_id"] = (await files.save(d.redis, d.settings, _jsonl(error), f"{stem}_error.jsonl",
                                                    "batch_output"))["id"]
-    if batch["status"] == "cancelling":
+    if batch["status"] == "cancelling" and batch.get("expiring"):
+        batch.update(status="expired", expired_at=now)
+    elif batch["status"] == "cancelling":
         batch.update(status="cancelled", cancelled_at=now)
     else:
         batch.update(status="completed", finalizing_at=now, completed_at=now)
@@ -333,7 +341,15 @@ async def cancel(d: Dispatcher, batch_id: str) -> dict[str, Any]:
     batch = await _load(d, batch_id)
     if batch["status"] != "in_progress":
         raise Conflict(f"batch {batch_id} is {batch['status']}; only a batch in progress can be cancelled")
-    batch.update(status="cancelling", cancelling_at=int(time.time()))
+    await _stop(d, batch, expired=False)
+    return await read(d, batch_id)
+
+
+async def _stop(d: Dispatcher, batch: dict[str, Any], expired: bool) -> dict[str, Any]:
+    """Cancel, or expire (its window passed): the lines still queued leave the queue, the
+    running ones are aborted in their workers, which record them."""
+    batch_id = batch["id"]
+    batch.update(status="cancelling", cancelling_at=int(time.time()), expiring=expired)
     await _save(d, batch)
     entries = json.loads(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
     ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch_id))}
@@ -346,4 +362,4 @@ async def cancel(d: Dispatcher, batch_id: str) -> dict[str, Any]:
             await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=job_id))
         else:  # running: its worker aborts it and records the outcome
             await d.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
-    return await read(d, batch_id)
+    return batch

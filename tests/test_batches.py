@@ -36,7 +36,7 @@ async def finished(client, batch_id: str, timeout_s: float = 60):
     async def done() -> bool:
         batch = await client.batches.retrieve(batch_id)
         seen.append(batch)
-        return batch.status in ("completed", "failed", "cancelled")
+        return batch.status in ("completed", "failed", "cancelled", "expired")
 
     await async_wait_until(done, timeout_s, f"batch {batch_id} to finish")
     return seen
@@ -212,3 +212,23 @@ async def _started(engine) -> bool:
 
 async def _true(value) -> bool:
     return bool(value)
+
+
+async def test_a_batch_past_its_window_expires(redis_server):
+    engine = FakeEngine(answer_tokens=20, step_s=0.02)
+    async with fake_stack(redis_server.url, engine=engine, max_jobs=2, batch_share=0.5) as stack:
+        client = client_for(stack)
+        rows = [chat_line(i, max_tokens=20) for i in range(10)]
+        f = await client.files.create(file=("w.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await async_wait_until(lambda: _some_done(client, batch.id), 20, "a few lines to finish")
+        record = json.loads(await stack.redis.get(keys.batch(batch.id)))  # as if 24 h had passed
+        await stack.redis.set(keys.batch(batch.id), json.dumps({**record, "expires_at": record["created_at"] - 1}))
+        done = (await finished(client, batch.id))[-1]
+        assert done.status == "expired" and done.expired_at
+        ok = [json.loads(x)["custom_id"] for x in (await client.files.content(done.output_file_id)).text.splitlines()]
+        late = [json.loads(x) for x in (await client.files.content(done.error_file_id)).text.splitlines()]
+        assert len(ok) + len(late) == 10 and all(x["error"]["code"] == "batch_expired" for x in late)
+        assert "expiring" not in done.model_dump() and len(engine.started) < 10
+        await client.close()

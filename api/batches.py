@@ -65,6 +65,7 @@ class InputLine(BaseModel):
 
 @router.post("/batches")
 async def create_batch(request: Request) -> dict[str, Any]:
+    """Create a batch from an uploaded JSONL file (OpenAI's Batch API)."""
     body = CreateBatch.model_validate_json(await request.body() or b"{}")
     if body.endpoint not in ENDPOINTS:
         raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}")
@@ -74,6 +75,7 @@ async def create_batch(request: Request) -> dict[str, Any]:
 @router.get("/batches")
 async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None
                        ) -> dict[str, Any]:
+    """Batches, newest first (?limit=, ?after=)."""
     d: Dispatcher = request.app.state.dispatcher
     ids = [i.decode() if isinstance(i, bytes) else i for i in await d.redis.zrevrange(keys.BATCHES, 0, -1)]
     if after in ids:
@@ -85,11 +87,13 @@ async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), a
 
 @router.get("/batches/{batch_id}")
 async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
+    """A batch, with request_counts as of now."""
     return await read(request.app.state.dispatcher, batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
+    """Cancel a batch in progress: queued lines leave the queue, running ones are aborted."""
     return await cancel(request.app.state.dispatcher, batch_id)
 
 

@@ -42,11 +42,14 @@ class AsyncChatRequest(ChatRequest):
 
 @router.post("/generate", status_code=202)
 async def submit_generate(request: Request) -> JSONResponse:
+    """Submit an /api/generate body (plus "priority": "batch" or "interactive") as an async
+    job; answers 202 with the job at once."""
     return await _submit(request, await parse_body(request, AsyncGenerateRequest))
 
 
 @router.post("/chat", status_code=202)
 async def submit_chat(request: Request) -> JSONResponse:
+    """Submit an /api/chat body (plus "priority") as an async job; answers 202 with the job."""
     return await _submit(request, await parse_body(request, AsyncChatRequest))
 
 
@@ -63,6 +66,7 @@ async def _submit(request: Request, body: AsyncGenerateRequest | AsyncChatReques
 
 @router.post("/pull", status_code=202)
 async def submit_pull(request: Request) -> JSONResponse:
+    """Start (or join) the pull of {"model": ...} on every store; answers 202 with the job."""
     body = await parse_body(request, PullRequest)
     record = await jobs.submit_pull(request.app.state.dispatcher, body.canonical())
     return JSONResponse(_job_json(jobs.JobState(record)), status_code=202)
@@ -71,6 +75,7 @@ async def submit_pull(request: Request) -> JSONResponse:
 @router.get("")
 async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000),
                     status: str | None = None) -> dict[str, Any]:
+    """Recent jobs, newest first; ?status= keeps one status (queued, running, done, failed, cancelled)."""
     dispatcher: Dispatcher = request.app.state.dispatcher
     records = [await jobs.pull_progress(dispatcher, r) if r["kind"] == "pull" else r
                for r in await jobs.recent(dispatcher, limit)]
@@ -79,11 +84,13 @@ async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000),
 
 @router.get("/{job_id}")
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    """A job's status, output so far, and once done the result the synchronous endpoint gives."""
     return _job_json(await jobs.read(request.app.state.dispatcher, job_id), full=True)
 
 
 @router.get("/{job_id}/stream")
 async def stream_job(request: Request, job_id: str) -> Response:
+    """The job's answer as NDJSON, as the synchronous endpoint streams it: from the start, then live."""
     dispatcher: Dispatcher = request.app.state.dispatcher
     state = await jobs.read(dispatcher, job_id)  # a 404 before the stream starts
     record = state.record
@@ -94,6 +101,7 @@ async def stream_job(request: Request, job_id: str) -> Response:
 
 @router.delete("/{job_id}")
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    """Cancel a queued or running job (409 once it has ended; a pull cannot be cancelled)."""
     dispatcher: Dispatcher = request.app.state.dispatcher
     await jobs.cancel(dispatcher, job_id)
     return _job_json(await jobs.read(dispatcher, job_id))

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, result_key_prefix
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -31,7 +31,7 @@ from api.openai_routes import Shape
 from api.tools import attach_tools
 from common import batch_lines, keys, registry
 from common.batch_lines import LineError, LineOutcome
-from common.errors import BadRequest, Conflict, ErrorCode, NotFound, Unavailable, VllamaError
+from common.errors import BadRequest, Conflict, ErrorCode, NotFound, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
@@ -215,9 +215,7 @@ async def _job(d: Dispatcher, endpoint: str, line: InputLine, ref: BatchRef,
 async def _model_problem(d: Dispatcher, model: str) -> VllamaError | None:
     """Why ``model`` cannot be had (404), or None. With no worker up, lines wait for one."""
     try:
-        await d.ensure_served(model)
-    except Unavailable:
-        await d.loader.ask_later(model)
+        await d.ensure_servable(model)
     except VllamaError as exc:
         return exc
     return None
@@ -245,7 +243,7 @@ async def read(d: Dispatcher, batch_id: str) -> dict[str, Any]:
         batch = await _stop(d, batch, expired=True)
     completed, failed = await _counts(d, batch_id)
     if batch["status"] in ("in_progress", "cancelling") and completed + failed < batch["total"] \
-            and await _fail_lines_of_lost_workers(d, batch_id):
+            and await _settle_stray_lines(d, batch_id):
         completed, failed = await _counts(d, batch_id)
     if batch["status"] in ("in_progress", "cancelling") and completed + failed >= batch["total"]:
         batch = await _finish(d, batch)
@@ -259,9 +257,11 @@ async def _counts(d: Dispatcher, batch_id: str) -> tuple[int, int]:
     return int(completed or 0), int(failed or 0)
 
 
-async def _fail_lines_of_lost_workers(d: Dispatcher, batch_id: str) -> bool:
-    """Lines whose worker died while running them would never end: fail them (at most one
-    look every few seconds per batch). True if any was failed."""
+async def _settle_stray_lines(d: Dispatcher, batch_id: str) -> bool:
+    """Lines that will never record an outcome themselves, settled here (at most one look
+    every few seconds per batch): one whose worker died while running it (failed), and one
+    that arq ended without running it, as when an abort arrives just as a worker takes the
+    job (cancelled). True if any was settled."""
     if not await d.redis.set(keys.batch_checked(batch_id), "1", nx=True, ex=LOST_CHECK_S):
         return False
     entries = json.loads(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
@@ -269,24 +269,28 @@ async def _fail_lines_of_lost_workers(d: Dispatcher, batch_id: str) -> bool:
     pending = [(i, e) for i, e in enumerate(entries) if i not in ended and e["job_id"]]
     if not pending:
         return False
-    raws = await d.redis.mget([keys.job_record(e["job_id"]) for _, e in pending])
+    records = await d.redis.mget([keys.job_record(e["job_id"]) for _, e in pending])
+    results = await d.redis.mget([result_key_prefix + e["job_id"] for _, e in pending])
     alive: dict[str, bool] = {}
-    lost = False
-    for (index, entry), raw in zip(pending, raws):
+    settled = False
+    for (index, entry), raw, result in zip(pending, records, results):
         record = json.loads(raw) if raw else {}
         worker = record.get("worker_id")
+        ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
+        if result is not None and record.get("status") in (None, "queued"):
+            settled |= await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=entry["job_id"]))
+            continue
         if record.get("status") != "running" or not worker:
             continue
         if worker not in alive:
             alive[worker] = await registry.worker_alive(d.redis, worker)
         if not alive[worker]:
             await forget_job(d.redis, keys.batch_queue(entry["model"]), entry["job_id"])
-            ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
-            lost |= await batch_lines.record(d.redis, ref, LineOutcome(
+            settled |= await batch_lines.record(d.redis, ref, LineOutcome(
                 status="failed", job_id=entry["job_id"], error=LineError(
                     status=500, code=ErrorCode.WORKER_LOST,
                     message=f"the worker running this request ({worker}) stopped responding")))
-    return lost
+    return settled
 
 
 async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job
 from api.loading import Loader
 from api.pubsub import FrameMultiplexer
 from common import job_records, keys, registry
-from common.errors import ServerBusy, StreamBroken, VllamaError, WorkerLost, from_code
+from common.errors import ServerBusy, StreamBroken, Unavailable, VllamaError, WorkerLost, from_code
 from common.protocol import DoneFrame, ErrorFrame, Frame, GenerationJob, StartFrame
 from common.settings import Settings
 
@@ -57,6 +57,14 @@ class Dispatcher:
         if not workers:
             await self.loader.request(model)
         return workers
+
+    async def ensure_servable(self, model: str) -> None:
+        """For work that can wait (async jobs, batch lines): 404 if the model cannot be had;
+        with no worker up (or none that may load it), the work waits in its queue for one."""
+        try:
+            await self.ensure_served(model)
+        except Unavailable:
+            await self.loader.ask_later(model)
 
     async def submit(self, job: GenerationJob, keep_alive: float | None = None) -> JobStream:
         workers = await self.ensure_served(job.model)

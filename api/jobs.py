@@ -21,14 +21,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, result_key_prefix
 from pydantic import TypeAdapter
 
 from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job, withdraw
 from api.dispatch import Dispatcher
 from api.pulls import pull_states, start_pulls
 from common import job_records, keys, registry
-from common.errors import Conflict, NotFound, ServerBusy, Unavailable, VllamaError, from_code
+from common.errors import Conflict, NotFound, ServerBusy, VllamaError, from_code
 from common.protocol import (
     DoneFrame,
     ErrorFrame,
@@ -49,10 +49,7 @@ async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float |
     """Queue ``job`` to run without a listener; returns its record. A model no worker holds
     is asked for, and with no worker up at all the job simply waits for one."""
     job.stream = False
-    try:
-        await dispatcher.ensure_served(job.model)
-    except Unavailable:
-        await dispatcher.loader.ask_later(job.model)
+    await dispatcher.ensure_servable(job.model)
     settings = dispatcher.settings
     limit = settings.max_batch_queue if job.priority == "batch" else settings.max_queue
     outcome = await enqueue_if_room(dispatcher.redis, job, "generate", limit, settings.keep_result_s, keep_alive)
@@ -132,6 +129,9 @@ async def read(dispatcher: Dispatcher, job_id: str) -> JobState:
     if state.record["status"] == "running" and not state.finished \
             and not await registry.worker_alive(dispatcher.redis, state.record.get("worker_id") or ""):
         state.record = await _worker_lost(dispatcher, state.record)
+    elif state.record["status"] == "queued" and await dispatcher.redis.exists(result_key_prefix + job_id):
+        # arq ended it without running it: an abort that arrived just as a worker took it.
+        state.record = {**state.record, "status": "cancelled", "error": "cancelled before it started"}
     return state
 
 

@@ -9,10 +9,12 @@ import json
 
 import openai
 import pytest
+from arq.constants import result_key_prefix
 
 from common import keys
 from tests.fake_stack import MODEL, fake_stack
 from tests.harness import async_wait_until, run_cli
+from tests.model_factory import write_model
 from workers.fake_engine import FakeEngine
 
 
@@ -232,3 +234,35 @@ async def test_a_batch_past_its_window_expires(redis_server):
         assert len(ok) + len(late) == 10 and all(x["error"]["code"] == "batch_expired" for x in late)
         assert "expiring" not in done.model_dump() and len(engine.started) < 10
         await client.close()
+
+
+async def test_a_line_arq_ended_without_running_it_is_settled(redis_server, tmp_path):
+    """An abort that reaches arq just as a worker takes a job ends it "before start": our code
+    never runs, so the batch settles the line itself instead of waiting for it forever."""
+    write_model(tmp_path, MODEL)
+    async with fake_stack(redis_server.url, worker=False, pull_worker=True, home=tmp_path) as stack:
+        client = client_for(stack)
+        await async_wait_until(lambda: _listed(stack), 10, f"{MODEL} in the catalog")
+        f = await client.files.create(file=("q.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(3)]))),
+                                      purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        [first, *_] = json.loads(await stack.redis.get(keys.batch_lines(batch.id)))
+        # What arq leaves after "aborted before start": a result, the job out of its queue.
+        await stack.redis.set(result_key_prefix + first["job_id"], b"{}")
+        await stack.redis.zrem(keys.batch_queue(MODEL), first["job_id"])
+        await async_wait_until(lambda: _failed(client, batch.id, 1), 10, "the line to be settled")
+        await client.batches.cancel(batch.id)
+        done = (await finished(client, batch.id))[-1]
+        cancelled = [json.loads(x) for x in (await client.files.content(done.error_file_id)).text.splitlines()]
+        assert done.status == "cancelled" and [x["custom_id"] for x in cancelled] == ["req-0", "req-1", "req-2"]
+        await client.close()
+
+
+async def _listed(stack) -> bool:
+    async with stack.client() as http:
+        return MODEL in {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
+
+
+async def _failed(client, batch_id: str, n: int) -> bool:
+    return (await client.batches.retrieve(batch_id)).request_counts.failed == n

@@ -60,11 +60,14 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app.include_router(batches_router)
     metrics.install(app)
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    # HEAD too (Ollama answers it), kept out of the OpenAPI document: one operation per path.
+    @app.head("/", response_class=PlainTextResponse, include_in_schema=False)
+    @app.get("/", response_class=PlainTextResponse)
     async def root() -> str:
         return "Ollama is running"
 
-    @app.api_route("/api/version", methods=["GET", "HEAD"])
+    @app.head("/api/version", include_in_schema=False)
+    @app.get("/api/version")
     async def version() -> dict[str, str]:
         return {"version": OLLAMA_API_VERSION}
 

@@ -80,7 +80,8 @@ async def _relay_pull(lines: PullLines, first: dict, states: AsyncIterator[dict]
         await states.aclose()
 
 
-@router.api_route("/api/tags", methods=["GET", "HEAD"])
+@router.head("/api/tags", include_in_schema=False)
+@router.get("/api/tags")
 async def tags(request: Request) -> dict:
     d = _dispatcher(request)
     entries = await catalog.entries(d.redis, d.settings.heartbeat_ttl_s)

@@ -55,8 +55,13 @@ class LoadedModel:
         batch_jobs = max(1, int(self.max_jobs * settings.batch_share))
         self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,
                                        load_window=(self.load_started_at, time.time()))
-        self.consumers = [self._consumer(keys.generation_queue(self.name), self.max_jobs, redis, settings),
-                          self._consumer(keys.batch_queue(self.name), batch_jobs, redis, settings)]
+        # The batch queue is polled ten times less often: a batch job can wait 0.1 s to start,
+        # and every poll is CPU taken from the engine on a small machine.
+        self.consumers = [
+            self._consumer(keys.generation_queue(self.name), self.max_jobs, settings.poll_delay_s, redis, settings),
+            self._consumer(keys.batch_queue(self.name), batch_jobs, max(10 * settings.poll_delay_s, 0.1), redis,
+                           settings),
+        ]
         self.task = asyncio.create_task(self._consume(), name=f"jobs-{self.name}")
         self.state = "ready"
         self.loaded_at = self.idle_since = time.time()
@@ -64,13 +69,14 @@ class LoadedModel:
         log.info("serving %s with up to %d jobs at once (%d from the batch queue)", self.name, self.max_jobs,
                  batch_jobs)
 
-    def _consumer(self, queue: str, max_jobs: int, redis: Redis, settings: Settings) -> GenerationArqWorker:
+    def _consumer(self, queue: str, max_jobs: int, poll_delay_s: float, redis: Redis,
+                  settings: Settings) -> GenerationArqWorker:
         return GenerationArqWorker(
             functions=[func(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
             queue_name=queue,
             redis_pool=redis,
             max_jobs=max_jobs,
-            poll_delay=settings.poll_delay_s,
+            poll_delay=poll_delay_s,
             allow_abort_jobs=True,
             keep_result=settings.keep_result_s,
             job_serializer=job_serializer,

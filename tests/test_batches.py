@@ -32,6 +32,12 @@ def client_for(stack) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
 
 
+async def start_batch(client, rows: list[dict]):
+    """Upload ``rows`` as a JSONL file and run them as a chat batch."""
+    f = await client.files.create(file=("batch.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+    return await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
 async def finished(client, batch_id: str, timeout_s: float = 60):
     seen = []
 
@@ -90,9 +96,7 @@ async def test_lines_that_cannot_run_go_to_the_error_file(redis_server):
     async with fake_stack(redis_server.url) as stack:
         client = client_for(stack)
         rows = [chat_line(0), chat_line(1, model="nowhere:1b"), chat_line(2, temperature=9), chat_line(3, n=2)]
-        f = await client.files.create(file=("mixed.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, rows)
         done = (await finished(client, batch.id))[-1]
         assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (1, 3)
         output = [json.loads(x) for x in (await client.files.content(done.output_file_id)).text.splitlines()]
@@ -125,9 +129,7 @@ async def test_cancel_stops_the_remaining_lines(redis_server):
     async with fake_stack(redis_server.url, engine=engine, max_jobs=4, batch_share=0.5) as stack:
         client = client_for(stack)
         rows = [chat_line(i, max_tokens=20) for i in range(40)]
-        f = await client.files.create(file=("c.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, rows)
         await async_wait_until(lambda: _some_done(client, batch.id), 20, "a few lines to finish")
         cancelling = await client.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
@@ -154,9 +156,7 @@ async def test_a_chat_during_a_big_batch_starts_at_once(redis_server):
     async with fake_stack(redis_server.url, engine=engine, max_jobs=4, batch_share=0.5) as stack:
         client = client_for(stack)
         rows = [chat_line(i, max_tokens=30) for i in range(100)]  # ~15 s of batch work, 2 at a time
-        f = await client.files.create(file=("big.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, rows)
         await asyncio.sleep(0.3)
         stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "now"}],
                                                       max_tokens=2, stream=True)
@@ -188,10 +188,7 @@ async def test_a_line_whose_worker_died_fails_and_is_counted_once(redis_server):
     engine = FakeEngine(answer_tokens=500, step_s=0.02)  # 10 s a line: dead-worker checks come every 5 s
     async with fake_stack(redis_server.url, engine=engine) as stack:
         client = client_for(stack)
-        f = await client.files.create(file=("one.jsonl", io.BytesIO(jsonl([chat_line(0, max_tokens=500)]))),
-                                      purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, [chat_line(0, max_tokens=500)])
         await async_wait_until(lambda: _started(engine), 5, "the line to start")
         # As if its worker had died: the record names a worker with no heartbeat.
         job_id = engine.started[0]
@@ -221,9 +218,7 @@ async def test_a_batch_past_its_window_expires(redis_server):
     async with fake_stack(redis_server.url, engine=engine, max_jobs=2, batch_share=0.5) as stack:
         client = client_for(stack)
         rows = [chat_line(i, max_tokens=20) for i in range(10)]
-        f = await client.files.create(file=("w.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, rows)
         await async_wait_until(lambda: _some_done(client, batch.id), 20, "a few lines to finish")
         record = json.loads(await stack.redis.get(keys.batch(batch.id)))  # as if 24 h had passed
         await stack.redis.set(keys.batch(batch.id), json.dumps({**record, "expires_at": record["created_at"] - 1}))
@@ -243,10 +238,7 @@ async def test_a_line_arq_ended_without_running_it_is_settled(redis_server, tmp_
     async with fake_stack(redis_server.url, worker=False, pull_worker=True, home=tmp_path) as stack:
         client = client_for(stack)
         await async_wait_until(lambda: _listed(stack), 10, f"{MODEL} in the catalog")
-        f = await client.files.create(file=("q.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(3)]))),
-                                      purpose="batch")
-        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                            completion_window="24h")
+        batch = await start_batch(client, [chat_line(i) for i in range(3)])
         [first, *_] = json.loads(await stack.redis.get(keys.batch_lines(batch.id)))
         # What arq leaves after "aborted before start": a result, the job out of its queue.
         await stack.redis.set(result_key_prefix + first["job_id"], b"{}")

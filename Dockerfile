@@ -11,6 +11,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY workers ./workers
 COPY common ./common
+COPY cli ./cli
 RUN pip install ".[server]"
 
 EXPOSE 11434

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.embedded_redis import EmbeddedRedis
+from cli.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import httpx
 import uvicorn
 
 from api.app import create_app
+from cli.embedded_redis import free_port
 from common import registry
-from common.embedded_redis import free_port
 from common.redis_conn import connect
 from common.settings import Settings
 from workers.fake_engine import FakeEngine

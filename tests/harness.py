@@ -15,9 +15,11 @@ from pathlib import Path
 
 import httpx
 
-from common.embedded_redis import free_port
+from cli.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# What tests run as `python -m <module> ...` to start a vllama process (the `vllama` command).
+VLLAMA_MODULE = "cli"
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1) -> object:
@@ -56,7 +58,7 @@ class Proc:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args],
+            [sys.executable, "-m", VLLAMA_MODULE, *args],
             cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -114,7 +116,7 @@ def start_api(redis_url: str, log_dir: Path, **env: str) -> tuple[Proc, str]:
 async def run_cli(base_url: str, *args: str) -> tuple[int, str]:
     """`vllama ...` against the stack at ``base_url``; returns (exit code, stdout + stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable, "-m", VLLAMA_MODULE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "OLLAMA_HOST": base_url}, cwd=ROOT)
     out, _ = await proc.communicate()
     return proc.returncode, out.decode()

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from common import suggest
+from cli import suggest
 from common.errors import BadRequest
 from common.models import (
     ALIASES,

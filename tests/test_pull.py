@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from cli.embedded_redis import free_port
 from common import catalog, keys
-from common.embedded_redis import free_port
 from tests.fake_stack import fake_stack
 from tests.harness import Proc, async_wait_until, ndjson_lines, run_cli
 from tests.hub_standin import HubStandin, isolate_hf_client

@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from common.embedded_redis import free_port
+from cli.embedded_redis import free_port
 from tests.harness import Proc, wait_until
 
 

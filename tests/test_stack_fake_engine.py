@@ -219,7 +219,7 @@ async def _status_is(redis, key, status) -> bool:
 
 
 async def test_redis_down_is_a_503_that_says_what_to_check_and_work_resumes_after(tmp_path):
-    from common.embedded_redis import EmbeddedRedis
+    from cli.embedded_redis import EmbeddedRedis
 
     own = EmbeddedRedis(data_dir=tmp_path).start()
     body = {"model": MODEL, "prompt": "x", "stream": False}

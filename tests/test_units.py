@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +108,37 @@ def test_ndjson_lines_never_split_inside_an_object():
 def test_arq_payloads_are_json_even_for_exceptions():
     data = job_serializer({"r": ValueError("boom"), "a": [1]})
     assert job_deserializer(data) == {"r": {"error_type": "ValueError", "error": "boom"}, "a": [1]}
+
+
+# common/ is what every part shares; if it reached into a part (or the CLI that wires them),
+# importing it would drag that part's dependencies into every process, and cycles follow.
+LAYERED_OUT_OF_COMMON = frozenset({"api", "workers", "cli"})
+
+
+def _imports_of_parts(source: str) -> list[str]:
+    """Modules of api/, workers/ or cli/ that ``source`` imports, at any depth (a function's
+    local import counts too: it runs the same import)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [n for n in names if n.split(".")[0] in LAYERED_OUT_OF_COMMON]
+    return found
+
+
+def test_the_import_check_sees_every_form_of_import():
+    source = "import api.app\nfrom workers import main\ndef f():\n    from cli.main import main\nimport json\n"
+    assert _imports_of_parts(source) == ["api.app", "workers", "cli.main"]
+
+
+def test_common_imports_neither_api_nor_workers_nor_the_cli():
+    root = Path(__file__).resolve().parent.parent / "common"
+    modules = sorted(root.rglob("*.py"))
+    assert len(modules) > 10
+    offenders = {str(m.relative_to(root.parent)): found for m in modules
+                 if (found := _imports_of_parts(m.read_text(encoding="utf-8")))}
+    assert not offenders, f"common/ must not import api, workers or cli: {offenders}"

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis
 
+from cli.embedded_redis import EmbeddedRedis
 from common import keys
-from common.embedded_redis import EmbeddedRedis
 from tests.harness import Proc, start_api, wait_until
 from tests.hub_standin import HubStandin
 from tests.model_factory import embedding_bytes, make_tiny_llama

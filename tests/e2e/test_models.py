@@ -14,7 +14,7 @@ import ollama
 import pytest
 
 from tests.e2e.conftest import MODEL, TINY_REPO
-from tests.harness import ROOT, wait_until
+from tests.harness import ROOT, VLLAMA_MODULE, wait_until
 from tests.model_factory import gguf_path
 from workers.store import ModelStore
 
@@ -100,7 +100,7 @@ def test_create_from_a_local_gguf_file(client, stack):
     """`vllama create` on the bundled GGUF: the same file as smollm2:135m, so the converted
     files are shared, and deleting the new name keeps them."""
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", "create", "mysmol:q4", "--from", str(gguf_path())],
+        [sys.executable, "-m", VLLAMA_MODULE, "create", "mysmol:q4", "--from", str(gguf_path())],
         env={**os.environ, **stack.env}, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -112,6 +112,6 @@ def test_create_from_a_local_gguf_file(client, stack):
     assert store.get("mysmol:q4") is None
     assert (store.model_dir(store.get(MODEL)) / "config.json").exists()
 
-    bad = subprocess.run([sys.executable, "-m", "common.cli", "create", "x", "--from", "/nonexistent.gguf"],
+    bad = subprocess.run([sys.executable, "-m", VLLAMA_MODULE, "create", "x", "--from", "/nonexistent.gguf"],
                          env={**os.environ, **stack.env}, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no such file" in bad.stderr

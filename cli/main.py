@@ -99,7 +99,7 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from common.embedded_redis import EmbeddedRedis
+    from cli.embedded_redis import EmbeddedRedis
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # SIGTERM action that would end this process before it stops the worker and Redis.
@@ -115,8 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings.auto_pull = True
     env = {**os.environ, "VLLAMA_REDIS_URL": settings.redis_url, "VLLAMA_MODEL": settings.model}
     children = {
-        "the worker": subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env),
-        "the pull worker": subprocess.Popen([sys.executable, "-m", "common.cli", "pull-worker"], env=env),
+        "the worker": subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env),
+        "the pull worker": subprocess.Popen([sys.executable, "-m", "cli", "pull-worker"], env=env),
     }
     stopping = threading.Event()
     for what, proc in children.items():
@@ -158,7 +158,7 @@ def _stop_when_exited(proc: subprocess.Popen, what: str, stopping: threading.Eve
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from common.bench import run_bench
+    from cli.bench import run_bench
 
     run_bench(args)
 
@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from", dest="gguf", required=True, metavar="FILE.gguf", help="the GGUF file")
     p.set_defaults(func=cmd_create)
 
-    from common import client_cli, suggest
+    from cli import client, suggest
 
     suggest.add_parser(sub)
-    client_cli.add_parsers(sub)
+    client.add_parsers(sub)
 
     p = sub.add_parser("bench", help="tokens/s and time to first token: stack vs engine")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")

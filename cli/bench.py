@@ -129,14 +129,14 @@ async def running_stack(settings):
     # against the stack.
     import aiohttp
 
-    from common.embedded_redis import EmbeddedRedis, free_port
+    from cli.embedded_redis import EmbeddedRedis, free_port
 
     redis = EmbeddedRedis().start()
     port = free_port()
     env = {**os.environ, "VLLAMA_REDIS_URL": redis.url, "VLLAMA_MODEL": settings.model}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "common.cli", "worker"], env=env),
-        subprocess.Popen([sys.executable, "-m", "common.cli", "api", "--port", str(port)], env=env),
+        subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env),
+        subprocess.Popen([sys.executable, "-m", "cli", "api", "--port", str(port)], env=env),
     ]
     try:
         connector = aiohttp.TCPConnector(limit=0)

@@ -124,7 +124,7 @@ class VllmEngine:
         """Build the engine; must run inside the event loop that will use it."""
         # Spawn, not fork: this process already runs an event loop and threads, which a
         # forked engine process would inherit half-copied. Spawned children also import
-        # cli.main, which makes them exit if this worker is killed (see _die_with_parent).
+        # cli.main, which makes them exit if this worker is killed (see cli/parent_watch.py).
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         cuda = has_cuda()
         if not cuda:

@@ -79,6 +79,9 @@ class EmbeddedRedis:
             finally:
                 client.close()
 
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()

@@ -31,9 +31,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings(host=args.host, port=args.port, model=args.model)
     embedded = None
     if not settings.redis_url:
-        embedded = EmbeddedRedis(data_dir=settings.home / "redis").start()
+        embedded = EmbeddedRedis(data_dir=settings.home / "redis", appendfsync=settings.redis_appendfsync)
+        try:
+            embedded.start()
+        except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+            sys.exit(f"vllama serve: cannot start its private Redis: {exc}")
         settings.redis_url = embedded.url
-        log.info("started a private Redis at %s", embedded.url)
+        log.info("started a private Redis at %s; its data: %s (append-only file, fsync %s)",
+                 embedded.url, embedded.data_dir, settings.redis_appendfsync)
     # One command, a whole server: a model named in a request is pulled if need be.
     if "VLLAMA_AUTO_PULL" not in os.environ:
         settings.auto_pull = True

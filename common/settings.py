@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,12 @@ class Settings(BaseSettings):
         description="Shared Redis, e.g. redis://host:6379/0. Unset: `vllama serve` starts a private one.",
     )
     home: Path = Field(default_factory=_default_home, description="Model cache and embedded Redis data.")
+    redis_appendfsync: Literal["everysec", "always", "no"] = Field(
+        default="everysec",
+        description="How `vllama serve`'s private Redis flushes its append-only file (VLLAMA_HOME/redis) to "
+                    "disk: everysec (a crash of the machine loses up to about a second of writes), always "
+                    "(nothing acknowledged is lost; a disk flush per write), no (when the kernel decides).",
+    )
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
 

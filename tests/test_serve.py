@@ -1,6 +1,7 @@
 """`vllama serve`: one command starts Redis, the API and a worker, and one Ctrl-C (or a
-SIGTERM from a process manager) stops all of them. The fake engine keeps this quick; the
-e2e tests run the same processes with vLLM."""
+SIGTERM from a process manager) stops all of them; a part that dies after it served is started
+again, one that cannot start stops serve. The fake engine keeps this quick; the e2e tests run
+the same processes with vLLM."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import signal
 import httpx
 import psutil
 import pytest
+import redis
 
-from cli.embedded_redis import free_port
+from cli.embedded_redis import EmbeddedRedis, free_port
+from common import keys
 from tests.harness import Proc, wait_until
 
 
@@ -132,6 +135,15 @@ def test_serve_restarts_a_killed_worker_and_pull_worker_and_the_api_answers_mean
         assert serve.popen.wait(60) == 0, serve.log_tail()
         gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"left running: {[' '.join(p.cmdline()) for p in alive]}"
+
+        # Its private Redis kept its data in VLLAMA_HOME/redis: the answers are there.
+        redis_again = EmbeddedRedis(data_dir=tmp_path / "redis", appendfsync="everysec").start()
+        try:
+            client = redis.Redis.from_url(redis_again.url)
+            assert len(list(client.scan_iter(keys.job_record("*")))) == 3
+            client.close()
+        finally:
+            redis_again.stop()
     finally:
         http.close()
         serve.kill_tree()

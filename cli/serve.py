@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from cli.embedded_redis import EmbeddedRedis
 from cli.parts import load_settings, run_api
 from cli.supervisor import PULL_WORKER, WORKER, Part, Supervisor
 
@@ -23,8 +24,6 @@ log = logging.getLogger(__name__)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from cli.embedded_redis import EmbeddedRedis
-
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # SIGTERM action that would end this process before it stops the worker and Redis.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -50,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         env, settings.redis_url,
         # Stops the API (uvicorn's handler, or KeyboardInterrupt before it is installed).
         on_failure=lambda: os.kill(os.getpid(), signal.SIGINT),
-        redis_alive=embedded.alive if embedded is not None else lambda: True,
+        redis_gone=lambda: _gone(embedded),
     )
     try:
         supervisor.start()
@@ -65,3 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sys.exit(f"vllama serve: {supervisor.failure}; see the messages above")
     if unclean := supervisor.unclean_exits():
         sys.exit(f"vllama serve: {'; '.join(unclean)} while stopping; see the messages above")
+
+
+def _gone(embedded: EmbeddedRedis | None) -> str | None:
+    """Why serve cannot go on without its private Redis, once that has exited; None while it
+    runs (or when the Redis is not serve's own)."""
+    if embedded is None or embedded.alive():
+        return None
+    return f"its private Redis exited (its log: {embedded.log_path}); every part needs it"

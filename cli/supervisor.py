@@ -160,18 +160,18 @@ class Part:
 
 
 class Supervisor:
-    """Runs the parts from a thread of its own; ``failure`` is set when one could not start,
-    and ``on_failure`` (serve's way to stop the API) is called once."""
+    """Runs the parts from a thread of its own; ``failure`` is set when one could not start
+    (or Redis is gone), and ``on_failure`` (serve's way to stop the API) is called once."""
 
     def __init__(self, parts: list[Part], env: dict[str, str], redis_url: str,
-                 on_failure: Callable[[], None], redis_alive: Callable[[], bool] = lambda: True) -> None:
+                 on_failure: Callable[[], None], redis_gone: Callable[[], str | None] = lambda: None) -> None:
         self.parts = parts
         self.failure: str | None = None
         self._env = env
         self._host = socket.gethostname()
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._on_failure = on_failure
-        self._redis_alive = redis_alive
+        self._redis_gone = redis_gone  # why Redis is gone for good (serve's private one exited), or None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serve-supervisor", daemon=True)
 
@@ -206,8 +206,8 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stopping.wait(POLL_S):
-            if not self._redis_alive():
-                return self._fail("the private Redis stopped; every part needs it. Start `vllama serve` again")
+            if (gone := self._redis_gone()) is not None:
+                return self._fail(gone)
             for part in self.parts:
                 try:
                     self._look_at(part)

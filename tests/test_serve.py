@@ -147,3 +147,24 @@ def test_serve_restarts_a_killed_worker_and_pull_worker_and_the_api_answers_mean
     finally:
         http.close()
         serve.kill_tree()
+
+
+def test_serve_stops_and_says_why_when_its_private_redis_dies(tmp_path):
+    port = free_port()
+    env = {"VLLAMA_ENGINE": "fake", "VLLAMA_HOME": str(tmp_path), "VLLAMA_REDIS_URL": "", "OLLAMA_HOST": ""}
+    serve = Proc(["serve", "--port", str(port), "--model", "fake:serve"], env, tmp_path / "serve.log")
+    try:
+        def healthy() -> bool:
+            assert serve.alive(), serve.log_tail()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 60, "vllama serve to be healthy")
+        [redis_server] = [c for c in psutil.Process(serve.popen.pid).children() if "redis-server" in c.name()]
+        redis_server.send_signal(signal.SIGKILL)
+        assert serve.popen.wait(90) == 1
+        assert "its private Redis exited" in serve.log_tail(5)
+    finally:
+        serve.kill_tree()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import redis
 
 from common import keys
+from common.redis_conn import sync_client
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Supervisor:
         self.failure: str | None = None
         self._env = env
         self._host = socket.gethostname()
-        self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._client = sync_client(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._on_failure = on_failure
         self._redis_gone = redis_gone  # why Redis is gone for good (serve's private one exited), or None
         self._stopping = threading.Event()

@@ -15,9 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
-
 from common import registry
+from common.redis_conn import sync_client
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class Heartbeat:
             await asyncio.sleep(self._interval)
 
     def _beat(self) -> None:
-        client = redis.Redis.from_url(self._url, socket_timeout=self._ttl)
+        client = sync_client(self._url, socket_timeout=self._ttl)
         try:
             while not self._stopped.is_set():
                 stalled = time.monotonic() - self._loop_seen

@@ -31,7 +31,9 @@ def run_api(settings: Settings) -> None:
     import uvicorn
 
     from api.app import create_app
+    from common.redis_conn import exit_unless_reachable
 
+    exit_unless_reachable(settings.redis_url)  # a bad URL or password: one line, not a traceback
     # Clients keep connections open between requests (ollama-python, httpx pools); closing
     # idle ones after uvicorn's default 5 s races with their reuse and fails a request.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
@@ -55,9 +57,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_pull_worker(_args: argparse.Namespace) -> None:
+    from common.redis_conn import exit_unless_reachable
     from workers.pull_worker import run_pull_worker
 
     settings = load_settings()
     if not settings.redis_url:
         sys.exit(NO_REDIS)
+    exit_unless_reachable(settings.redis_url)
     run_pull_worker(settings)

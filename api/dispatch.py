@@ -2,31 +2,34 @@
 
 The API never runs a model. It checks that some live worker serves the model (or has one
 load it: api/loading.py; 404 if it cannot be had), that the model's queue is not over its
-limit (503), subscribes to the job's channel, enqueues the job for arq, and then yields the
-worker's frames in order. While waiting it watches the
-worker that took the job: if that worker's heartbeat stops, the client gets an error within
-seconds instead of hanging.
+limit (503), subscribes to the job's channel, enqueues the job (common/job_queue.py), and then
+yields the worker's frames in order. Nothing hangs: after every quiet heartbeat interval it
+checks on the job, and the client gets an error within seconds when the worker running it
+died, when the job vanished from Redis (a restart that lost the data), when the worker that
+took it died before starting it, or when no worker started it within VLLAMA_QUEUE_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
 from pydantic import TypeAdapter
 
-from api.admission import DUPLICATE_ID, QUEUE_FULL, enqueue_if_room, forget_job
 from api.loading import Loader
-from api.pubsub import FrameMultiplexer
-from common import job_records, keys, registry
-from common.errors import ServerBusy, StreamBroken, Unavailable, VllamaError, WorkerLost, from_code
+from api.pubsub import FrameMultiplexer, Subscription
+from common import keys, registry
+from common.errors import StreamBroken, Unavailable, VllamaError, WorkerLost, from_code
+from common.job_queue import JOB_LOST_MESSAGE, JobQueue, worker_lost_message
 from common.protocol import DoneFrame, ErrorFrame, Frame, GenerationJob, StartFrame
+from common.records import JobStatus
 from common.settings import Settings
 
 _frame = TypeAdapter(Frame)
+log = logging.getLogger(__name__)
 WORKER_CACHE_S = 0.5
 
 
@@ -37,13 +40,14 @@ class Dispatcher:
         self.settings = settings
         self._workers: list[registry.WorkerInfo] = []
         self._workers_at = 0.0
+        self.queue = JobQueue(redis, settings.keep_result_s)
         self.loader = Loader(redis, mux, settings)
 
     async def live_workers(self, fresh: bool = False) -> list[registry.WorkerInfo]:
         """Live workers, cached briefly: every request asks, Redis need not answer each."""
         now = time.monotonic()
         if fresh or now - self._workers_at > WORKER_CACHE_S:
-            self._workers = await registry.live_workers(self.redis, self.settings.heartbeat_ttl_s)
+            self._workers = await registry.live_workers(self.redis)
             self._workers_at = now
         return self._workers
 
@@ -75,8 +79,8 @@ class Dispatcher:
         await stream.open(running + self.settings.max_queue, keep_alive)
         return stream
 
-    async def record(self, job: GenerationJob, status: job_records.Status, **fields: object) -> None:
-        await job_records.write(self.redis, job, status, self.settings.keep_result_s, **fields)
+    async def record(self, job: GenerationJob, status: JobStatus, **fields: object) -> None:
+        await self.queue.mark(job, status, **fields)
 
 
 class JobStream:
@@ -86,22 +90,21 @@ class JobStream:
         self._d = dispatcher
         self.job = job
         self._channel = keys.frames_channel(job.job_id)
-        self._queue: asyncio.Queue[bytes] | None = None
+        self._sub: Subscription | None = None
         self.worker_id: str | None = None
         self.finished = False
+        # Quiet checks in a row that found the job where it cannot make progress; a fault is
+        # declared on the second, so a frame still on its way is never mistaken for one.
+        self._strikes = 0
+        self._taken_at: float | None = None  # when a worker was first seen to hold it unstarted
 
     async def open(self, limit: int, keep_alive: float | None = None) -> None:
         d = self._d
-        self._queue = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
+        self._sub = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
         try:
-            outcome = await enqueue_if_room(d.redis, self.job, "generate", limit, d.settings.keep_result_s,
-                                            keep_alive)
-            if outcome == QUEUE_FULL:
-                raise ServerBusy()
-            if outcome == DUPLICATE_ID:
-                raise VllamaError(f"job id {self.job.job_id} already exists; retry the request")
+            await d.queue.enqueue(self.job, limit, keep_alive)
         except BaseException:
-            await d.mux.unsubscribe(self._channel)
+            await d.mux.unsubscribe(self._sub)
             raise
 
     async def frames(self) -> AsyncIterator[StartFrame | DoneFrame | ErrorFrame | Frame]:
@@ -111,13 +114,13 @@ class JobStream:
         while True:
             try:
                 # The common case under load: a frame is already there, no timer needed.
-                raw = self._queue.get_nowait()
+                raw = self._sub.get_nowait()
             except asyncio.QueueEmpty:
-                try:
-                    raw = await asyncio.wait_for(self._queue.get(), tick)
-                except TimeoutError:
+                raw = await self._sub.get(tick)
+                if raw is None:
                     await self._check_progress()
                     continue
+            self._strikes = 0
             frame = _frame.validate_json(raw)
             if frame.seq != expected:
                 raise StreamBroken(
@@ -137,45 +140,71 @@ class JobStream:
             yield frame
 
     async def _check_progress(self) -> None:
-        """Called after a quiet tick: is whoever should be producing frames still alive?"""
+        """Called after a quiet tick: can the job still produce frames?"""
         d = self._d
+        where = await d.queue.whereabouts(self.job.job_id)
         if self.worker_id is not None:
             if not await registry.worker_alive(d.redis, self.worker_id):
-                message = (
-                    f"the worker running this request ({self.worker_id}) stopped responding; "
-                    "the answer is incomplete, retry the request"
-                )
-                await d.record(self.job, "failed", worker_id=self.worker_id, error=message)
-                await self._forget_in_arq()
-                self.finished = True
-                raise WorkerLost(message)
+                await self._give_up(WorkerLost(worker_lost_message(self.worker_id)), "failed")
+            if where != "running":  # ended (its last frames lost) or gone with Redis's data
+                self._strike(StreamBroken(
+                    "the answer was cut off: its last part was lost (Redis restarted or failed over); "
+                    "retry the request"))
             return
+        if where == "gone":
+            self._strike(Unavailable(JOB_LOST_MESSAGE))
+            return
+        if where == "running":
+            # A worker took it but has not said so: it says so at once, unless it died first.
+            now = time.monotonic()
+            self._taken_at = self._taken_at or now
+            if now - self._taken_at > 2 * d.settings.heartbeat_ttl_s:
+                await self._give_up(Unavailable(JOB_LOST_MESSAGE), "failed")
+            return
+        if time.time() - self.job.created_at > d.settings.queue_timeout_s and \
+                await d.queue.withdraw(keys.queue_for(self.job.model, self.job.priority), self.job.job_id):
+            self.finished = True
+            await d.record(self.job, "cancelled", error="no worker started it in time")
+            raise Unavailable(f"no worker started this request within {d.settings.queue_timeout_s:.0f} s "
+                              "(VLLAMA_QUEUE_TIMEOUT_S): the workers are busy or down; retry later")
         if not await d.workers_for(self.job.model, fresh=True):
             # Nobody holds the model (yet, or any more): keep a load requested, and give up
             # with the reason when loading it failed or takes too long.
             try:
                 await d.loader.check_waiting(self.job.model, self.job.created_at)
-            except VllamaError:
-                await self.cancel()
-                await self._forget_in_arq()
-                raise
+            except VllamaError as exc:
+                await self._give_up(exc, "cancelled")
 
-    async def _forget_in_arq(self) -> None:
-        """A stream cannot be resumed, so a job whose worker died must not run later."""
-        await forget_job(self._d.redis, keys.queue_for(self.job.model, self.job.priority), self.job.job_id)
+    def _strike(self, error: VllamaError) -> None:
+        self._strikes += 1
+        if self._strikes >= 2:
+            self.finished = True
+            raise error
+
+    async def _give_up(self, error: VllamaError, status: JobStatus) -> None:
+        """End the stream with ``error``: the job is recorded so and removed from arq, since a
+        stream cannot be resumed and the job must not run (again) later."""
+        d = self._d
+        self.finished = True
+        await d.record(self.job, status, worker_id=self.worker_id, error=error.message)
+        await d.queue.abort(self.job.job_id)
+        await d.queue.forget(keys.queue_for(self.job.model, self.job.priority), self.job.job_id)
+        raise error
 
     async def cancel(self) -> None:
-        """Ask arq to abort the job: a queued job never starts, a running one is cancelled
-        in its worker, which aborts the engine request."""
-        await self._d.redis.zadd(abort_jobs_ss, {self.job.job_id: int(time.time() * 1000)})
+        """Withdraw the job if it has not started, else abort it in its worker."""
         self.finished = True
         if self.worker_id is None:
             await self._d.record(self.job, "cancelled", error="cancelled before it started")
+        await self._d.queue.abort(self.job.job_id)
 
     async def close(self) -> None:
-        """Always called: unsubscribes, and aborts the job if the client left before the end."""
+        """Always called: unsubscribes, and aborts the job if the client left before the end.
+        Never raises: it runs as a response ends, when an error could only cut the stream short."""
         try:
             if not self.finished:
                 await self.cancel()
+        except Exception:  # noqa: BLE001 - e.g. Redis away; the job ends with its worker's check
+            log.warning("could not cancel job %s", self.job.job_id, exc_info=True)
         finally:
-            await self._d.mux.unsubscribe(self._channel)
+            await self._d.mux.unsubscribe(self._sub)

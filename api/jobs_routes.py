@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api import jobs, ndjson
+from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.model_routes import pull_response
@@ -26,7 +27,8 @@ from api.model_wire import PullRequest
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.ollama_routes import ndjson_answer
 from api.tools import attach_tools
-from common.errors import BadRequest, VllamaError
+from common.errors import BadRequest
+from common.records import FINISHED
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Priority = Literal["interactive", "batch"]
@@ -77,9 +79,9 @@ async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000),
                     status: str | None = None) -> dict[str, Any]:
     """Recent jobs, newest first; ?status= keeps one status (queued, running, done, failed, cancelled)."""
     dispatcher: Dispatcher = request.app.state.dispatcher
-    records = [await jobs.pull_progress(dispatcher, r) if r["kind"] == "pull" else r
-               for r in await jobs.recent(dispatcher, limit)]
-    return {"jobs": [_job_json(jobs.JobState(r)) for r in records if status in (None, r["status"])]}
+    states = [jobs.JobState(*await jobs.pull_progress(dispatcher, r)) if r.kind == "pull" else jobs.JobState(r)
+              for r in await jobs.recent(dispatcher, limit)]
+    return {"jobs": [_job_json(s) for s in states if status in (None, s.record.status)]}
 
 
 @router.get("/{job_id}")
@@ -94,9 +96,9 @@ async def stream_job(request: Request, job_id: str) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
     state = await jobs.read(dispatcher, job_id)  # a 404 before the stream starts
     record = state.record
-    if record["kind"] == "pull":  # the pull's progress lines, joining it (or re-checking it, if done)
-        return await pull_response(dispatcher, record["model"], stream=True)
-    return StreamingResponse(_relay(dispatcher, job_id, record["model"], record["kind"]), media_type=ndjson.NDJSON)
+    if record.kind == "pull":  # the pull's progress lines, joining it (or re-checking it, if done)
+        return await pull_response(dispatcher, record.model, stream=True)
+    return StreamingResponse(_relay(dispatcher, job_id, record.model, record.kind), media_type=ndjson.NDJSON)
 
 
 @router.delete("/{job_id}")
@@ -109,37 +111,35 @@ async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
 
 async def _relay(dispatcher: Dispatcher, job_id: str, model: str, kind: str) -> AsyncIterator[bytes]:
     """The job's answer as /api/generate or /api/chat would stream it."""
-    try:
-        async for line in ndjson_answer(model, kind, jobs.follow(dispatcher, job_id)):
-            yield line
-    except VllamaError as exc:
-        yield ndjson.line({"error": exc.message})
+    async for line in ending_in_band(ndjson_answer(model, kind, jobs.follow(dispatcher, job_id)), ndjson.error_line):
+        yield line
 
 
 def _job_json(state: jobs.JobState, full: bool = False) -> dict[str, Any]:
     """A job as the jobs API shows it; ``full`` adds the output so far and, once it is done,
     the result: the object /api/generate or /api/chat answers with "stream": false."""
     r = state.record
-    status = "done" if state.done is not None else "failed" if state.error is not None else r["status"]
+    status = "done" if state.done is not None else "failed" if state.error is not None else r.status
     body: dict[str, Any] = {
-        "id": r["job_id"], "type": r["kind"], "model": r["model"], "status": status,
-        "priority": r.get("priority", "interactive"),
-        "created_at": _time(r.get("created_at")), "started_at": _time(r.get("started_at")),
-        "finished_at": _time(r.get("updated_at")) if status in jobs.FINISHED else None,
-        "worker_id": r.get("worker_id"),
-        "error": state.error.message if state.error is not None else r.get("error"),
+        "id": r.job_id, "type": r.kind, "model": r.model, "status": status,
+        "priority": r.priority,
+        "created_at": _time(r.created_at), "started_at": _time(r.started_at),
+        "finished_at": _time(r.updated_at) if status in FINISHED else None,
+        "worker_id": r.worker_id,
+        "error": state.error.message if state.error is not None else r.error,
     }
-    if r["kind"] == "pull":
-        body.update(stores=r["stores"], completed=r.get("completed", 0), total=r.get("total", 0))
+    if r.kind == "pull":
+        pull = state.pull or jobs.PullProgress()
+        body.update(stores=r.stores, completed=pull.completed, total=pull.total)
         return body
     if full:
         body["output"] = state.text
         if state.tool_calls:
             body["tool_calls"] = ndjson.tool_calls_json(state.tool_calls)
         if state.done is not None:
-            body["result"] = ndjson.generate_final(r["model"], state.done, state.text, state.logprobs) \
-                if r["kind"] == "generate" else \
-                ndjson.chat_final(r["model"], state.done, state.text, state.tool_calls, state.logprobs)
+            body["result"] = ndjson.generate_final(r.model, state.done, state.text, state.logprobs) \
+                if r.kind == "generate" else \
+                ndjson.chat_final(r.model, state.done, state.text, state.tool_calls, state.logprobs)
     return body
 
 

@@ -10,7 +10,6 @@ The request's job waits in the model's queue meanwhile. A failed load is written
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from arq.connections import ArqRedis
@@ -20,6 +19,7 @@ from api.pulls import pull_to_end
 from common import catalog, keys, registry
 from common.errors import ModelNotFound, Unavailable, from_code
 from common.models import source_for
+from common.records import LoadRecord
 from common.settings import Settings
 
 POLL_S = 0.25
@@ -32,11 +32,11 @@ class Loader:
         self.settings = settings
 
     async def live_workers(self) -> list[registry.WorkerInfo]:
-        return await registry.live_workers(self.redis, self.settings.heartbeat_ttl_s)
+        return await registry.live_workers(self.redis)
 
     async def known(self, model: str) -> bool:
         """On some live store, or bundled with vLLama (made from its package on first load)."""
-        if await catalog.lookup(self.redis, self.settings.heartbeat_ttl_s, model) is not None:
+        if await catalog.lookup(self.redis, model) is not None:
             return True
         source = source_for(model)
         return source is not None and source.bundled_gguf is not None
@@ -70,9 +70,9 @@ class Loader:
         latest load attempt failed, or that waiting took too long; else ask again (a worker
         that died while loading leaves the request unclaimed)."""
         raw = await self.redis.get(keys.load_record(model))
-        record = json.loads(raw) if raw else {}
-        if record.get("status") == "failed" and record.get("at", 0) >= since:
-            raise from_code(record.get("code", "internal"), record.get("error", f"loading {model} failed"))
+        record = LoadRecord.model_validate_json(raw) if raw else None
+        if record is not None and record.status == "failed" and record.at >= since:
+            raise from_code(record.code or "internal", record.error or f"loading {model} failed")
         if time.time() - since > self.settings.load_timeout_s:
             await self.redis.zrem(keys.LOADS, model)
             raise Unavailable(f"timed out after {self.settings.load_timeout_s:.0f} s waiting for a worker "

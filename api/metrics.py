@@ -97,7 +97,7 @@ async def metrics(request: Request) -> Response:
 async def _queues(d: Dispatcher, out: Exposition, served: set[str]) -> None:
     """Jobs in each model's queues (waiting and running: arq keeps a job there until it ends),
     for every model that is served, on disk or asked for."""
-    models = served | set(await catalog.entries(d.redis, d.settings.heartbeat_ttl_s))
+    models = served | set(await catalog.entries(d.redis))
     models |= {m.decode() if isinstance(m, bytes) else m for m in await d.redis.zrange(keys.LOADS, 0, -1)}
     names = sorted(models)
     async with d.redis.pipeline(transaction=False) as pipe:

@@ -12,18 +12,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from arq.jobs import Job
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api import ndjson
+from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest, ps_entries, show_body, tag_entry
 from api.pulls import PullLines, follow_pull
-from common import catalog, keys
+from common import catalog
 from common.errors import BadRequest, ModelNotFound, Unavailable, VllamaError
-from common.redis_conn import job_deserializer
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -64,18 +63,17 @@ async def _from(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
 
 
 async def _relay_pull(lines: PullLines, first: dict, states: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    try:
+    async def pull_lines() -> AsyncIterator[bytes]:
         async for state in _from(first, states):
             for line in lines.lines(state):
                 yield ndjson.line(line)
             if lines.error:
-                yield ndjson.line({"error": lines.error.message})
+                yield ndjson.error_line(lines.error.message)
                 return
-    except VllamaError as exc:
-        yield ndjson.line({"error": exc.message})
-    except Exception as exc:  # noqa: BLE001 - e.g. Redis gone mid-pull: still end with an error line
-        log.exception("pull relay failed")
-        yield ndjson.line({"error": f"the pull was interrupted ({exc}); pull again"})
+
+    try:
+        async for chunk in ending_in_band(pull_lines(), ndjson.error_line, retry="pull again"):
+            yield chunk
     finally:
         await states.aclose()
 
@@ -84,7 +82,7 @@ async def _relay_pull(lines: PullLines, first: dict, states: AsyncIterator[dict]
 @router.get("/api/tags")
 async def tags(request: Request) -> dict:
     d = _dispatcher(request)
-    entries = await catalog.entries(d.redis, d.settings.heartbeat_ttl_s)
+    entries = await catalog.entries(d.redis)
     ordered = sorted(entries.values(), key=lambda e: e.manifest.modified_at, reverse=True)
     return {"models": [tag_entry(e) for e in ordered]}
 
@@ -93,7 +91,7 @@ async def tags(request: Request) -> dict:
 async def show(request: Request) -> dict:
     model = (await parse_body(request, ShowRequest)).canonical()
     d = _dispatcher(request)
-    entry = await catalog.lookup(d.redis, d.settings.heartbeat_ttl_s, model)
+    entry = await catalog.lookup(d.redis, model)
     if entry is None:
         raise ModelNotFound(model, f"model '{model}' not found")
     return show_body(entry.manifest)
@@ -103,7 +101,7 @@ async def show(request: Request) -> dict:
 async def ps(request: Request) -> dict:
     d = _dispatcher(request)
     workers = await d.live_workers(fresh=True)
-    entries = await catalog.entries(d.redis, d.settings.heartbeat_ttl_s)
+    entries = await catalog.entries(d.redis)
     return {"models": ps_entries(workers, entries)}
 
 
@@ -115,7 +113,7 @@ async def delete(request: Request) -> Response:
     except BadRequest:
         raise BadRequest(f'name "{body.model}" is invalid') from None
     d = _dispatcher(request)
-    entry = await catalog.lookup(d.redis, d.settings.heartbeat_ttl_s, model)
+    entry = await catalog.lookup(d.redis, model)
     if entry is None:
         raise ModelNotFound(model, f"model '{model}' not found")
     # Workers holding it unload it as soon as it is idle.
@@ -128,7 +126,7 @@ async def delete(request: Request) -> Response:
 async def copy(request: Request) -> Response:
     source, destination = (await parse_body(request, CopyRequest)).names()
     d = _dispatcher(request)
-    entry = await catalog.lookup(d.redis, d.settings.heartbeat_ttl_s, source)
+    entry = await catalog.lookup(d.redis, source)
     if entry is None:
         raise ModelNotFound(source, f'model "{source}" not found')
     await _on_stores(d, entry.stores, "copy", source, destination)
@@ -138,12 +136,10 @@ async def copy(request: Request) -> Response:
 async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str) -> None:
     """Run a store job on each store and wait for all: every machine changes, or the
     request fails saying which did not."""
-    jobs = [(store_id, await d.redis.enqueue_job(function, *args, _queue_name=keys.store_queue(store_id)))
-            for store_id in stores]
+    jobs = [(store_id, await d.queue.enqueue_store_job(store_id, function, *args)) for store_id in stores]
     deadline = time.monotonic() + STORE_JOB_TIMEOUT_S
-    for store_id, job in jobs:
-        job = Job(job.job_id, d.redis, _queue_name=keys.store_queue(store_id), _deserializer=job_deserializer)
-        while (info := await job.result_info()) is None:
+    for store_id, job_id in jobs:
+        while (info := await d.queue.store_job_result(store_id, job_id)) is None:
             if time.monotonic() > deadline:
                 raise Unavailable(f"store {store_id} did not {function} the model within "
                                   f"{STORE_JOB_TIMEOUT_S} s; is its pull worker running?")

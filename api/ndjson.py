@@ -33,6 +33,11 @@ def line(obj: dict[str, Any]) -> bytes:
     return (dumps(obj) + "\n").encode()
 
 
+def error_line(message: str, _status: int = 500) -> bytes:
+    """How an Ollama stream ends when it fails after its first line (the status is already sent)."""
+    return line({"error": message})
+
+
 def generate_chunk(model: str, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     body = {"model": model, "created_at": now_rfc3339(), "response": text, "done": False}
     return _with_logprobs(body, logprobs)

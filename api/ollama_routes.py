@@ -44,7 +44,7 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     stream = await dispatcher.submit(job, keep_alive)
     whole = (lambda answers: _whole(body.model, kind, answers[0])) if not body.stream else None
     return await respond(request, [stream], whole=whole, relay=lambda outputs: _relay(body.model, kind, *outputs[0]),
-                         error=lambda message, _status: ndjson.line({"error": message}),
+                         error=ndjson.error_line,
                          media_type=ndjson.NDJSON, headers=headers)
 
 

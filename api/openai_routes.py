@@ -187,7 +187,7 @@ async def get_model(request: Request, model: str) -> dict[str, Any]:
 async def _served(request: Request) -> dict[str, int]:
     """What can be served: models on some store, and models workers hold (by name)."""
     d: Dispatcher = request.app.state.dispatcher
-    entries = await catalog.entries(d.redis, d.settings.heartbeat_ttl_s)
+    entries = await catalog.entries(d.redis)
     served = {name: int(e.manifest.modified_at) for name, e in entries.items()}
     for worker in await d.live_workers(fresh=True):
         for status in worker.loaded:

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
 from pydantic import TypeAdapter
 
-from api.admission import forget_job
-from api.pubsub import FrameMultiplexer
+from api.pubsub import FrameMultiplexer, Overflowed, Subscription
 from common import catalog, keys
+from common.job_queue import JobQueue
 from common.errors import Unavailable, VllamaError, from_code
 from common.protocol import Frame, PullFrame, PullState
 from common.settings import Settings
@@ -39,22 +38,22 @@ async def follow_pull(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
     stores after each change, until every store has finished."""
     stores = await live_store_ids(redis, settings)
     channels = {s: keys.frames_channel(keys.pull_job_id(s, model)) for s in stores}
-    queues = {s: await mux.subscribe(channels[s]) for s in stores}  # before enqueue
+    subscriptions = {s: await mux.subscribe(channels[s]) for s in stores}  # before enqueue
     try:
         states = {s: await _start(redis, settings, s, model) for s in stores}
         yield dict(states)
         while not all(state.finished for state in states.values()):
-            if await _next_frames(queues, states, QUIET_CHECK_S):
+            if await _next_frames(subscriptions, states, QUIET_CHECK_S):
                 yield dict(states)
             elif await _recheck(redis, settings, states):
                 yield dict(states)
     finally:
-        for channel in channels.values():
-            await mux.unsubscribe(channel)
+        for subscription in subscriptions.values():
+            await mux.unsubscribe(subscription)
 
 
 async def live_store_ids(redis: ArqRedis, settings: Settings) -> list[str]:
-    stores = sorted(s.store_id for s in await catalog.live_stores(redis, settings.heartbeat_ttl_s))
+    stores = sorted(s.store_id for s in await catalog.live_stores(redis))
     if not stores:
         raise Unavailable(NO_STORE)
     return stores
@@ -78,13 +77,13 @@ async def _start(redis: ArqRedis, settings: Settings, store_id: str, model: str)
     record = keys.pull_record(store_id, model)
     queued = PullState(model=model, store_id=store_id)
     job_id = keys.pull_job_id(store_id, model)
-    if await _orphaned(redis, store_id, model):
-        await forget_job(redis, keys.store_queue(store_id), job_id)
+    queue = JobQueue(redis, settings.keep_result_s)
+    if await _orphaned(queue, store_id, model):  # the pull starts again instead
+        await queue.forget(keys.store_queue(store_id), job_id)
     # The record first: a client joining between the enqueue and the job's first report must
     # not mistake the previous pull's final state for this one's.
     previous = await redis.set(record, queued.model_dump_json(), ex=settings.keep_result_s, get=True)
-    job = await redis.enqueue_job("pull", model, _job_id=job_id, _queue_name=keys.store_queue(store_id))
-    if job is not None or previous is None:
+    if await queue.enqueue_store_job(store_id, "pull", model, job_id=job_id) or previous is None:
         return queued
     # A pull of this model is already under way there: put its state back and follow it.
     state = PullState.model_validate_json(previous)
@@ -92,29 +91,35 @@ async def _start(redis: ArqRedis, settings: Settings, store_id: str, model: str)
     return state
 
 
-async def _orphaned(redis: ArqRedis, store_id: str, model: str) -> bool:
+async def _orphaned(queue: JobQueue, store_id: str, model: str) -> bool:
     """arq still counts the pull as running, but no pull worker says it runs it: its worker
-    was killed. arq would keep it "in progress" for a day; the pull starts again instead."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.exists(in_progress_key_prefix + keys.pull_job_id(store_id, model))
-        pipe.exists(keys.pull_alive(store_id, model))
-        in_progress, alive = await pipe.execute()
-    return bool(in_progress) and not alive
+    was killed. arq would keep it "in progress" for a day."""
+    return await queue.store_job_orphaned(keys.pull_job_id(store_id, model), keys.pull_alive(store_id, model))
 
 
-async def _next_frames(queues: dict[str, asyncio.Queue[bytes]], states: dict[str, PullState],
+async def _next_frames(subscriptions: dict[str, Subscription], states: dict[str, PullState],
                        timeout: float) -> bool:
-    """Apply every frame that arrives within ``timeout``; True if any did."""
-    waiting = {asyncio.ensure_future(q.get()): s for s, q in queues.items() if not states[s].finished}
+    """Apply every frame that arrives within ``timeout``; True if any did. A pull frame
+    carries the whole state, so a reader that fell behind just waits for the next one (or
+    the re-check of the records when none comes)."""
+    waiting = {asyncio.ensure_future(sub.get(timeout)): s for s, sub in subscriptions.items()
+               if not states[s].finished}
     done, pending = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
+    applied = False
     for task in done:
-        _apply(states, task.result())
-    for queue in queues.values():  # whatever else is already there
-        while not queue.empty():
-            _apply(states, queue.get_nowait())
-    return bool(done)
+        if task.exception() is None and (raw := task.result()) is not None:
+            _apply(states, raw)
+            applied = True
+    for sub in subscriptions.values():  # whatever else is already there
+        while True:
+            try:
+                _apply(states, sub.get_nowait())
+            except (asyncio.QueueEmpty, Overflowed):
+                break
+            applied = True
+    return applied
 
 
 def _apply(states: dict[str, PullState], raw: bytes) -> None:
@@ -126,14 +131,14 @@ def _apply(states: dict[str, PullState], raw: bytes) -> None:
 async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullState]) -> bool:
     """After a quiet spell: read the records (a frame may have been missed) and fail the
     pulls whose store has stopped."""
-    alive = {s.store_id for s in await catalog.live_stores(redis, settings.heartbeat_ttl_s)}
+    alive = {s.store_id for s in await catalog.live_stores(redis)}
     changed = False
     for store_id, state in states.items():
         if state.finished:
             continue
         raw = await redis.get(keys.pull_record(store_id, state.model))
         latest = PullState.model_validate_json(raw) if raw else state
-        if store_id not in alive or await _orphaned(redis, store_id, state.model):
+        if store_id not in alive or await _orphaned(JobQueue(redis, settings.keep_result_s), store_id, state.model):
             latest.status, latest.code = "failed", "unavailable"
             latest.error = (f"the pull worker of store {store_id} stopped during the pull; pull again: "
                             "files already fetched are kept")

@@ -37,7 +37,7 @@ async def attach_tools(dispatcher: Dispatcher, job: GenerationJob, shown_model: 
         job.sampling.json_schema, job.sampling.json_object = forced_schema(use), False
         job.tool_use = use
         return {}
-    entry = await catalog.lookup(dispatcher.redis, dispatcher.settings.heartbeat_ttl_s, job.model)
+    entry = await catalog.lookup(dispatcher.redis, job.model)
     use.parser = entry.manifest.description.tool_parser if entry is not None else None
     if use.parser is not None:
         job.tool_use = use

@@ -60,12 +60,15 @@ class CatalogEntry(BaseModel):
     stores: list[str]  # live stores holding the model
 
 
-async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> None:
+async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> bool:
+    """Refresh the store's record; False if it was not there (the store's first beat, a beat
+    missed past the TTL, or a Redis that lost its data): the catalog may be gone too."""
     info.heartbeat_at = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(keys.store_record(info.store_id), info.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.set(keys.store_record(info.store_id), info.model_dump_json(), px=int(ttl_s * 1000), get=True)
         pipe.zadd(keys.STORES, {info.store_id: int(info.heartbeat_at * 1000)})
-        await pipe.execute()
+        previous, _ = await pipe.execute()
+    return previous is not None
 
 
 async def remove_store(redis: Redis, store_id: str) -> None:
@@ -75,8 +78,8 @@ async def remove_store(redis: Redis, store_id: str) -> None:
         await pipe.execute()
 
 
-async def live_stores(redis: Redis, ttl_s: float) -> list[StoreInfo]:
-    return [StoreInfo.model_validate_json(r) for r in await live_records(redis, keys.STORES, keys.store_record, ttl_s)]
+async def live_stores(redis: Redis) -> list[StoreInfo]:
+    return [StoreInfo.model_validate_json(r) for r in await live_records(redis, keys.STORES, keys.store_record)]
 
 
 async def reset(redis: Redis, store_id: str, manifests: list[Manifest]) -> None:
@@ -96,9 +99,9 @@ async def remove(redis: Redis, store_id: str, name: str) -> None:
     await redis.hdel(keys.catalog(store_id), name)
 
 
-async def entries(redis: Redis, ttl_s: float) -> dict[str, CatalogEntry]:
+async def entries(redis: Redis) -> dict[str, CatalogEntry]:
     """Every model on some live store; a model on several stores is listed once."""
-    stores = await live_stores(redis, ttl_s)
+    stores = await live_stores(redis)
     found: dict[str, CatalogEntry] = {}
     for store in sorted(stores, key=lambda s: s.store_id):
         for name, raw in (await redis.hgetall(keys.catalog(store.store_id))).items():
@@ -110,9 +113,9 @@ async def entries(redis: Redis, ttl_s: float) -> dict[str, CatalogEntry]:
     return found
 
 
-async def lookup(redis: Redis, ttl_s: float, name: str) -> CatalogEntry | None:
+async def lookup(redis: Redis, name: str) -> CatalogEntry | None:
     """The model ``name`` if some live store holds it."""
-    stores = sorted(s.store_id for s in await live_stores(redis, ttl_s))
+    stores = sorted(s.store_id for s in await live_stores(redis))
     if not stores:
         return None
     async with redis.pipeline(transaction=False) as pipe:

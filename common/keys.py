@@ -57,9 +57,9 @@ def worker_record(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
-# Zset of worker ids scored by last heartbeat (ms). No TTL: it is shared by all workers;
-# readers drop members whose score is older than the heartbeat TTL, so it never grows
-# beyond the workers seen in the last few seconds.
+# Zset of worker ids (scored by the worker's last beat, for redis-cli readers only). No TTL:
+# it is shared by all workers; it is an index, and liveness is the record key's TTL: readers
+# drop members whose record has expired, so it never grows beyond the workers now alive.
 WORKERS = f"{PREFIX}:workers"
 
 
@@ -79,7 +79,7 @@ def store_record(store_id: str) -> str:
     return f"{PREFIX}:store:{store_id}"
 
 
-# Zset of store ids scored by last heartbeat (ms); pruned by readers like WORKERS.
+# Zset of store ids, an index like WORKERS and pruned by readers the same way.
 STORES = f"{PREFIX}:stores"
 
 

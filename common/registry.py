@@ -1,8 +1,12 @@
 """The worker registry: who is alive, what it serves, how busy it is.
 
-Each worker refreshes ``vllama:worker:<id>`` (JSON, short TTL) and its score in the
+Each worker refreshes ``vllama:worker:<id>`` (JSON, short TTL) and its entry in the
 ``vllama:workers`` zset every heartbeat. A worker that dies simply stops refreshing: its key
 expires within the TTL, which is how the API notices a dead worker within seconds.
+
+Liveness is judged by Redis alone (does the record's key still exist?), never by comparing
+a time written by one machine with another machine's clock: a host whose clock is off by
+minutes must not look dead, nor a dead one alive. The zset is only an index of ids.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class ModelStatus(BaseModel):
     """One model a worker holds (or is loading)."""
 
     name: str
-    state: Literal["loading", "ready", "unloading"]
+    state: Literal["loading", "ready", "unloading", "failed"]  # failed: its engine died
     running: int = 0
     max_jobs: int = 0
     context_length: int = 0
@@ -74,21 +78,22 @@ async def remove_worker(redis: Redis, worker_id: str) -> None:
         await pipe.execute()
 
 
-async def live_records(redis: Redis, members: str, record_key: Callable[[str], str], ttl_s: float) -> list[bytes]:
-    """The records of the members of a heartbeat zset (workers, stores) that beat within
-    ``ttl_s``; prunes the rest from the zset."""
-    cutoff_ms = int((time.time() - ttl_s) * 1000)
-    await redis.zremrangebyscore(members, "-inf", cutoff_ms)
-    ids = await redis.zrange(members, 0, -1)
+async def live_records(redis: Redis, members: str, record_key: Callable[[str], str]) -> list[bytes]:
+    """The records of the members of a heartbeat index (workers, stores) whose record has not
+    expired; prunes the others from the index. A member that beats again is added back."""
+    ids = [i.decode() if isinstance(i, bytes) else i for i in await redis.zrange(members, 0, -1)]
     if not ids:
         return []
-    records = await redis.mget([record_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+    records = await redis.mget([record_key(i) for i in ids])
+    gone = [i for i, r in zip(ids, records) if r is None]
+    if gone:
+        await redis.zrem(members, *gone)
     return [r for r in records if r is not None]
 
 
-async def live_workers(redis: Redis, ttl_s: float) -> list[WorkerInfo]:
-    """Workers whose heartbeat is younger than ``ttl_s``."""
-    return [WorkerInfo.model_validate_json(r) for r in await live_records(redis, keys.WORKERS, keys.worker_record, ttl_s)]
+async def live_workers(redis: Redis) -> list[WorkerInfo]:
+    """Workers whose heartbeat record has not expired (Redis judges the TTL)."""
+    return [WorkerInfo.model_validate_json(r) for r in await live_records(redis, keys.WORKERS, keys.worker_record)]
 
 
 async def worker_alive(redis: Redis, worker_id: str) -> bool:

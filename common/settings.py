@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         default=False,
         description="Pull a model that no store has when a request names it (on in `vllama serve`).",
     )
+    queue_timeout_s: float = Field(
+        default=600, gt=0,
+        description="Longest a request waits in its queue for a worker to start it; then 503 saying so.",
+    )
     load_timeout_s: float = Field(
         default=600, gt=0, description="Longest a request waits for its model to be loaded (Ollama's OLLAMA_LOAD_TIMEOUT).",
     )

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -31,3 +36,27 @@ def run_until_signalled(make_worker: Callable[[], Any]) -> None:
         await worker.run()
 
     asyncio.run(main())
+
+
+# A Redis restart or a Sentinel failover takes seconds; the end of a job must outlast it.
+FINAL_WRITE_PATIENCE_S = 30.0
+
+
+async def until_redis_answers(write: Callable[[], Awaitable[T]], what: str,
+                              patience_s: float = FINAL_WRITE_PATIENCE_S) -> T:
+    """Run ``write`` (a job's last frame, its final record, arq's end of it) again until Redis
+    answers or ``patience_s`` has passed. Lost, such a write leaves a client or a batch
+    waiting on a job that has ended, or arq counting it as running for an hour."""
+    from redis.exceptions import RedisError
+
+    deadline = time.monotonic() + patience_s
+    delay = 0.1
+    while True:
+        try:
+            return await write()
+        except (RedisError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: Redis unreachable (%s); trying again in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)

@@ -41,8 +41,10 @@ async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine 
     """``pull_worker``: also run a store (settings.home must then be a temporary directory);
     ``engine_factory(name, path)``: the engines of models loaded on demand; ``flush``: start
     from an empty Redis (False: join what another stack left there)."""
-    settings = Settings(redis_url=redis_url, model=MODEL, heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0,
-                        poll_delay_s=0.01, engine="fake", **overrides)
+    # A 3 s heartbeat TTL: a worker sharing a busy 2-core machine with the test must not
+    # look dead; tests about dead workers wait that much longer.
+    settings = Settings(**{"redis_url": redis_url, "model": MODEL, "heartbeat_interval_s": 0.25,
+                           "heartbeat_ttl_s": 3.0, "poll_delay_s": 0.01, "engine": "fake", **overrides})
     redis = await connect(redis_url)
     if flush:
         await redis.flushdb()
@@ -58,7 +60,7 @@ async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine 
         worker_task = asyncio.create_task(worker_obj.run(redis=await connect(redis_url)))
 
         async def ready() -> bool:
-            live = await registry.live_workers(redis, settings.heartbeat_ttl_s)
+            live = await registry.live_workers(redis)
             return any(w.state == "ready" for w in live)
 
         from tests.harness import async_wait_until

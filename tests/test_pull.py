@@ -246,7 +246,7 @@ async def test_killed_pull_worker_keeps_the_files_it_finished(redis_server, tmp_
         puller = start_puller(1)
         try:
             async def store_up() -> bool:
-                return bool(await catalog.live_stores(stack.redis, 1.0))
+                return bool(await catalog.live_stores(stack.redis))
             await async_wait_until(store_up, 30, "the pull worker to start")
             first = asyncio.create_task(http.post("/api/pull", json={"model": REPO}, timeout=60))
 

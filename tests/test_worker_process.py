@@ -24,7 +24,7 @@ def start_fake_worker(redis_url: str, tmp_path, name: str) -> Proc:
 
 async def _ready_workers(stack, n: int):
     async def enough():
-        live = await registry.live_workers(stack.redis, stack.settings.heartbeat_ttl_s)
+        live = await registry.live_workers(stack.redis)
         ready = [w for w in live if w.state == "ready"]
         return ready if len(ready) >= n else None
 

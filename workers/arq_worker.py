@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 from redis.exceptions import RedisError
+
+from common.job_queue import in_progress_key
+from common.tasks import until_redis_answers
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,22 @@ class GenerationArqWorker(Worker):
             log.warning("Redis unreachable (%s); retrying in 1 s", exc)
             await asyncio.sleep(1)
 
+    async def finish_job(self, job_id: str, *args: Any) -> None:
+        # arq's end of a job (result, in-progress marker, queue entry), kept through a Redis
+        # restart or failover: lost, the queue would count the job as running for an hour.
+        await until_redis_answers(lambda: super(GenerationArqWorker, self).finish_job(job_id, *args),
+                                  f"end of job {job_id}")
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        await until_redis_answers(lambda: super(GenerationArqWorker, self).finish_failed_job(job_id, result_data),
+                                  f"end of job {job_id}")
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         candidates = [j for j in job_ids if j.decode() not in self.tasks]
         if candidates:
             async with self.pool.pipeline(transaction=False) as pipe:
                 for job_id in candidates:
-                    pipe.exists(in_progress_key_prefix + job_id.decode())
+                    pipe.exists(in_progress_key(job_id.decode()))
                 running = await pipe.execute()
             candidates = [j for j, busy in zip(candidates, running) if not busy]
         if candidates:

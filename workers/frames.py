@@ -18,7 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from common import keys
-from common.tasks import cancel_and_wait
+from common.tasks import cancel_and_wait, until_redis_answers
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +110,9 @@ class FramePublisher:
     async def send(self, frame_type: type, **fields: Any) -> int:
         """Publish a frame; returns how many subscribers received it."""
         return await self._sink.publish(self.channel, self.next(frame_type, **fields), self.keep)
+
+    async def send_last(self, frame_type: type, **fields: Any) -> int:
+        """Publish a job's last frame, again (the same frame) while Redis does not answer."""
+        data = self.next(frame_type, **fields)
+        return await until_redis_answers(lambda: self._sink.publish(self.channel, data, self.keep),
+                                         f"last frame of {self.channel}")

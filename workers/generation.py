@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from common import batch_lines, job_records, keys
+from common import batch_lines, keys
 from common.batch_lines import LineError, LineOutcome
-from common.errors import ErrorCode, PromptTooLong, VllamaError, from_code
+from common.errors import ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
 from common.metrics import ModelStats
 from common.protocol import (
     ChatMessage,
@@ -29,6 +30,8 @@ from common.protocol import (
     TokenLogprob,
     ToolCallsFrame,
 )
+from common.records import JobRecord, JobStatus
+from common.tasks import until_redis_answers
 from workers.engine import Engine
 from workers.frames import FrameLog, FramePublisher, FrameSink
 from workers.tool_parsing import ToolCallSplitter
@@ -49,8 +52,10 @@ class GenerationRunner:
     """Runs generation jobs on one engine; shared by all of a worker's concurrent jobs."""
 
     def __init__(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, keep_result_s: int,
-                 load_window: tuple[float, float] = (0.0, 0.0)) -> None:
+                 load_window: tuple[float, float] = (0.0, 0.0),
+                 on_engine_dead: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
+        self.on_engine_dead = on_engine_dead  # stops the job consumers at once
         self.redis = redis
         self.sink = sink
         self.worker_id = worker_id
@@ -74,6 +79,10 @@ class GenerationRunner:
         try:
             if await self._start(job, publisher) == 0 and job.stream:
                 raise ClientGone
+            if self.engine.dead():
+                self.on_engine_dead()
+                raise Unavailable(f"the engine of worker {self.worker_id} stopped working; retry the request "
+                                  "(other workers serve it meanwhile)")
             result = await self._generate(job, publisher)
         except ClientGone:
             log.info("job %s: no listener left, stopped", job.job_id)
@@ -98,7 +107,7 @@ class GenerationRunner:
         """Record the job as running and tell its listener who runs it, in one round trip
         (time to first token). Returns how many listeners the start frame reached."""
         self._started_at[job.job_id] = started_at = time.time()
-        record = job_records.encode(job, "running", worker_id=self.worker_id, started_at=started_at)
+        record = JobRecord.of(job, "running", worker_id=self.worker_id, started_at=started_at).dump()
         start = publisher.next(StartFrame, worker_id=self.worker_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
@@ -185,7 +194,7 @@ class GenerationRunner:
                          logprobs=logprobs)
 
     async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
-        await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))
+        await asyncio.shield(publisher.send_last(ErrorFrame, code=code, message=message))
         await asyncio.shield(self._record(job, "failed", error=message, code=code))
 
     def _count(self, status: str, result: JobResult | None) -> None:
@@ -199,14 +208,17 @@ class GenerationRunner:
             if counts.eval_count > 1:
                 self.stats.tpot.observe(counts.eval_duration / 1e9 / (counts.eval_count - 1))
 
-    async def _record(self, job: GenerationJob, status: job_records.Status, *, error: str | None = None,
+    async def _record(self, job: GenerationJob, status: JobStatus, *, error: str | None = None,
                       code: str = ErrorCode.CANCELLED, result: JobResult | None = None) -> None:
         """The job's final record (every caller ends the job), and for a batch line its outcome."""
         self._count(status, result)
-        await job_records.write(self.redis, job, status, self.keep_result_s, worker_id=self.worker_id,
-                                started_at=self._started_at.pop(job.job_id, None), error=error)
+        record = JobRecord.of(job, status, worker_id=self.worker_id, started_at=self._started_at.pop(job.job_id, None),
+                              error=error)
+        await until_redis_answers(lambda: self.redis.set(keys.job_record(job.job_id), record.dump(),
+                                                         ex=self.keep_result_s), f"record of job {job.job_id}")
         if job.batch is not None:
             line_error = None if error is None else LineError(status=from_code(code, error).status, code=code,
                                                               message=error)
-            await batch_lines.record(self.redis, job.batch, LineOutcome(status=status, job_id=job.job_id,
-                                                                        result=result, error=line_error))
+            outcome = LineOutcome(status=status, job_id=job.job_id, result=result, error=line_error)
+            await until_redis_answers(lambda: batch_lines.record(self.redis, job.batch, outcome),
+                                      f"batch outcome of job {job.job_id}")

@@ -101,6 +101,7 @@ class PullWorker:
 
     async def _heartbeat(self) -> None:
         seen = self.store.version()
+        beats = 0
         while True:
             try:
                 if self.store.version() != seen:
@@ -110,7 +111,12 @@ class PullWorker:
                     store_id=self.store_id, host=socket.gethostname(), pid=os.getpid(),
                     root=str(self.store.root), free_bytes=await asyncio.to_thread(self.store.free_bytes),
                 )
-                await catalog.publish_store(self._redis, info, self.settings.heartbeat_ttl_s)
+                if not await catalog.publish_store(self._redis, info, self.settings.heartbeat_ttl_s) and beats:
+                    # Our record was gone: Redis lost its data (a restart without persistence)
+                    # or we were silent past the TTL. The catalog may be gone with it.
+                    log.warning("store %s: its Redis record had vanished; writing the catalog again", self.store_id)
+                    seen = await self._resync()
+                beats += 1
             except Exception:  # noqa: BLE001 - a Redis blip must not end the heartbeat
                 log.warning("store heartbeat failed", exc_info=True)
             await asyncio.sleep(self.settings.heartbeat_interval_s)

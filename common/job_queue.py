@@ -1,0 +1,201 @@
+"""The one owner of what arq keeps in Redis, and of our job records beside it.
+
+arq stores a job as a payload key (``arq:job:<id>``), a member of its queue's zset, an
+in-progress marker while a worker runs it (``arq:in-progress:<id>``), a result key once it
+ended (``arq:result:<id>``) and, to cancel, a member of the abort zset. Everything in vLLama
+that enqueues, withdraws, aborts or forgets a job, asks whether one is running or still
+exists, or settles a job whose worker died, does it through this module, so an arq upgrade
+is a change here and the messages a client reads are the same wherever the fault is found.
+
+Admission and enqueue are one Lua script: checking the queue's length and then enqueueing
+would let a burst of requests all see the same short queue and all get in.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.jobs import Job, JobResult, serialize_job
+from arq.connections import ArqRedis
+
+from common import keys, registry
+from common.errors import ServerBusy, VllamaError
+from common.protocol import GenerationJob
+from common.records import JobRecord, JobStatus
+from common.redis_conn import job_deserializer, job_serializer
+
+# How long a queued job may wait before arq drops it as expired (arq's default too).
+JOB_EXPIRES_MS = 24 * 3600 * 1000
+
+_ENQUEUE_IF_ROOM = """
+-- KEYS: queue zset, arq job key, arq result key, our job record, the model's keep_alive
+-- ARGV: queue limit, job payload, expires ms, score, job id, job record, record TTL s,
+--       keep_alive seconds ('' = the worker's default)
+if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return -1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+if ARGV[8] == '' then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], ARGV[8]) end
+redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
+redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
+return 1
+"""
+_ENQUEUED, _QUEUE_FULL = 1, 0
+
+# Take a queued job out of its queue unless a worker has started it (arq marks a job in
+# progress before running it): 1 removed, 0 already running (abort it instead).
+_WITHDRAW = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+Whereabouts = Literal["queued", "running", "ended", "gone"]
+
+
+def in_progress_key(job_id: str) -> str:
+    """arq's marker of a job a worker has started (workers filter their polls with it)."""
+    return in_progress_key_prefix + job_id
+
+
+def worker_lost_message(worker_id: str | None) -> str:
+    return (f"the worker running this request ({worker_id}) stopped responding; the answer is incomplete, "
+            "retry the request")
+
+
+JOB_LOST_MESSAGE = ("this request was lost from the queue (Redis restarted without its data, or the worker that "
+                    "took it died before starting it); retry the request")
+
+
+class JobQueue:
+    """Jobs in arq's queues, as the API and the workers see them."""
+
+    def __init__(self, redis: ArqRedis, keep_result_s: int) -> None:
+        self.redis = redis
+        self.keep_result_s = keep_result_s
+
+    # ------------------------------------------------------------ records
+
+    async def write_record(self, record: JobRecord) -> None:
+        record.updated_at = time.time()
+        await self.redis.set(keys.job_record(record.job_id), record.dump(), ex=self.keep_result_s)
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        raw = await self.redis.get(keys.job_record(job_id))
+        return None if raw is None else JobRecord.model_validate_json(raw)
+
+    async def mark(self, job: GenerationJob, status: JobStatus, **fields: Any) -> None:
+        await self.write_record(JobRecord.of(job, status, **fields))
+
+    # ------------------------------------------------------------ generation jobs
+
+    async def enqueue(self, job: GenerationJob, limit: int, keep_alive: float | None = None) -> None:
+        """Enqueue ``job`` with its "queued" record, unless its queue already holds ``limit``
+        jobs (running ones count: arq keeps them in the zset until they end): ServerBusy.
+        Also records the request's keep_alive for the model (the latest request's wins, as in
+        Ollama; None restores the default)."""
+        now_ms = int(time.time() * 1000)
+        payload = serialize_job("generate", (job.model_dump(mode="json"),), {}, None, now_ms,
+                                serializer=job_serializer)
+        job_id = job.job_id
+        outcome = int(await self.redis.eval(
+            _ENQUEUE_IF_ROOM, 5,
+            keys.queue_for(job.model, job.priority), job_key_prefix + job_id, result_key_prefix + job_id,
+            keys.job_record(job_id), keys.keep_alive(job.model),
+            limit, payload, JOB_EXPIRES_MS, now_ms, job_id, JobRecord.of(job, "queued").dump(), self.keep_result_s,
+            "" if keep_alive is None else repr(keep_alive),
+        ))
+        if outcome == _QUEUE_FULL:
+            raise ServerBusy()
+        if outcome != _ENQUEUED:
+            raise VllamaError(f"job id {job_id} already exists; retry the request")
+
+    async def withdraw(self, queue: str, job_id: str) -> bool:
+        """Remove a job no worker has started; False if one has."""
+        return bool(await self.redis.eval(_WITHDRAW, 3, queue, job_key_prefix + job_id, in_progress_key(job_id),
+                                          job_id))
+
+    async def abort(self, job_id: str) -> None:
+        """Ask arq to abort the job: a queued job never starts, a running one is cancelled in
+        its worker, which aborts the engine request."""
+        await self.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
+
+    async def cancel(self, record: JobRecord) -> bool:
+        """Withdraw the job if it is still queued (recorded cancelled here: True), else abort it
+        (its worker records how it ended: False)."""
+        if await self.withdraw(keys.queue_for(record.model, record.priority), record.job_id):
+            await self.write_record(record.ended("cancelled", "cancelled before it started"))
+            return True
+        await self.abort(record.job_id)
+        return False
+
+    async def forget(self, queue: str, job_id: str) -> None:
+        """Remove a job from arq's keys, for a job whose worker died: arq would otherwise keep
+        it "in progress" until its timeout ran out (an hour, a day) and only then drop it, and
+        a stream cannot be resumed, so it must not run later either."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(queue, job_id)
+            pipe.delete(job_key_prefix + job_id, in_progress_key(job_id), retry_key_prefix + job_id)
+            await pipe.execute()
+
+    async def whereabouts(self, job_id: str) -> Whereabouts:
+        """Where arq has the job: waiting, started by a worker, ended (a result is kept), or
+        gone: none of these, as when Redis lost its data or the job was forgotten."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(in_progress_key(job_id))
+            pipe.exists(result_key_prefix + job_id)
+            pipe.exists(job_key_prefix + job_id)
+            running, ended, payload = await pipe.execute()
+        if running:
+            return "running"
+        if ended:
+            return "ended"
+        return "queued" if payload else "gone"
+
+    async def ended_unrun(self, job_ids: list[str]) -> list[bool]:
+        """For each job: did arq end it (a result is kept)? A job whose record still says
+        queued and that has a result was aborted just as a worker took it, so never ran."""
+        if not job_ids:
+            return []
+        return [r is not None for r in await self.redis.mget([result_key_prefix + j for j in job_ids])]
+
+    async def settle_lost(self, record: JobRecord) -> JobRecord | None:
+        """A job recorded as running whose worker's heartbeat has lapsed: record it failed and
+        forget it in arq. Returns the new record, or None if its worker is alive."""
+        if record.status != "running" or await registry.worker_alive(self.redis, record.worker_id or ""):
+            return None
+        lost = record.ended("failed", worker_lost_message(record.worker_id))
+        await self.write_record(lost)
+        await self.forget(keys.queue_for(record.model, record.priority), record.job_id)
+        return lost
+
+    # ------------------------------------------------------------ store jobs (pull, delete, copy)
+
+    async def enqueue_store_job(self, store_id: str, function: str, *args: Any, job_id: str | None = None
+                                ) -> str | None:
+        """A job for one store's pull worker: its id, or None if a job with ``job_id`` is
+        already there."""
+        job = await self.redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=keys.store_queue(store_id))
+        return None if job is None else job.job_id
+
+    async def store_job_result(self, store_id: str, job_id: str) -> JobResult | None:
+        """How a store job ended, None while it has not."""
+        job = Job(job_id, self.redis, _queue_name=keys.store_queue(store_id), _deserializer=job_deserializer)
+        return await job.result_info()
+
+    async def store_job_orphaned(self, job_id: str, alive_key: str) -> bool:
+        """arq still counts a store job as running, but its worker no longer says it runs it
+        (``alive_key`` lapsed): the worker was killed."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(in_progress_key(job_id))
+            pipe.exists(alive_key)
+            in_progress, alive = await pipe.execute()
+        return bool(in_progress) and not alive

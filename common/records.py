@@ -1,0 +1,68 @@
+"""Records that cross processes, typed: what the API and the workers write to Redis about a
+job (``vllama:job:<id>``) and about a model load (``vllama:load:<model>``).
+
+Like the frames and job specs of common/protocol.py they are JSON that `redis-cli` shows as
+text, and every reader validates them here instead of reading a dict with defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.protocol import GenerationJob
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+FINISHED: tuple[JobStatus, ...] = ("done", "failed", "cancelled")
+
+
+class JobRecord(BaseModel):
+    """Where a job is and how it ended. Written by the API (queued, cancelled before it
+    started, lost with its worker or with Redis) and by the worker (running, done, failed,
+    cancelled); the latest write wins."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    job_id: str
+    model: str
+    kind: Literal["generate", "chat", "pull"]
+    priority: Literal["interactive", "batch"] = "interactive"
+    is_async: bool = Field(default=False, alias="async")
+    status: JobStatus
+    created_at: float
+    updated_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    worker_id: str | None = None
+    error: str | None = None
+    stores: list[str] = Field(default_factory=list)  # a pull job: the stores it pulls into
+
+    @classmethod
+    def of(cls, job: GenerationJob, status: JobStatus, **fields: object) -> JobRecord:
+        return cls(job_id=job.job_id, model=job.model, kind=job.kind, priority=job.priority,
+                   is_async=not job.stream, status=status, created_at=job.created_at, **fields)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def ended(self, status: JobStatus, error: str | None = None) -> JobRecord:
+        """This record as it reads once the job ended without its worker saying so."""
+        return self.model_copy(update={"status": status, "error": error, "updated_at": time.time()})
+
+    def dump(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class LoadRecord(BaseModel):
+    """The latest attempt to load a model: which worker, how it went (tells requests waiting
+    for the model why it will not come)."""
+
+    model: str
+    status: Literal["loading", "ready", "failed"]
+    worker_id: str
+    at: float = Field(default_factory=time.time)
+    code: str | None = None
+    error: str | None = None
+    load_s: float | None = None

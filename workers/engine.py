@@ -81,6 +81,10 @@ class Engine(Protocol):
     def in_flight(self) -> int:
         """Requests the engine itself is holding (to see that aborts really reach it)."""
 
+    def dead(self) -> bool:
+        """True once the engine can serve nothing more (its process died): the worker must
+        stop taking jobs for it at once, or it would fail every job it takes, fastest."""
+
     def scheduler_stats(self) -> tuple[int, int, float]:
         """(requests running, requests waiting, KV cache use 0..1), as the engine last said."""
 
@@ -216,6 +220,11 @@ class VllmEngine:
 
     def in_flight(self) -> int:
         return self._llm.output_processor.get_num_unfinished_requests()
+
+    def dead(self) -> bool:
+        # vLLM notices its engine core process dying and fails every request with
+        # EngineDeadError; from then on it can serve nothing.
+        return self._llm is not None and bool(self._llm.errored)
 
     def scheduler_stats(self) -> tuple[int, int, float]:
         s = self._scheduler

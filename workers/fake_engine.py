@@ -43,6 +43,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.started: list[str] = []
         self._in_flight: set[str] = set()
+        self._dead = False
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         self.last_chat = ([m.for_template() for m in messages], tools)
@@ -63,6 +64,8 @@ class FakeEngine:
         try:
             for i in range(n):
                 await asyncio.sleep(self.step_s)
+                if self._dead:
+                    raise RuntimeError("the fake engine's process died")
                 last = i == n - 1
                 finish = None
                 if last:  # the counting answer says "length" also when max_tokens is exactly its size
@@ -82,6 +85,13 @@ class FakeEngine:
 
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def dead(self) -> bool:
+        return self._dead
+
+    def kill(self) -> None:
+        """What a killed engine process looks like: every request fails, now and later."""
+        self._dead = True
 
     def scheduler_stats(self) -> tuple[int, int, float]:
         return len(self._in_flight), 0, 0.0

@@ -48,13 +48,15 @@ class LoadedModel:
         self.load_started_at = self.loaded_at = time.time()
         self.idle_since: float | None = time.time()
         self.expires_at: float | None = None
+        self.death_handled = False  # its engine died and the worker has begun to replace it
 
     def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings) -> None:
         self.engine = engine
         self.max_jobs = settings.max_jobs or engine.max_num_seqs
         batch_jobs = max(1, int(self.max_jobs * settings.batch_share))
         self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,
-                                       load_window=(self.load_started_at, time.time()))
+                                       load_window=(self.load_started_at, time.time()),
+                                       on_engine_dead=self.stop_taking_jobs)
         # The batch queue is polled ten times less often: a batch job can wait 0.1 s to start,
         # and every poll is CPU taken from the engine on a small machine.
         self.consumers = [
@@ -97,6 +99,15 @@ class LoadedModel:
         finally:
             for task in tasks:
                 await cancel_and_wait(task)
+
+    def engine_dead(self) -> bool:
+        return self.state in ("ready", "failed") and self.engine is not None and self.engine.dead()
+
+    def stop_taking_jobs(self) -> None:
+        """Its engine died: take no more jobs (the API routes none here once the heartbeat
+        shows it failed); the running ones fail by themselves."""
+        self.state = "failed"
+        self._pick_jobs(False)
 
     def _job_tasks(self) -> list[asyncio.Task]:
         return [t for c in self.consumers for t in c.tasks.values()]

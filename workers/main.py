@@ -14,7 +14,6 @@ cancel the rest, then close the engines.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from common import catalog, keys, registry
 from common.durations import FOREVER, parse_keep_alive
 from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
+from common.records import LoadRecord
 from common.redis_conn import connect
 from common.settings import Settings
 from common.tasks import cancel_and_wait, run_until_signalled
@@ -46,6 +46,12 @@ DRAIN_GRACE_S = 30.0
 # A worker that would have to unload a model to take a load request leaves it this long to
 # workers with free room.
 EVICT_DEFER_S = 1.0
+# An engine that dies this often within the window is not restarted again: the worker exits
+# non-zero, saying why, for its supervisor (or its operator) to look at.
+ENGINE_DEATHS_ALLOWED = 3
+ENGINE_DEATH_WINDOW_S = 600.0
+# Jobs on a dead engine fail within moments; the ones that do not are cancelled after this.
+DEAD_ENGINE_GRACE_S = 5.0
 
 EngineFactory = Callable[[str, Path | None], Engine]
 
@@ -92,6 +98,11 @@ class GenerationWorker:
         self._heartbeat: Heartbeat | None = None
         self._redis: ArqRedis | None = None
         self._sink: FrameSink | None = None
+        self._engine_deaths: list[float] = []
+        self._fatal: str | None = None  # why the worker stopped by itself; it then exits non-zero
+        # Models whose engine is being started again: still advertised, so requests for them
+        # wait in the queue for the new engine rather than being told the model is not here.
+        self._restarting: set[str] = set()
 
     def stop(self) -> None:
         """Idempotent; safe from a signal handler."""
@@ -129,6 +140,8 @@ class GenerationWorker:
             await self._sink.stop()
             await registry.remove_worker(self._redis, self.worker_id)
             await self._redis.aclose()
+        if self._fatal is not None:
+            raise VllamaError(self._fatal)
 
     # ------------------------------------------------------------ the periodic look around
 
@@ -145,7 +158,13 @@ class GenerationWorker:
         for i, m in enumerate(ready):
             raw, interactive, batch = results[3 * i:3 * i + 3]
             m.observe(now, interactive + batch, None if raw is None else float(raw))
+        for m in list(self.models.values()):
+            if m.engine_dead() and not m.death_handled:
+                m.death_handled = True
+                self._engine_died(m)
         for m in ready:
+            if m.state != "ready":
+                continue
             if m.task is not None and m.task.done():
                 log.error("the job consumer of %s stopped (%s); unloading it", m.name, m.task.exception())
                 await self._unload(m)
@@ -177,6 +196,47 @@ class GenerationWorker:
                     return
             self._loading = asyncio.create_task(self._load_requested(name))
             return
+
+    def _engine_died(self, model: LoadedModel) -> None:
+        """Its engine process died: stop taking jobs for it at once (its running jobs fail
+        with an error their clients see), then unload it and, if it is the worker's own
+        model, start its engine again; an engine that keeps dying ends the worker."""
+        model.stop_taking_jobs()
+        self._heartbeat.poke()
+        now = time.monotonic()
+        self._engine_deaths = [t for t in self._engine_deaths if now - t < ENGINE_DEATH_WINDOW_S] + [now]
+        if len(self._engine_deaths) > ENGINE_DEATHS_ALLOWED:
+            self._fatal = (f"the engine of {model.name} died {len(self._engine_deaths)} times within "
+                           f"{ENGINE_DEATH_WINDOW_S:.0f} s; not restarting it again (see the messages above)")
+            log.error("worker %s: %s", self.worker_id, self._fatal)
+            self.stop()
+            return
+        pinned = model.default_keep_alive == FOREVER
+        if pinned:
+            self._restarting.add(model.name)
+        log.error("worker %s: the engine of %s died; its jobs fail, and it is %s", self.worker_id, model.name,
+                  "being started again" if pinned else "unloaded")
+        self._loading = asyncio.create_task(self._restart(model, pinned, after=self._loading))
+
+    async def _restart(self, model: LoadedModel, pinned: bool, after: asyncio.Task | None) -> None:
+        if pinned:
+            self.info.state = "loading"
+        try:
+            await model.drain(DEAD_ENGINE_GRACE_S)
+            if after is not None:  # a load already under way finishes first
+                await asyncio.gather(after, return_exceptions=True)
+            self.models.pop(model.name, None)
+            self._heartbeat.poke()
+            if not pinned:
+                return  # a request for it asks for a load again
+            await self._load(model.name, pinned=True)
+            self.info.state = "ready"
+            self._heartbeat.poke()
+        except Exception as exc:  # noqa: BLE001 - the reason is recorded; the worker cannot serve
+            self._fatal = f"the engine of {model.name} died and could not be started again: {exc}"
+            self.stop()
+        finally:
+            self._restarting.discard(model.name)
 
     def _evictable(self) -> LoadedModel | None:
         """The idle model closest to expiring (models kept forever last)."""
@@ -216,7 +276,7 @@ class GenerationWorker:
             return None
         from workers.pull import ensure_local
 
-        entry = await catalog.lookup(self._redis, self.settings.heartbeat_ttl_s, model.name)
+        entry = await catalog.lookup(self._redis, model.name)
         log.info("worker %s: loading %s", self.worker_id, model.name)
         path = await asyncio.to_thread(ensure_local, self.store, model.name, entry)
         manifest = self.store.get(model.name)
@@ -232,14 +292,14 @@ class GenerationWorker:
 
     async def _record_load(self, name: str, status: str, **fields: object) -> None:
         self._heartbeat.poke()
-        record = {"model": name, "status": status, "worker_id": self.worker_id, "at": time.time(), **fields}
-        await self._redis.set(keys.load_record(name), json.dumps(record), ex=self.settings.keep_result_s)
+        record = LoadRecord(model=name, status=status, worker_id=self.worker_id, **fields)
+        await self._redis.set(keys.load_record(name), record.model_dump_json(), ex=self.settings.keep_result_s)
 
     def _refresh_info(self) -> None:
         """Called from the heartbeat thread."""
         models = list(self.models.values())
         self.info.loaded = [m.status() for m in models]
-        self.info.models = [m.name for m in models if m.state in ("loading", "ready")]
+        self.info.models = sorted({m.name for m in models if m.state in ("loading", "ready")} | self._restarting)
         self.info.running = sum(m.running for m in models)
         self.info.engine_requests = sum(m.engine.in_flight() for m in models if m.engine is not None)
         self.info.max_jobs = sum(m.max_jobs for m in models)

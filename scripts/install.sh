@@ -41,3 +41,10 @@ if [[ "$extras" == *test* && ! -x /usr/bin/redis-server && $(id -u) == 0 ]] && c
   # The package may start a system-wide Redis on port 6379; the tests start their own.
   service redis-server stop >/dev/null 2>&1 || true
 fi
+
+# The multi-host tests set one host's clock off with libfaketime (a Debian package): install
+# it for the tests when it is missing and we may (root, apt-get present).
+if [[ "$extras" == *test* ]] && ! compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null \
+    && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libfaketime
+fi

@@ -192,7 +192,8 @@ class JobStream:
         raise error
 
     async def cancel(self) -> None:
-        """Withdraw the job if it has not started, else abort it in its worker."""
+        """Ask arq to abort the job: a queued job never starts, a running one is cancelled in
+        its worker, which aborts the engine request."""
         self.finished = True
         if self.worker_id is None:
             await self._d.record(self.job, "cancelled", error="cancelled before it started")

@@ -123,6 +123,7 @@ class FrameMultiplexer:
             try:
                 await self._pubsub.subscribe(channel)
             except BaseException:
+                state.pending = 0  # not sent: no confirmation will come
                 await self.unsubscribe(subscription)
                 raise
         else:

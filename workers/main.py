@@ -103,6 +103,7 @@ class GenerationWorker:
         # Models whose engine is being started again: still advertised, so requests for them
         # wait in the queue for the new engine rather than being told the model is not here.
         self._restarting: set[str] = set()
+        self._loads_seen: dict[str, float] = {}  # load requests (model -> monotonic time first seen)
 
     def stop(self) -> None:
         """Idempotent; safe from a signal handler."""
@@ -172,9 +173,14 @@ class GenerationWorker:
                 log.info("%s idle past its keep_alive; unloading", m.name)
                 await self._unload(m)
         if self._loading is None or self._loading.done():
-            await self._claim(results[-1], now)
+            await self._claim(results[-1])
 
-    async def _claim(self, requests: list[tuple[bytes | str, float]], now: float) -> None:
+    async def _claim(self, requests: list[tuple[bytes | str, float]]) -> None:
+        # When this worker first saw each request, by its own monotonic clock: the scores are
+        # another machine's wall clock, which may be off by more than the deferral.
+        now = time.monotonic()
+        names = {raw.decode() if isinstance(raw, bytes) else raw for raw, _ in requests}
+        self._loads_seen = {n: self._loads_seen.get(n, now) for n in names}
         for raw, score in requests:
             name = raw.decode() if isinstance(raw, bytes) else raw
             if name in self.models:  # already here (or on its way): the request is met
@@ -185,7 +191,7 @@ class GenerationWorker:
             victim = None
             if len(self.models) >= self.settings.max_loaded_models:
                 victim = self._evictable()
-                if victim is None or now - score / 1000 < EVICT_DEFER_S:
+                if victim is None or now - self._loads_seen[name] < EVICT_DEFER_S:
                     continue
             if not await self._redis.zrem(keys.LOADS, name):
                 continue  # another worker took it

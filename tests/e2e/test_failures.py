@@ -90,6 +90,61 @@ def test_killed_worker_ends_its_stream_with_an_error_and_the_other_worker_serves
     wait_until(lambda: _engine_idle(stack), 15, "the surviving worker to finish aborted work")
 
 
+def test_killed_engine_process_fails_its_streams_and_its_worker_starts_it_again(stack):
+    """The worker lives on but its vLLM engine core dies: its clients get an error line, it
+    stops taking jobs at once (the other worker serves), shows the model failed, and starts
+    the engine again."""
+    second = start_worker(stack.redis_url, stack.logs / "worker-engine.log", **stack.env)
+    try:
+        wait_ready(stack.base_url, second, n_workers=2)
+        victim_id = next(w["worker_id"] for w in stack.workers() if w["pid"] == second.popen.pid)
+        engine_procs = psutil.Process(second.popen.pid).children(recursive=True)
+        body = {"model": MODEL, "prompt": "Write a long essay.", "options": {"num_predict": 3000}}
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            streams = []
+            for _ in range(12):  # until one runs on the worker whose engine we kill
+                cm = http.stream("POST", "/api/generate", json=body)
+                lines = cm.__enter__().iter_lines()
+                assert "response" in json.loads(next(lines))
+                streams.append((cm, lines))
+                if any(j["worker_id"] == victim_id and j["status"] == "running" for j in stack.job_records()):
+                    break
+            else:
+                pytest.fail("no job ran on the second worker")
+            for proc in engine_procs:
+                proc.kill()
+            killed_at = time.monotonic()
+            errors = []
+            for cm, lines in streams:
+                for line in lines:
+                    last = json.loads(line)
+                    if "error" in last:
+                        errors.append((last["error"], time.monotonic() - killed_at))
+                        break
+                    if time.monotonic() - killed_at > 3:
+                        break  # a stream on the healthy worker goes on; enough of it
+                cm.__exit__(None, None, None)
+        assert errors and all(seconds < 10 for _, seconds in errors), errors
+
+        def victim_state() -> str:
+            [victim] = [w for w in stack.workers() if w["worker_id"] == victim_id]
+            return victim["state"]
+
+        wait_until(lambda: victim_state() == "loading", 10, "the worker to say it is starting its engine again")
+        # Meanwhile the other worker serves.
+        r = httpx.post(stack.base_url + "/api/generate", timeout=120,
+                       json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 4}})
+        assert r.status_code == 200
+        assert r.json()["eval_count"] == 4
+        wait_until(lambda: victim_state() == "ready", 300, "the engine to be started again", interval_s=1)
+        assert second.alive()
+        print(f"\nkilled engine: error lines after {max(s for _, s in errors):.1f} s, engine back after "
+              f"{time.monotonic() - killed_at:.0f} s")
+    finally:
+        second.stop()
+    wait_until(lambda: _engine_idle(stack), 15, "the surviving worker to finish aborted work")
+
+
 def test_full_queue_answers_503_at_once_and_loses_nothing(stack):
     api, base = start_api(stack.redis_url, stack.logs, VLLAMA_MAX_QUEUE="2")
     try:

@@ -31,13 +31,12 @@ from common import batch_lines, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, Conflict, ErrorCode, NotFound, ServerBusy, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
-from common.records import JobRecord
+from common.records import BATCH_LINES, BatchLine, BatchRecord, JobRecord
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 60
-INTERNAL = ("total", "expiring")  # kept in the batch's record, not shown
 LOST_CHECK_S = 5  # how often a batch's running lines are checked for a dead worker
 
 
@@ -102,27 +101,23 @@ async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
 async def create(d: Dispatcher, body: CreateBatch) -> dict[str, Any]:
     data = await files.content(d.redis, body.input_file_id)
     now = int(time.time())
-    batch: dict[str, Any] = {
-        "id": f"batch_{uuid.uuid4().hex[:24]}", "object": "batch", "endpoint": body.endpoint, "errors": None,
-        "input_file_id": body.input_file_id, "completion_window": body.completion_window, "status": "in_progress",
-        "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": now,
-        "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
-        "expired_at": None, "cancelling_at": None, "cancelled_at": None, "total": 0, "metadata": body.metadata,
-    }
+    batch = BatchRecord(id=f"batch_{uuid.uuid4().hex[:24]}", endpoint=body.endpoint,
+                        input_file_id=body.input_file_id, completion_window=body.completion_window,
+                        created_at=now, in_progress_at=now, expires_at=now + WINDOW_S, metadata=body.metadata)
     lines, errors = _parse(data, body.endpoint)
     if errors:
-        batch.update(status="failed", failed_at=now, in_progress_at=None,
-                     errors={"object": "list", "data": errors[:100]})
+        batch = batch.model_copy(update={"status": "failed", "failed_at": now, "in_progress_at": None,
+                                         "errors": {"object": "list", "data": errors[:100]}})
     else:
-        batch["total"] = len(lines)
+        batch.total = len(lines)
     await _save(d, batch)
     async with d.redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.BATCHES, {batch["id"]: now})
+        pipe.zadd(keys.BATCHES, {batch.id: now})
         pipe.zremrangebyscore(keys.BATCHES, "-inf", now - d.settings.file_ttl_s)
         await pipe.execute()
     if not errors:
         await _queue_lines(d, batch, lines)
-    return await read(d, batch["id"])
+    return await read(d, batch.id)
 
 
 def _parse(data: bytes, endpoint: str) -> tuple[list[InputLine], list[dict[str, Any]]]:
@@ -154,25 +149,26 @@ def _line_error(code: str, message: str, line: int | None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": None, "line": line}
 
 
-async def _queue_lines(d: Dispatcher, batch: dict[str, Any], lines: list[InputLine]) -> None:
+async def _queue_lines(d: Dispatcher, batch: BatchRecord, lines: list[InputLine]) -> None:
     """Each line as a batch-class job; a line that cannot run gets its error outcome now. The
     lines' list is written before any job is queued: a batch whose lines all end at once must
     find it when its files are written."""
-    entries: list[dict[str, Any]] = []
+    entries: list[BatchLine] = []
     queued: list[tuple[GenerationJob, BatchRef]] = []
     models: dict[str, VllamaError | None] = {}  # each model is checked once
     for index, line in enumerate(lines):
-        ref = BatchRef(batch_id=batch["id"], index=index, ttl_s=d.settings.file_ttl_s)
-        entry = {"custom_id": line.custom_id, "job_id": None, "model": None, "shown_model": line.body.get("model")}
+        ref = BatchRef(batch_id=batch.id, index=index, ttl_s=d.settings.file_ttl_s)
+        shown = line.body.get("model")
+        entry = BatchLine(custom_id=line.custom_id, shown_model=shown if isinstance(shown, str) else None)
         entries.append(entry)
         try:
-            job = await _job(d, batch["endpoint"], line, ref, models)
+            job = await _job(d, batch.endpoint, line, ref, models)
         except VllamaError as exc:
             await _fail_line(d, ref, exc)
             continue
-        entry["job_id"], entry["model"] = job.job_id, job.model
+        entry.job_id, entry.model = job.job_id, job.model
         queued.append((job, ref))
-    await d.redis.set(keys.batch_lines(batch["id"]), json.dumps(entries), ex=d.settings.file_ttl_s)
+    await d.redis.set(keys.batch_lines(batch.id), BATCH_LINES.dump_json(entries), ex=d.settings.file_ttl_s)
     for job, ref in queued:
         try:
             await d.queue.enqueue(job, d.settings.max_batch_queue)
@@ -224,32 +220,33 @@ async def _model_problem(d: Dispatcher, model: str) -> VllamaError | None:
 # ------------------------------------------------------------------ reading, finishing, cancelling
 
 
-async def _save(d: Dispatcher, batch: dict[str, Any]) -> None:
-    await d.redis.set(keys.batch(batch["id"]), json.dumps(batch), ex=d.settings.file_ttl_s)
+async def _save(d: Dispatcher, batch: BatchRecord) -> None:
+    await d.redis.set(keys.batch(batch.id), batch.model_dump_json(), ex=d.settings.file_ttl_s)
 
 
-async def _load(d: Dispatcher, batch_id: str) -> dict[str, Any]:
+async def _load(d: Dispatcher, batch_id: str) -> BatchRecord:
     raw = await d.redis.get(keys.batch(batch_id))
     if raw is None:
         raise NotFound(f"No batch found with id '{batch_id}'")
-    return json.loads(raw)
+    return BatchRecord.model_validate_json(raw)
+
+
+async def _lines(d: Dispatcher, batch_id: str) -> list[BatchLine]:
+    return BATCH_LINES.validate_json(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
 
 
 async def read(d: Dispatcher, batch_id: str) -> dict[str, Any]:
     """The batch as OpenAI shows it, with live counts; finished (files written) if every line
     has an outcome."""
     batch = await _load(d, batch_id)
-    if batch["status"] == "in_progress" and time.time() > batch["expires_at"]:
+    if batch.status == "in_progress" and time.time() > batch.expires_at:
         batch = await _stop(d, batch, expired=True)
     completed, failed = await _counts(d, batch_id)
-    if batch["status"] in ("in_progress", "cancelling") and completed + failed < batch["total"] \
-            and await _settle_stray_lines(d, batch_id):
+    if batch.open and completed + failed < batch.total and await _settle_stray_lines(d, batch_id):
         completed, failed = await _counts(d, batch_id)
-    if batch["status"] in ("in_progress", "cancelling") and completed + failed >= batch["total"]:
+    if batch.open and completed + failed >= batch.total:
         batch = await _finish(d, batch)
-    shown = {k: v for k, v in batch.items() if k not in INTERNAL}
-    shown["request_counts"] = {"total": batch["total"], "completed": completed, "failed": failed}
-    return shown
+    return batch.shown(completed, failed)
 
 
 async def _counts(d: Dispatcher, batch_id: str) -> tuple[int, int]:
@@ -264,46 +261,44 @@ async def _settle_stray_lines(d: Dispatcher, batch_id: str) -> bool:
     job (cancelled). True if any was settled."""
     if not await d.redis.set(keys.batch_checked(batch_id), "1", nx=True, ex=LOST_CHECK_S):
         return False
-    entries = json.loads(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
     ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch_id))}
-    pending = [(i, e) for i, e in enumerate(entries) if i not in ended and e["job_id"]]
+    pending = [(i, e) for i, e in enumerate(await _lines(d, batch_id)) if i not in ended and e.job_id]
     if not pending:
         return False
-    records = await d.redis.mget([keys.job_record(e["job_id"]) for _, e in pending])
-    ended_unrun = await d.queue.ended_unrun([e["job_id"] for _, e in pending])
+    records = await d.redis.mget([keys.job_record(e.job_id) for _, e in pending])
+    ended_unrun = await d.queue.ended_unrun([e.job_id for _, e in pending])
     settled = False
     for (index, entry), raw, unrun in zip(pending, records, ended_unrun):
         record = JobRecord.model_validate_json(raw) if raw else None
         ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
         if unrun and (record is None or record.status == "queued"):
-            settled |= await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=entry["job_id"]))
+            settled |= await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=entry.job_id))
         elif record is not None and (lost := await d.queue.settle_lost(record)) is not None:
             settled |= await batch_lines.record(d.redis, ref, LineOutcome(
-                status="failed", job_id=entry["job_id"], error=LineError(
+                status="failed", job_id=entry.job_id, error=LineError(
                     status=500, code=ErrorCode.WORKER_LOST, message=lost.error or "")))
     return settled
 
 
-async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:
+async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
     """Write the output and error files; one replica does it (a lock), the others see the result."""
-    if not await d.redis.set(keys.batch_finishing(batch["id"]), "1", nx=True, ex=FINALIZE_LOCK_S):
+    if not await d.redis.set(keys.batch_finishing(batch.id), "1", nx=True, ex=FINALIZE_LOCK_S):
         return batch
-    entries = json.loads(await d.redis.get(keys.batch_lines(batch["id"])) or "[]")
-    raw = await d.redis.hgetall(keys.batch_results(batch["id"]))
+    raw = await d.redis.hgetall(keys.batch_results(batch.id))
     outcomes = {int(k): LineOutcome.model_validate_json(v) for k, v in raw.items()}
-    kind = "chat" if batch["endpoint"] == "/v1/chat/completions" else "completion"
+    kind = "chat" if batch.endpoint == "/v1/chat/completions" else "completion"
     output, error = [], []
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(await _lines(d, batch.id)):
         outcome = outcomes[index]
-        line = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": entry["custom_id"], "response": None,
+        line = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": entry.custom_id, "response": None,
                 "error": None}
         if outcome.status == "done" and outcome.result is not None:
             r = outcome.result
             answer = Answer(r.text, DoneFrame(seq=0, done_reason=r.done_reason, stats=r.stats), r.tool_calls, r.logprobs)
-            body = Shape(kind, outcome.job_id or "", entry["shown_model"] or "", 1).whole([answer])
+            body = Shape(kind, outcome.job_id or "", entry.shown_model or "", 1).whole([answer])
             line["response"] = {"status_code": 200, "request_id": outcome.job_id, "body": body}
             output.append(line)
-        elif outcome.status == "cancelled" and batch.get("expiring"):
+        elif outcome.status == "cancelled" and batch.expiring:
             line["error"] = {"code": "batch_expired", "message": "the batch's 24 h window ended before this request did"}
             error.append(line)
         elif outcome.status == "cancelled":
@@ -315,19 +310,18 @@ async def _finish(d: Dispatcher, batch: dict[str, Any]) -> dict[str, Any]:
                                 "body": openai_error(e.message, e.status, e.code)}
             error.append(line)
     now = int(time.time())
-    stem = batch["id"]
     if output:
-        batch["output_file_id"] = (await files.save(d.redis, d.settings, _jsonl(output), f"{stem}_output.jsonl",
-                                                    "batch_output"))["id"]
+        batch.output_file_id = (await files.save(d.redis, d.settings, _jsonl(output), f"{batch.id}_output.jsonl",
+                                                 "batch_output"))["id"]
     if error:
-        batch["error_file_id"] = (await files.save(d.redis, d.settings, _jsonl(error), f"{stem}_error.jsonl",
-                                                   "batch_output"))["id"]
-    if batch["status"] == "cancelling" and batch.get("expiring"):
-        batch.update(status="expired", expired_at=now)
-    elif batch["status"] == "cancelling":
-        batch.update(status="cancelled", cancelled_at=now)
+        batch.error_file_id = (await files.save(d.redis, d.settings, _jsonl(error), f"{batch.id}_error.jsonl",
+                                                "batch_output"))["id"]
+    if batch.status == "cancelling" and batch.expiring:
+        batch.status, batch.expired_at = "expired", now
+    elif batch.status == "cancelling":
+        batch.status, batch.cancelled_at = "cancelled", now
     else:
-        batch.update(status="completed", finalizing_at=now, completed_at=now)
+        batch.status, batch.finalizing_at, batch.completed_at = "completed", now, now
     await _save(d, batch)
     return batch
 
@@ -338,27 +332,24 @@ def _jsonl(lines: list[dict[str, Any]]) -> bytes:
 
 async def cancel(d: Dispatcher, batch_id: str) -> dict[str, Any]:
     batch = await _load(d, batch_id)
-    if batch["status"] != "in_progress":
-        raise Conflict(f"batch {batch_id} is {batch['status']}; only a batch in progress can be cancelled")
+    if batch.status != "in_progress":
+        raise Conflict(f"batch {batch_id} is {batch.status}; only a batch in progress can be cancelled")
     await _stop(d, batch, expired=False)
     return await read(d, batch_id)
 
 
-async def _stop(d: Dispatcher, batch: dict[str, Any], expired: bool) -> dict[str, Any]:
+async def _stop(d: Dispatcher, batch: BatchRecord, expired: bool) -> BatchRecord:
     """Cancel, or expire (its window passed): the lines still queued leave the queue, the
     running ones are aborted in their workers, which record them."""
-    batch_id = batch["id"]
-    batch.update(status="cancelling", cancelling_at=int(time.time()), expiring=expired)
+    batch.status, batch.cancelling_at, batch.expiring = "cancelling", int(time.time()), expired
     await _save(d, batch)
-    entries = json.loads(await d.redis.get(keys.batch_lines(batch_id)) or "[]")
-    ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch_id))}
-    for index, entry in enumerate(entries):
-        job_id = entry["job_id"]
-        if index in ended or job_id is None:
+    ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch.id))}
+    for index, entry in enumerate(await _lines(d, batch.id)):
+        if index in ended or entry.job_id is None or entry.model is None:
             continue
-        if await d.queue.withdraw(keys.batch_queue(entry["model"]), job_id):
-            ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
-            await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=job_id))
+        if await d.queue.withdraw(keys.batch_queue(entry.model), entry.job_id):
+            ref = BatchRef(batch_id=batch.id, index=index, ttl_s=d.settings.file_ttl_s)
+            await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=entry.job_id))
         else:  # running: its worker aborts it and records the outcome
-            await d.queue.abort(job_id)
+            await d.queue.abort(entry.job_id)
     return batch

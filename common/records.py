@@ -1,5 +1,7 @@
 """Records that cross processes, typed: what the API and the workers write to Redis about a
-job (``vllama:job:<id>``) and about a model load (``vllama:load:<model>``).
+job (``vllama:job:<id>``), a model load (``vllama:load:<model>``) and an OpenAI batch
+(``vllama:batch:<id>``, ``vllama:batch-lines:<id>``). Pull states are common/protocol.py's
+PullState, line outcomes common/batch_lines.py's LineOutcome.
 
 Like the frames and job specs of common/protocol.py they are JSON that `redis-cli` shows as
 text, and every reader validates them here instead of reading a dict with defaults.
@@ -8,9 +10,9 @@ text, and every reader validates them here instead of reading a dict with defaul
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from common.protocol import GenerationJob
 
@@ -66,3 +68,57 @@ class LoadRecord(BaseModel):
     code: str | None = None
     error: str | None = None
     load_s: float | None = None
+
+
+BatchStatus = Literal["in_progress", "cancelling", "finalizing", "completed", "failed", "expired", "cancelled"]
+
+
+class BatchRecord(BaseModel):
+    """An OpenAI batch as the API keeps it (``vllama:batch:<id>``): OpenAI's batch object,
+    without its live request_counts, plus what only we need (``total``, ``expiring``)."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: dict[str, Any] | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus = "in_progress"
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    metadata: dict[str, str] | None = None
+    total: int = 0  # lines in the input file
+    expiring: bool = False  # cancelling because its window ended, not because it was asked to
+
+    @property
+    def open(self) -> bool:
+        """Lines may still be running."""
+        return self.status in ("in_progress", "cancelling")
+
+    def shown(self, completed: int, failed: int) -> dict[str, Any]:
+        """OpenAI's batch object, with the counts as of now."""
+        body = self.model_dump(exclude={"total", "expiring"})
+        body["request_counts"] = {"total": self.total, "completed": completed, "failed": failed}
+        return body
+
+
+class BatchLine(BaseModel):
+    """One input line of a batch: its custom_id, and the job that runs it (None: it could
+    not run, and its error outcome was recorded when the batch was created)."""
+
+    custom_id: str
+    shown_model: str | None = None  # the model as the line named it, for its output line
+    model: str | None = None
+    job_id: str | None = None
+
+
+BATCH_LINES = TypeAdapter(list[BatchLine])

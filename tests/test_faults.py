@@ -231,7 +231,7 @@ async def test_a_dead_engine_stops_its_worker_taking_jobs_and_is_started_again(r
                 if len(got) == 3:
                     first.kill()
                     killed = time.monotonic()
-        assert "stopped working" in got[-1].get("error", "") or "died" in got[-1].get("error", ""), got[-1]
+        assert "process died" in got[-1].get("error", ""), got[-1]
         error_s = time.monotonic() - killed
 
         async def shown_failed() -> bool:

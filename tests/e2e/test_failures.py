@@ -22,6 +22,20 @@ def _engine_idle(stack) -> bool:
     return all(w["engine_requests"] == 0 and w["running"] == 0 for w in stack.workers())
 
 
+def _streams_until_one_runs_on(stack, http: httpx.Client, body: dict, worker_id: str) -> list:
+    """Open streaming requests until one is running on ``worker_id`` (arq decides where);
+    each is (its context manager, its lines), first line read."""
+    streams = []
+    for _ in range(12):
+        cm = http.stream("POST", "/api/generate", json=body)
+        lines = cm.__enter__().iter_lines()
+        assert "response" in json.loads(next(lines))
+        streams.append((cm, lines))
+        if any(j["worker_id"] == worker_id and j["status"] == "running" for j in stack.job_records()):
+            return streams
+    pytest.fail("no job ran on the second worker")
+
+
 def test_client_disconnect_aborts_the_vllm_request(stack):
     with httpx.Client(base_url=stack.base_url, timeout=60) as http:
         with http.stream("POST", "/api/generate", json={
@@ -45,18 +59,7 @@ def test_killed_worker_ends_its_stream_with_an_error_and_the_other_worker_serves
         assert engine_procs, "vLLM runs its engine core in child processes"
         body = {"model": MODEL, "prompt": "Write a long essay.", "options": {"num_predict": 3000}}
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
-            streams = []
-            # Open streams until one is running on the worker we will kill (arq decides where).
-            for _ in range(12):
-                cm = http.stream("POST", "/api/generate", json=body)
-                r = cm.__enter__()
-                lines = r.iter_lines()
-                assert "response" in json.loads(next(lines))
-                streams.append((cm, lines))
-                if any(j["worker_id"] == victim_id and j["status"] == "running" for j in stack.job_records()):
-                    break
-            else:
-                pytest.fail("no job ran on the second worker")
+            streams = _streams_until_one_runs_on(stack, http, body, victim_id)
             victim_jobs = {j["job_id"] for j in stack.job_records() if j["worker_id"] == victim_id and j["status"] == "running"}
             second.kill()
             killed_at = time.monotonic()
@@ -101,16 +104,7 @@ def test_killed_engine_process_fails_its_streams_and_its_worker_starts_it_again(
         engine_procs = psutil.Process(second.popen.pid).children(recursive=True)
         body = {"model": MODEL, "prompt": "Write a long essay.", "options": {"num_predict": 3000}}
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
-            streams = []
-            for _ in range(12):  # until one runs on the worker whose engine we kill
-                cm = http.stream("POST", "/api/generate", json=body)
-                lines = cm.__enter__().iter_lines()
-                assert "response" in json.loads(next(lines))
-                streams.append((cm, lines))
-                if any(j["worker_id"] == victim_id and j["status"] == "running" for j in stack.job_records()):
-                    break
-            else:
-                pytest.fail("no job ran on the second worker")
+            streams = _streams_until_one_runs_on(stack, http, body, victim_id)
             for proc in engine_procs:
                 proc.kill()
             killed_at = time.monotonic()

@@ -53,11 +53,21 @@ class StoreInfo(BaseModel):
     root: str
     free_bytes: int
     heartbeat_at: float = 0.0
+    # Where the store serves its files to other machines (workers/peer_server.py), and the
+    # bearer token it asks for. The token is made at the pull worker's start and kept only
+    # here and in its memory: whoever can read this record may fetch the store's files, and
+    # nobody else. None: a store that serves nothing (an older pull worker, or no port).
+    url: str | None = None
+    token: str | None = None
 
 
 class CatalogEntry(BaseModel):
     manifest: Manifest
     stores: list[str]  # live stores holding the model
+    # The live stores holding exactly this manifest's files (same digest) and serving them:
+    # what another machine may fetch the model from, file by file, any of them for any file.
+    # Filled by lookup() only (it carries tokens: never hand it to an HTTP client).
+    sources: list[StoreInfo] = []
 
 
 async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> bool:
@@ -115,7 +125,8 @@ async def entries(redis: Redis) -> dict[str, CatalogEntry]:
 
 async def lookup(redis: Redis, name: str) -> CatalogEntry | None:
     """The model ``name`` if some live store holds it."""
-    stores = sorted(s.store_id for s in await live_stores(redis))
+    infos = await live_stores(redis)
+    stores = sorted(s.store_id for s in infos)
     if not stores:
         return None
     async with redis.pipeline(transaction=False) as pipe:
@@ -125,5 +136,8 @@ async def lookup(redis: Redis, name: str) -> CatalogEntry | None:
     holders = [s for s, raw in zip(stores, found) if raw is not None]
     if not holders:
         return None
-    raw = next(r for r in found if r is not None)
-    return CatalogEntry(manifest=Manifest.model_validate_json(raw), stores=holders)
+    manifest = Manifest.model_validate_json(next(r for r in found if r is not None))
+    same = {s for s, raw in zip(stores, found)
+            if raw is not None and Manifest.model_validate_json(raw).digest == manifest.digest}
+    sources = [info for info in sorted(infos, key=lambda i: i.store_id) if info.store_id in same and info.url]
+    return CatalogEntry(manifest=manifest, stores=holders, sources=sources)

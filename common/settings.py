@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 11434
+DEFAULT_STORE_PORT = 11435  # a pull worker's file server (models fetched by other machines)
 
 
 def _default_home() -> Path:
@@ -111,6 +112,19 @@ class Settings(BaseSettings):
     store_id: str = Field(
         default="", description="Name of this machine's model store; empty: the host name. Machines sharing one "
                                 "model directory (a network disk) should share the name.",
+    )
+    store_port: int = Field(
+        default=DEFAULT_STORE_PORT, ge=0, le=65535,
+        description="Port on which a pull worker serves its store's files to other machines' stores; 0: any "
+                    "free port. The default, when taken, falls back to a free one (the URL is advertised in Redis).",
+    )
+    store_bind: str = Field(
+        default="", description="Address the store's file server listens on; empty: the advertised address when "
+                                "that is found automatically, else all interfaces (0.0.0.0).",
+    )
+    store_advertise: str = Field(
+        default="", description="host or host:port other machines reach this store's file server at; empty: the "
+                                "local address of the pull worker's connection to Redis, and the bound port.",
     )
     max_jobs: int = Field(default=0, ge=0, description="Jobs one worker runs at once; 0 = the engine's max_num_seqs.")
     batch_share: float = Field(

@@ -28,6 +28,7 @@ from common.settings import Settings
 from common.tasks import cancel_and_wait, run_until_signalled
 from workers.arq_worker import GenerationArqWorker
 from workers.frames import FramePublisher, FrameSink
+from workers.peer_server import StoreServer, StoreServerError
 from workers.pull import Progress, pull
 from workers.store import ModelStore
 
@@ -49,6 +50,9 @@ class PullWorker:
         self._stop = asyncio.Event()
         self._redis: ArqRedis | None = None
         self._sink: FrameSink | None = None
+        # Serves this store's files to other machines; its URL and token go out with every
+        # heartbeat (common/catalog.py StoreInfo).
+        self.server = StoreServer(self.store)
         # Serialises writes to the store's Redis catalog: a resync from disk taken before a
         # pull saved its manifest must not land after the pull's own update and hide it.
         self._catalog_lock = asyncio.Lock()
@@ -58,6 +62,11 @@ class PullWorker:
 
     async def run(self, redis: ArqRedis | None = None) -> None:
         redis = self._redis = redis or await connect(self.settings.redis_url)
+        try:
+            await self.server.start(self.settings, redis)
+        except StoreServerError as exc:
+            await redis.aclose()
+            raise VllamaError(f"store {self.store_id}: {exc}", ErrorCode.UNAVAILABLE) from exc
         await self._resync()
         log.info("store %s: %d models in %s", self.store_id, len(self.store.list()), self.store.root)
         self._sink = FrameSink(redis)
@@ -90,6 +99,7 @@ class PullWorker:
             await cancel_and_wait(beat)
             await self._sink.stop()
             await catalog.remove_store(redis, self.store_id)
+            await self.server.stop()
             await redis.aclose()
 
     async def _resync(self) -> frozenset:
@@ -110,6 +120,7 @@ class PullWorker:
                 info = catalog.StoreInfo(
                     store_id=self.store_id, host=socket.gethostname(), pid=os.getpid(),
                     root=str(self.store.root), free_bytes=await asyncio.to_thread(self.store.free_bytes),
+                    url=self.server.url, token=self.server.token,
                 )
                 if not await catalog.publish_store(self._redis, info, self.settings.heartbeat_ttl_s) and beats:
                     # Our record was gone: Redis lost its data (a restart without persistence)
@@ -227,4 +238,8 @@ def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> N
 
 def run_pull_worker(settings: Settings) -> None:
     """Entry point of `vllama pull-worker`."""
-    run_until_signalled(lambda: PullWorker(settings))
+    try:
+        run_until_signalled(lambda: PullWorker(settings))
+    except VllamaError as exc:  # e.g. VLLAMA_STORE_PORT taken: say so, no traceback
+        log.error("pull worker cannot start: %s", exc.message)
+        raise SystemExit(1) from None

@@ -71,21 +71,31 @@ class Progress:
             return self.state.model_copy(deep=True)
 
 
-def pull(store: ModelStore, name: str, progress: Progress) -> Manifest:
-    """Pull ``name`` (an alias or a repo id) into ``store``; the bundled model is imported
-    from its package instead."""
+def pull(store: ModelStore, name: str, progress: Progress, entry: CatalogEntry | None = None) -> Manifest:
+    """Pull ``name`` into ``store``: the bundled model is imported from its package; a model
+    the cluster already has (``entry``, from the Redis catalog) comes from where it came from
+    (its Hub repo), or, made from a GGUF file on another machine, from a store holding it;
+    anything else (an alias or a repo id) from the Hub."""
     source = source_for(name)
+    if source is not None and source.bundled_gguf:
+        return import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), progress, source.chat_template)
+    if entry is not None and not entry.manifest.repo:
+        from workers.peer_fetch import fetch_from_peers
+
+        return fetch_from_peers(store, name, entry, progress)
+    if source is None and entry is not None and entry.manifest.repo:  # a copy of a pulled model
+        return pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", progress)
     if source is None:
         raise ModelNotFound(name, f"pull model manifest: '{name}' is not a model vLLama knows; use a "
                                   "Hugging Face repo id (org/name) or a name from `vllama suggest --all`")
-    if source.bundled_gguf:
-        return import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), progress, source.chat_template)
     return pull_from_hub(store, name, source.hf_repo, source.revision, progress)
 
 
 def ensure_local(store: ModelStore, name: str, entry: CatalogEntry | None) -> Path:
     """The directory to load ``name`` from, fetching it first when this machine lacks it
-    but another store has it (``entry``, from the Redis catalog) or it is bundled."""
+    but another store has it (``entry``, from the Redis catalog) or it is bundled. A model
+    with a Hub repo is fetched from the Hub (whose hashes vouch for it); one made from a GGUF
+    file elsewhere, from a store holding it (workers/peer_fetch.py)."""
     manifest = store.get(name)
     if manifest is None:
         silent = Progress(PullState(model=name, store_id="local"))
@@ -96,8 +106,10 @@ def ensure_local(store: ModelStore, name: str, entry: CatalogEntry | None) -> Pa
             log.info("%s is not on this machine yet; fetching %s", name, entry.manifest.repo)
             manifest = pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", silent)
         elif entry is not None:
-            raise ModelNotFound(name, f"model '{name}' was made from a GGUF file on another machine "
-                                      f"(stores {', '.join(entry.stores)}); create it on this one too")
+            from workers.peer_fetch import fetch_from_peers
+
+            log.info("%s is not on this machine yet; fetching it from store(s) %s", name, ", ".join(entry.stores))
+            manifest = fetch_from_peers(store, name, entry, silent)
         else:
             raise ModelNotFound(name)
     return store.model_dir(manifest)
@@ -125,7 +137,7 @@ def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progre
         if f.path in cached:
             f.completed = f.total
     progress.add_files(files)
-    _check_space(store, name, sum(e.size for e in wanted if e.path not in cached))
+    check_space(store, name, sum(e.size for e in wanted if e.path not in cached))
 
     paths: dict[str, Path] = {}
     with store.lock(f"repo-{repo}"), _hub_errors(name, repo, revision):
@@ -199,7 +211,7 @@ def _verify(entry, path: Path) -> None:
         raise Upstream(f"digest mismatch for {entry.path}: the download was corrupted; pull again")
 
 
-def _check_space(store: ModelStore, name: str, needed: int) -> None:
+def check_space(store: ModelStore, name: str, needed: int) -> None:
     free = store.free_bytes()
     if needed > free:
         raise InsufficientStorage(

@@ -169,7 +169,8 @@ class PullWorker:
         PUBLISH_EVERY_S) and say it is alive every heartbeat."""
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         await self._redis.set(alive, self.store_id, px=ttl_ms)
-        work = _in_daemon_thread(pull, self.store, name, progress)
+        entry = await catalog.lookup(self._redis, name)  # what the other stores hold, and serve
+        work = _in_daemon_thread(pull, self.store, name, progress, entry)
         while True:
             waiter = asyncio.ensure_future(changed.wait())
             await asyncio.wait({work, waiter}, timeout=self.settings.heartbeat_interval_s,

@@ -122,6 +122,8 @@ class JobStream:
                     continue
             self._strikes = 0
             frame = _frame.validate_json(raw)
+            if frame.seq < expected:
+                continue  # sent again after a Redis blip (workers/frames.py)
             if frame.seq != expected:
                 raise StreamBroken(
                     f"lost part of the answer (frame {expected} expected, {frame.seq} received); "

@@ -145,6 +145,8 @@ async def _settle(dispatcher: Dispatcher, record: JobRecord) -> JobRecord:
 
 
 def _apply(state: JobState, frame: Frame) -> None:
+    if frame.seq < len(state.frames):
+        return  # kept twice: its worker sent it again after a Redis blip (workers/frames.py)
     state.frames.append(frame)
     if isinstance(frame, TokenFrame):
         state.text += frame.text

@@ -269,3 +269,42 @@ async def test_an_engine_that_keeps_dying_ends_the_worker_saying_why(redis_serve
         with pytest.raises(VllamaError, match="died 4 times"):
             await asyncio.wait_for(worker.run(redis=await connect(redis_server.url)), 60)
         assert len(engines) == 4
+
+
+async def test_async_jobs_accepted_before_a_redis_crash_finish_after_it(tmp_path):
+    """Redis SIGKILLed under a backlog of async jobs and started again from its append-only
+    file: the running jobs ride it out (their frames and records are sent again until Redis
+    answers) and the queued ones run after; every answer is whole."""
+    import os
+    import signal
+
+    from cli.embedded_redis import EmbeddedRedis
+
+    own = EmbeddedRedis(data_dir=tmp_path / "redis", appendfsync="everysec").start()
+    try:
+        async with fake_stack(own.url, engine=FakeEngine(step_s=0.02, answer_tokens=1000), max_jobs=4) as stack, \
+                stack.client() as http:
+            ids = [(await http.post("/api/jobs/generate", json={
+                "model": MODEL, "prompt": "hi", "options": {"num_predict": 60}})).json()["id"] for _ in range(8)]
+            await async_wait_until(lambda: _running(http, ids), 10, "some jobs to be running")
+            await asyncio.sleep(1.2)  # past the append-only file's fsync
+            os.kill(own.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            await asyncio.sleep(0.5)
+            own.start()
+
+            async def all_ended() -> bool:
+                statuses = [(await http.get(f"/api/jobs/{i}")).json()["status"] for i in ids]
+                return all(s in ("done", "failed", "cancelled") for s in statuses)
+
+            await async_wait_until(all_ended, 60, "every job to end")
+            jobs = [(await http.get(f"/api/jobs/{i}")).json() for i in ids]
+            assert [j["status"] for j in jobs] == ["done"] * 8, [(j["status"], j["error"]) for j in jobs]
+            assert all(j["output"] == "".join(f"tok{i} " for i in range(60)) for j in jobs)
+            print(f"\nRedis crash under 8 async jobs: all done {time.monotonic() - killed:.1f} s after the kill")
+    finally:
+        own.stop()
+
+
+async def _running(http, ids: list[str]) -> bool:
+    return "running" in [(await http.get(f"/api/jobs/{i}")).json()["status"] for i in ids]

@@ -7,6 +7,11 @@ round trip and socket write per token into one per batch; when idle a frame goes
 once. Frames of one job keep their order: there is a single sender and batches are FIFO.
 An async job's frames are also appended to a list (``vllama:job-frames:<id>``) in the same
 pipeline, for the jobs API to read later.
+
+A batch that Redis does not take (a restart, a failover) is sent again until it does, for up
+to FINAL_WRITE_PATIENCE_S, so a job outlives a short outage with its frames whole and in
+order. A batch that reached Redis before the connection broke may arrive twice; readers skip
+a frame whose sequence number they have already seen.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ class FrameSink:
         self._ready.set()
         return await future
 
+    async def _send(self, batch: list[tuple[str, str, FrameLog | None, asyncio.Future[int]]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel, data, keep, _ in batch:
+                pipe.publish(channel, data)
+                if keep is not None:
+                    keep.append(pipe, data)
+            return await pipe.execute()
+
     async def _send_loop(self) -> None:
         while True:
             await self._ready.wait()
@@ -53,12 +66,7 @@ class FrameSink:
             if not batch:
                 continue
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, data, keep, _ in batch:
-                        pipe.publish(channel, data)
-                        if keep is not None:
-                            keep.append(pipe, data)
-                    replies = await pipe.execute()
+                replies = await until_redis_answers(lambda: self._send(batch), "publishing frames")
             except asyncio.CancelledError:
                 for *_, future in batch:
                     future.cancel()
@@ -110,9 +118,3 @@ class FramePublisher:
     async def send(self, frame_type: type, **fields: Any) -> int:
         """Publish a frame; returns how many subscribers received it."""
         return await self._sink.publish(self.channel, self.next(frame_type, **fields), self.keep)
-
-    async def send_last(self, frame_type: type, **fields: Any) -> int:
-        """Publish a job's last frame, again (the same frame) while Redis does not answer."""
-        data = self.next(frame_type, **fields)
-        return await until_redis_answers(lambda: self._sink.publish(self.channel, data, self.keep),
-                                         f"last frame of {self.channel}")

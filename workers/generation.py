@@ -194,7 +194,7 @@ class GenerationRunner:
                          logprobs=logprobs)
 
     async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
-        await asyncio.shield(publisher.send_last(ErrorFrame, code=code, message=message))
+        await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))
         await asyncio.shield(self._record(job, "failed", error=message, code=code))
 
     def _count(self, status: str, result: JobResult | None) -> None:

@@ -15,6 +15,7 @@ from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.batches import router as batches_router
 from api.files import router as files_router
+from api.housekeeping import Housekeeping
 from api import metrics
 from api.jobs_routes import router as jobs_router
 from api.model_routes import router as model_router
@@ -41,10 +42,13 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
         mux = FrameMultiplexer(conn)
         await mux.start()
         app.state.redis = conn
-        app.state.dispatcher = Dispatcher(conn, mux, settings)
+        app.state.dispatcher = dispatcher = Dispatcher(conn, mux, settings)
+        housekeeping = Housekeeping(conn, dispatcher.queue, settings)
+        await housekeeping.start()
         try:
             yield
         finally:
+            await housekeeping.stop()
             await mux.stop()
             if redis is None:
                 await conn.aclose()

@@ -13,7 +13,6 @@ aborts the running ones; their outcomes are "cancelled" lines in the error file.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any, Literal
 
@@ -27,10 +26,11 @@ from api.errors import describe_validation_error, openai_error
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.openai_routes import Shape
 from api.tools import attach_tools
-from common import batch_lines, keys
+from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, Conflict, ErrorCode, NotFound, ServerBusy, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
+from common.job_queue import worker_lost_message
 from common.records import BATCH_LINES, BatchLine, BatchRecord, JobRecord
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
@@ -100,7 +100,7 @@ async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
 
 async def create(d: Dispatcher, body: CreateBatch) -> dict[str, Any]:
     data = await files.content(d.redis, body.input_file_id)
-    now = int(time.time())
+    now = int(clock.now())
     batch = BatchRecord(id=f"batch_{uuid.uuid4().hex[:24]}", endpoint=body.endpoint,
                         input_file_id=body.input_file_id, completion_window=body.completion_window,
                         created_at=now, in_progress_at=now, expires_at=now + WINDOW_S, metadata=body.metadata)
@@ -239,7 +239,7 @@ async def read(d: Dispatcher, batch_id: str) -> dict[str, Any]:
     """The batch as OpenAI shows it, with live counts; finished (files written) if every line
     has an outcome."""
     batch = await _load(d, batch_id)
-    if batch.status == "in_progress" and time.time() > batch.expires_at:
+    if batch.status == "in_progress" and clock.now() > batch.expires_at:
         batch = await _stop(d, batch, expired=True)
     completed, failed = await _counts(d, batch_id)
     if batch.open and completed + failed < batch.total and await _settle_stray_lines(d, batch_id):
@@ -273,11 +273,17 @@ async def _settle_stray_lines(d: Dispatcher, batch_id: str) -> bool:
         ref = BatchRef(batch_id=batch_id, index=index, ttl_s=d.settings.file_ttl_s)
         if unrun and (record is None or record.status == "queued"):
             settled |= await batch_lines.record(d.redis, ref, LineOutcome(status="cancelled", job_id=entry.job_id))
-        elif record is not None and (lost := await d.queue.settle_lost(record)) is not None:
+        elif record is not None and (lost := await d.queue.settle_lost(record) or _lost_already(record)):
             settled |= await batch_lines.record(d.redis, ref, LineOutcome(
                 status="failed", job_id=entry.job_id, error=LineError(
                     status=500, code=ErrorCode.WORKER_LOST, message=lost.error or "")))
     return settled
+
+
+def _lost_already(record: JobRecord) -> JobRecord | None:
+    """A line's job that the API's sweep already failed for its dead worker (the worker never
+    recorded the line's outcome)."""
+    return record if record.status == "failed" and record.error == worker_lost_message(record.worker_id) else None
 
 
 async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
@@ -309,7 +315,7 @@ async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
             line["response"] = {"status_code": e.status, "request_id": outcome.job_id,
                                 "body": openai_error(e.message, e.status, e.code)}
             error.append(line)
-    now = int(time.time())
+    now = int(clock.now())
     if output:
         batch.output_file_id = (await files.save(d.redis, d.settings, _jsonl(output), f"{batch.id}_output.jsonl",
                                                  "batch_output"))["id"]
@@ -341,7 +347,7 @@ async def cancel(d: Dispatcher, batch_id: str) -> dict[str, Any]:
 async def _stop(d: Dispatcher, batch: BatchRecord, expired: bool) -> BatchRecord:
     """Cancel, or expire (its window passed): the lines still queued leave the queue, the
     running ones are aborted in their workers, which record them."""
-    batch.status, batch.cancelling_at, batch.expiring = "cancelling", int(time.time()), expired
+    batch.status, batch.cancelling_at, batch.expiring = "cancelling", int(clock.now()), expired
     await _save(d, batch)
     ended = {int(k) for k in await d.redis.hkeys(keys.batch_results(batch.id))}
     for index, entry in enumerate(await _lines(d, batch.id)):

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 
 from api.loading import Loader
 from api.pubsub import FrameMultiplexer, Subscription
-from common import keys, registry
+from common import clock, keys, registry
 from common.errors import StreamBroken, Unavailable, VllamaError, WorkerLost, from_code
 from common.job_queue import JOB_LOST_MESSAGE, JobQueue, worker_lost_message
 from common.protocol import DoneFrame, ErrorFrame, Frame, GenerationJob, StartFrame
@@ -149,12 +149,12 @@ class JobStream:
             if not await registry.worker_alive(d.redis, self.worker_id):
                 await self._give_up(WorkerLost(worker_lost_message(self.worker_id)), "failed")
             if where != "running":  # ended (its last frames lost) or gone with Redis's data
-                self._strike(StreamBroken(
+                await self._strike(StreamBroken(
                     "the answer was cut off: its last part was lost (Redis restarted or failed over); "
                     "retry the request"))
             return
         if where == "gone":
-            self._strike(Unavailable(JOB_LOST_MESSAGE))
+            await self._strike(Unavailable(JOB_LOST_MESSAGE))
             return
         if where == "running":
             # A worker took it but has not said so: it says so at once, unless it died first.
@@ -163,7 +163,7 @@ class JobStream:
             if now - self._taken_at > 2 * d.settings.heartbeat_ttl_s:
                 await self._give_up(Unavailable(JOB_LOST_MESSAGE), "failed")
             return
-        if time.time() - self.job.created_at > d.settings.queue_timeout_s and \
+        if clock.now() - self.job.created_at > d.settings.queue_timeout_s and \
                 await d.queue.withdraw(keys.queue_for(self.job.model, self.job.priority), self.job.job_id):
             self.finished = True
             await d.record(self.job, "cancelled", error="no worker started it in time")
@@ -177,11 +177,10 @@ class JobStream:
             except VllamaError as exc:
                 await self._give_up(exc, "cancelled")
 
-    def _strike(self, error: VllamaError) -> None:
+    async def _strike(self, error: VllamaError) -> None:
         self._strikes += 1
         if self._strikes >= 2:
-            self.finished = True
-            raise error
+            await self._give_up(error, "failed")
 
     async def _give_up(self, error: VllamaError, status: JobStatus) -> None:
         """End the stream with ``error``: the job is recorded so and removed from arq, since a

@@ -8,7 +8,6 @@ object, for VLLAMA_FILE_TTL_S (30 days, as OpenAI keeps batch files).
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -16,7 +15,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 from redis.asyncio import Redis
 
-from common import keys
+from common import clock, keys
 from common.errors import BadRequest, NotFound
 from common.settings import Settings
 
@@ -26,7 +25,7 @@ PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "user_
 
 
 async def save(redis: Redis, settings: Settings, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
-    now = int(time.time())
+    now = int(clock.now())
     meta = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content), "created_at": now,
             "expires_at": now + settings.file_ttl_s, "filename": filename, "purpose": purpose,
             "status": "processed", "status_details": None}

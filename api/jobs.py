@@ -13,7 +13,6 @@ serve with fewer slots and vLLM at a lower priority than interactive requests.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pydantic import TypeAdapter
 from api.dispatch import Dispatcher
 from api.pubsub import Overflowed
 from api.pulls import pull_states, start_pulls
-from common import keys
+from common import clock, keys
 from common.errors import Conflict, NotFound, from_code
 from common.protocol import (
     DoneFrame,
@@ -49,7 +48,7 @@ async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float |
     settings = dispatcher.settings
     limit = settings.max_batch_queue if job.priority == "batch" else settings.max_queue
     await dispatcher.queue.enqueue(job, limit, keep_alive)
-    now_ms = int(time.time() * 1000)
+    now_ms = int(clock.now() * 1000)
     async with dispatcher.redis.pipeline(transaction=False) as pipe:
         pipe.zadd(keys.JOBS, {job.job_id: now_ms})
         pipe.zremrangebyscore(keys.JOBS, "-inf", now_ms - settings.keep_result_s * 1000)
@@ -61,7 +60,7 @@ async def submit_pull(dispatcher: Dispatcher, model: str) -> JobRecord:
     """Start (or join) the pull of ``model`` on every live store; the job's record names the
     stores, and its state is read from their pull records."""
     stores = await start_pulls(dispatcher.redis, dispatcher.settings, model)
-    now = time.time()
+    now = clock.now()
     record = JobRecord(job_id=f"pull-{uuid.uuid4().hex}", model=model, kind="pull", priority="batch",
                        is_async=True, status="queued", stores=stores, created_at=now)
     async with dispatcher.redis.pipeline(transaction=False) as pipe:

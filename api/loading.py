@@ -16,7 +16,7 @@ from arq.connections import ArqRedis
 
 from api.pubsub import FrameMultiplexer
 from api.pulls import pull_to_end
-from common import catalog, keys, registry
+from common import catalog, clock, keys, registry
 from common.errors import ModelNotFound, Unavailable, from_code
 from common.models import source_for
 from common.records import LoadRecord
@@ -53,7 +53,7 @@ class Loader:
     async def ask_later(self, model: str) -> None:
         """Ask for ``model`` even though no worker may load it now: a worker that starts later
         claims the request (a job waiting for it stays queued meanwhile)."""
-        await self.redis.zadd(keys.LOADS, {model: int(time.time() * 1000)}, nx=True)
+        await self.redis.zadd(keys.LOADS, {model: int(clock.now() * 1000)}, nx=True)
 
     async def _ask(self, model: str) -> None:
         workers = [w for w in await self.live_workers() if w.state != "draining"]
@@ -73,7 +73,7 @@ class Loader:
         record = LoadRecord.model_validate_json(raw) if raw else None
         if record is not None and record.status == "failed" and record.at >= since:
             raise from_code(record.code or "internal", record.error or f"loading {model} failed")
-        if time.time() - since > self.settings.load_timeout_s:
+        if clock.now() - since > self.settings.load_timeout_s:
             await self.redis.zrem(keys.LOADS, model)
             raise Unavailable(f"timed out after {self.settings.load_timeout_s:.0f} s waiting for a worker "
                               f"to load '{model}'; the workers may all be busy with other models "

@@ -6,12 +6,12 @@ what to send instead. Unknown fields and unknown ``options`` keys are ignored, a
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common import clock
 from common.durations import parse_keep_alive
 from common.errors import BadRequest
 from common.models import canonical_name
@@ -169,7 +169,7 @@ class GenerateRequest(_Request):
             context=self.context or [],
             sampling=self.sampling(),
             stream=True,
-            created_at=time.time(),
+            created_at=clock.now(),
         )
 
 
@@ -230,7 +230,7 @@ class ChatRequest(_Request):
             messages=[m.to_chat_message() for m in self.messages],
             sampling=self.sampling(),
             stream=True,
-            created_at=time.time(),
+            created_at=clock.now(),
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -16,6 +15,7 @@ from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.tools import attach_tools
+from common import clock
 from common.protocol import DoneFrame, Frame, TokenFrame, ToolCallsFrame
 
 router = APIRouter()
@@ -55,7 +55,7 @@ async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_
     if keep_alive == 0:
         await unless_disconnected(request, loader.unload(model))
         return ndjson.load_response(kind, shown, "unload")
-    since = time.time()
+    since = clock.now()
     await dispatcher.ensure_served(model)  # 404 before anything is written for an unknown model
     await loader.set_keep_alive(model, keep_alive)
     await unless_disconnected(request, loader.wait_loaded(model, since))

@@ -5,12 +5,12 @@ top_p 1, no top_k, no length limit but the context)."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.ollama_models import new_job_id
+from common import clock
 from common.errors import BadRequest
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
@@ -191,7 +191,7 @@ class ChatCompletionRequest(_OpenAIRequest):
             self.response_format.apply(sampling)
         messages = [m.to_chat_message() for m in self.messages]
         return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="chat", messages=messages,
-                             sampling=sampling, created_at=time.time())
+                             sampling=sampling, created_at=clock.now())
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -215,5 +215,5 @@ class CompletionRequest(_OpenAIRequest):
             sampling.logprobs = self.logprobs
         # The text is continued as is: no chat template.
         return [GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="generate", prompt=prompt,
-                              raw=True, sampling=sampling.model_copy(), created_at=time.time())
+                              raw=True, sampling=sampling.model_copy(), created_at=clock.now())
                 for prompt in prompts]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
 from api.openai_models import ChatCompletionRequest, CompletionRequest, fan_out
 from api.tools import attach_tools
-from common import catalog
+from common import catalog, clock
 from common.errors import ModelNotFound
 from common.models import canonical_name
 from common.protocol import DoneFrame, TokenFrame, TokenLogprob, ToolCallsFrame
@@ -72,7 +71,7 @@ class Shape:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job_id
         self.model = model
         self.n = n
-        self.created = int(time.time())
+        self.created = int(clock.now())
         self.text_offsets: dict[int, int] = {}  # completions: characters streamed so far, per choice
 
     def _base(self, chunk: bool) -> dict[str, Any]:

@@ -98,6 +98,7 @@ class FrameMultiplexer:
         self._pubsub = redis.pubsub()
         self._channels: dict[str, _Channel] = {}
         self._stale_confirmations: dict[str, int] = {}
+        self._dropping: set[str] = set()
         self._max_backlog = max_backlog or MAX_BACKLOG
         self._reader: asyncio.Task | None = None
 
@@ -169,21 +170,47 @@ class FrameMultiplexer:
             kind = message["type"]
             if kind == "message":
                 state = self._channels.get(channel)
-                if state is not None:
-                    for subscription in state.subscriptions:
-                        subscription._deliver(message["data"])
-            elif kind == "subscribe":
-                self._confirm(channel)
+                if state is None:
+                    self._drop(channel)
+                    continue
+                for subscription in state.subscriptions:
+                    subscription._deliver(message["data"])
+            elif kind == "subscribe" and not self._confirm(channel):
+                self._drop(channel)
 
-    def _confirm(self, channel: str) -> None:
+    def _confirm(self, channel: str) -> bool:
+        """A subscription confirmed; False if nobody here wants the channel."""
         stale = self._stale_confirmations.get(channel, 0)
         if stale:
             if stale == 1:
                 del self._stale_confirmations[channel]
             else:
                 self._stale_confirmations[channel] = stale - 1
-            return
+            return True
         state = self._channels.get(channel)
-        if state is not None and state.pending:
+        if state is None:
+            return channel == CONTROL_CHANNEL
+        if state.pending:
             state.pending -= 1
             state.confirmed.set()
+        return True
+
+    def _drop(self, channel: str) -> None:
+        """Unsubscribe a channel nobody here reads. After a lost connection the client
+        subscribes again to every channel it had, including those whose UNSUBSCRIBE failed
+        while Redis was away; a worker would count this process as a listener and go on
+        generating an answer that its client already gave up on."""
+        if channel == CONTROL_CHANNEL or channel in self._dropping:
+            return
+        self._dropping.add(channel)
+
+        async def unsubscribe() -> None:
+            try:
+                if channel not in self._channels:
+                    await self._pubsub.unsubscribe(channel)
+            except Exception:  # noqa: BLE001 - its next message tries again
+                log.warning("unsubscribe %s failed", channel, exc_info=True)
+            finally:
+                self._dropping.discard(channel)
+
+        asyncio.create_task(unsubscribe(), name=f"drop-{channel}")

@@ -10,12 +10,11 @@ own. A model is "on disk" when some live store lists it.
 from __future__ import annotations
 
 import hashlib
-import time
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from common import keys
+from common import clock, keys
 from common.model_info import ModelDescription
 from common.registry import live_records
 
@@ -73,7 +72,7 @@ class CatalogEntry(BaseModel):
 async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> bool:
     """Refresh the store's record; False if it was not there (the store's first beat, a beat
     missed past the TTL, or a Redis that lost its data): the catalog may be gone too."""
-    info.heartbeat_at = time.time()
+    info.heartbeat_at = clock.now()
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(keys.store_record(info.store_id), info.model_dump_json(), px=int(ttl_s * 1000), get=True)
         pipe.zadd(keys.STORES, {info.store_id: int(info.heartbeat_at * 1000)})

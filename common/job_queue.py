@@ -13,7 +13,6 @@ would let a burst of requests all see the same short queue and all get in.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from arq.constants import (
@@ -23,14 +22,29 @@ from arq.constants import (
     result_key_prefix,
     retry_key_prefix,
 )
-from arq.jobs import Job, JobResult, serialize_job
+import arq.connections
+import arq.jobs
+import arq.worker
 from arq.connections import ArqRedis
+from arq.jobs import Job, JobResult, serialize_job
 
-from common import keys, registry
+from common import clock, keys, registry
 from common.errors import ServerBusy, VllamaError
 from common.protocol import GenerationJob
 from common.records import JobRecord, JobStatus
 from common.redis_conn import job_deserializer, job_serializer
+
+
+def _use_cluster_clock() -> None:
+    """arq scores a queue's jobs by enqueue time and a worker takes only those scored up to
+    its own "now": a worker whose clock is 30 s behind the API's would see each job 30 s late,
+    after others took it. Every arq timestamp in our processes is cluster time instead
+    (common/clock.py), which all machines agree on."""
+    for module in (arq.worker, arq.connections, arq.jobs):
+        module.timestamp_ms = clock.now_ms
+
+
+_use_cluster_clock()
 
 # How long a queued job may wait before arq drops it as expired (arq's default too).
 JOB_EXPIRES_MS = 24 * 3600 * 1000
@@ -85,7 +99,7 @@ class JobQueue:
     # ------------------------------------------------------------ records
 
     async def write_record(self, record: JobRecord) -> None:
-        record.updated_at = time.time()
+        record.updated_at = clock.now()
         await self.redis.set(keys.job_record(record.job_id), record.dump(), ex=self.keep_result_s)
 
     async def record(self, job_id: str) -> JobRecord | None:
@@ -102,7 +116,7 @@ class JobQueue:
         jobs (running ones count: arq keeps them in the zset until they end): ServerBusy.
         Also records the request's keep_alive for the model (the latest request's wins, as in
         Ollama; None restores the default)."""
-        now_ms = int(time.time() * 1000)
+        now_ms = int(clock.now() * 1000)
         payload = serialize_job("generate", (job.model_dump(mode="json"),), {}, None, now_ms,
                                 serializer=job_serializer)
         job_id = job.job_id
@@ -126,7 +140,7 @@ class JobQueue:
     async def abort(self, job_id: str) -> None:
         """Ask arq to abort the job: a queued job never starts, a running one is cancelled in
         its worker, which aborts the engine request."""
-        await self.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
+        await self.redis.zadd(abort_jobs_ss, {job_id: int(clock.now() * 1000)})
 
     async def cancel(self, record: JobRecord) -> bool:
         """Withdraw the job if it is still queued (recorded cancelled here: True), else abort it
@@ -174,8 +188,30 @@ class JobQueue:
             return None
         lost = record.ended("failed", worker_lost_message(record.worker_id))
         await self.write_record(lost)
+        await self.redis.hdel(keys.RUNNING, record.job_id)
         await self.forget(keys.queue_for(record.model, record.priority), record.job_id)
         return lost
+
+    async def sweep_lost(self) -> int:
+        """Fail the running jobs of workers whose heartbeat lapsed (``vllama:running``), so
+        their records, the jobs list and redis-cli stop calling them running and arq stops
+        counting them; returns how many. Jobs with a listener are usually settled sooner by
+        their stream's own check; this catches the rest (async jobs, batch lines)."""
+        running = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(keys.RUNNING)).items()}
+        workers = sorted(set(running.values()))
+        if not workers:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in workers:
+                pipe.exists(keys.worker_record(worker_id))
+            alive = dict(zip(workers, await pipe.execute()))
+        lost = [job_id for job_id, worker_id in running.items() if not alive[worker_id]]
+        for job_id in lost:
+            record = await self.record(job_id)
+            if record is not None:
+                await self.settle_lost(record)
+            await self.redis.hdel(keys.RUNNING, job_id)
+        return len(lost)
 
     # ------------------------------------------------------------ store jobs (pull, delete, copy)
 

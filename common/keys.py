@@ -46,6 +46,14 @@ def job_frames(job_id: str) -> str:
     return f"{PREFIX}:job-frames:{job_id}"
 
 
+# Hash: job id -> id of the worker running it, for every running job. Written by the worker as
+# it starts a job and removed as it ends it; the API's sweep fails the jobs of workers whose
+# heartbeat lapsed and removes them. No TTL: shared, and bounded by the jobs running now.
+RUNNING = f"{PREFIX}:running"
+
+# Lock held by the API replica sweeping RUNNING this round; TTL: one round (a few seconds).
+SWEEP_LOCK = f"{PREFIX}:sweep-lock"
+
 # Zset of async job ids scored by submission time (ms), for listing recent jobs. No TTL: it
 # is shared; the API drops members older than settings.keep_result_s whenever it adds one.
 JOBS = f"{PREFIX}:jobs"

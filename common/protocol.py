@@ -7,11 +7,11 @@ cannot be used to run code in a worker. The API resolves every default before bu
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common import clock
 from common.tool_calls import ToolCall, ToolUse
 
 
@@ -86,7 +86,7 @@ class GenerationJob(BaseModel):
     stream: bool = True
     priority: Literal["interactive", "batch"] = "interactive"  # batch: served after interactive work
     batch: BatchRef | None = None  # a line of an OpenAI batch: its outcome is recorded there
-    created_at: float = Field(default_factory=time.time)
+    created_at: float = Field(default_factory=clock.now)
 
 
 # ---------------------------------------------------------------- frames
@@ -173,7 +173,7 @@ class PullState(BaseModel):
     files: list[PullFile] = Field(default_factory=list)
     error: str | None = None
     code: str | None = None  # ErrorCode of a failed pull
-    updated_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=clock.now)
 
     @property
     def finished(self) -> bool:

@@ -9,11 +9,11 @@ text, and every reader validates them here instead of reading a dict with defaul
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from common import clock
 from common.protocol import GenerationJob
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -34,7 +34,7 @@ class JobRecord(BaseModel):
     is_async: bool = Field(default=False, alias="async")
     status: JobStatus
     created_at: float
-    updated_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=clock.now)
     started_at: float | None = None
     worker_id: str | None = None
     error: str | None = None
@@ -51,7 +51,7 @@ class JobRecord(BaseModel):
 
     def ended(self, status: JobStatus, error: str | None = None) -> JobRecord:
         """This record as it reads once the job ended without its worker saying so."""
-        return self.model_copy(update={"status": status, "error": error, "updated_at": time.time()})
+        return self.model_copy(update={"status": status, "error": error, "updated_at": clock.now()})
 
     def dump(self) -> str:
         return self.model_dump_json(by_alias=True)
@@ -64,7 +64,7 @@ class LoadRecord(BaseModel):
     model: str
     status: Literal["loading", "ready", "failed"]
     worker_id: str
-    at: float = Field(default_factory=time.time)
+    at: float = Field(default_factory=clock.now)
     code: str | None = None
     error: str | None = None
     load_s: float | None = None

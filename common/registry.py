@@ -12,7 +12,6 @@ minutes must not look dead, nor a dead one alive. The zset is only an index of i
 from __future__ import annotations
 
 import fnmatch
-import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -20,7 +19,7 @@ from pydantic import BaseModel
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from common import keys
+from common import clock, keys
 from common.metrics import ModelStats
 
 
@@ -64,7 +63,7 @@ class WorkerInfo(BaseModel):
 
 def publish_heartbeat(client: SyncRedis, info: WorkerInfo, ttl_s: float) -> None:
     """Synchronous on purpose: workers beat from a thread of their own (workers/heartbeat.py)."""
-    info.heartbeat_at = time.time()
+    info.heartbeat_at = clock.now()
     with client.pipeline(transaction=False) as pipe:
         pipe.set(keys.worker_record(info.worker_id), info.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(keys.WORKERS, {info.worker_id: int(info.heartbeat_at * 1000)})

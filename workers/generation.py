@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from common import batch_lines, keys
+from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
 from common.metrics import ModelStats
@@ -106,16 +106,17 @@ class GenerationRunner:
     async def _start(self, job: GenerationJob, publisher: FramePublisher) -> int:
         """Record the job as running and tell its listener who runs it, in one round trip
         (time to first token). Returns how many listeners the start frame reached."""
-        self._started_at[job.job_id] = started_at = time.time()
+        self._started_at[job.job_id] = started_at = clock.now()
         record = JobRecord.of(job, "running", worker_id=self.worker_id, started_at=started_at).dump()
         start = publisher.next(StartFrame, worker_id=self.worker_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
+            pipe.hset(keys.RUNNING, job.job_id, self.worker_id)
             pipe.publish(publisher.channel, start)
             if publisher.keep is not None:
                 pipe.delete(publisher.keep.key)  # frames of an earlier attempt, if any, are void
                 publisher.keep.append(pipe, start)
-            _, listeners, *_ = await pipe.execute()
+            _, _, listeners, *_ = await pipe.execute()
         return listeners
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
@@ -181,7 +182,7 @@ class GenerationRunner:
         ended = time.monotonic()
         first_token_at = first_token_at or ended
         stats = Stats(
-            total_duration=_ns(time.time() - job.created_at),
+            total_duration=_ns(clock.now() - job.created_at),
             load_duration=_ns(self.load_duration(job)),
             prompt_eval_count=len(prompt),
             prompt_eval_duration=_ns(first_token_at - started),
@@ -208,14 +209,19 @@ class GenerationRunner:
             if counts.eval_count > 1:
                 self.stats.tpot.observe(counts.eval_duration / 1e9 / (counts.eval_count - 1))
 
+    async def _write_end(self, job_id: str, record: JobRecord) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.job_record(job_id), record.dump(), ex=self.keep_result_s)
+            pipe.hdel(keys.RUNNING, job_id)
+            await pipe.execute()
+
     async def _record(self, job: GenerationJob, status: JobStatus, *, error: str | None = None,
                       code: str = ErrorCode.CANCELLED, result: JobResult | None = None) -> None:
         """The job's final record (every caller ends the job), and for a batch line its outcome."""
         self._count(status, result)
         record = JobRecord.of(job, status, worker_id=self.worker_id, started_at=self._started_at.pop(job.job_id, None),
                               error=error)
-        await until_redis_answers(lambda: self.redis.set(keys.job_record(job.job_id), record.dump(),
-                                                         ex=self.keep_result_s), f"record of job {job.job_id}")
+        await until_redis_answers(lambda: self._write_end(job.job_id, record), f"record of job {job.job_id}")
         if job.batch is not None:
             line_error = None if error is None else LineError(status=from_code(code, error).status, code=code,
                                                               message=error)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from common import registry
+from common import clock, registry
 from common.redis_conn import sync_client
 from common.tasks import cancel_and_wait
 
@@ -65,8 +65,15 @@ class Heartbeat:
 
     def _beat(self) -> None:
         client = sync_client(self._url, socket_timeout=self._ttl)
+        synced = float("-inf")
         try:
             while not self._stopped.is_set():
+                if time.monotonic() - synced > clock.RESYNC_S:
+                    try:
+                        clock.sync_blocking(client)
+                        synced = time.monotonic()
+                    except Exception:  # noqa: BLE001 - measured again next beat
+                        log.warning("could not read Redis's clock", exc_info=True)
                 stalled = time.monotonic() - self._loop_seen
                 if stalled > self._stall:
                     log.error("event loop stalled for %.0f s; no heartbeat until it runs again", stalled)

@@ -19,7 +19,7 @@ import time
 from arq.worker import func
 from redis.asyncio import Redis
 
-from common import keys
+from common import clock, keys
 from common.durations import FOREVER
 from common.metrics import ModelStats
 from common.redis_conn import job_deserializer, job_serializer
@@ -45,8 +45,8 @@ class LoadedModel:
         self.consumers: list[GenerationArqWorker] = []  # interactive queue, batch queue
         self.task: asyncio.Task | None = None  # runs the consumers
         self.max_jobs = 0
-        self.load_started_at = self.loaded_at = time.time()
-        self.idle_since: float | None = time.time()
+        self.load_started_at = self.loaded_at = clock.now()
+        self.idle_since: float | None = clock.now()
         self.expires_at: float | None = None
         self.death_handled = False  # its engine died and the worker has begun to replace it
 
@@ -55,7 +55,7 @@ class LoadedModel:
         self.max_jobs = settings.max_jobs or engine.max_num_seqs
         batch_jobs = max(1, int(self.max_jobs * settings.batch_share))
         self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,
-                                       load_window=(self.load_started_at, time.time()),
+                                       load_window=(self.load_started_at, clock.now()),
                                        on_engine_dead=self.stop_taking_jobs)
         # The batch queue is polled ten times less often: a batch job can wait 0.1 s to start,
         # and every poll is CPU taken from the engine on a small machine.
@@ -66,7 +66,7 @@ class LoadedModel:
         ]
         self.task = asyncio.create_task(self._consume(), name=f"jobs-{self.name}")
         self.state = "ready"
-        self.loaded_at = self.idle_since = time.time()
+        self.loaded_at = self.idle_since = clock.now()
         self.observe(self.loaded_at, 0, None)  # until the next look at Redis
         log.info("serving %s with up to %d jobs at once (%d from the batch queue)", self.name, self.max_jobs,
                  batch_jobs)

@@ -25,7 +25,7 @@ from pathlib import Path
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from common import catalog, keys, registry
+from common import catalog, clock, keys, registry
 from common.durations import FOREVER, parse_keep_alive
 from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
@@ -91,7 +91,7 @@ class GenerationWorker:
         self.info = registry.WorkerInfo(
             worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), models=[],
             may_load=[p.strip() for p in settings.models.split(",") if p.strip()] or ["*"], max_loaded=settings.max_loaded_models, state="loading",
-            started_at=time.time(), heartbeat_at=time.time(),
+            started_at=clock.now(), heartbeat_at=clock.now(),
         )
         self._stop = asyncio.Event()
         self._loading: asyncio.Task | None = None
@@ -114,6 +114,7 @@ class GenerationWorker:
         self._redis = redis or await connect(self.settings.redis_url)
         heartbeat = self._heartbeat = Heartbeat(self.settings.redis_url, self.info, self._refresh_info,
                                                 self.settings.heartbeat_interval_s, self.settings.heartbeat_ttl_s)
+        await clock.sync(self._redis)  # before anything is stamped for other machines to read
         heartbeat.start()
         self._sink = FrameSink(self._redis)
         self._sink.start()
@@ -155,7 +156,7 @@ class GenerationWorker:
                 pipe.zcard(keys.batch_queue(m.name))
             pipe.zrange(keys.LOADS, 0, -1, withscores=True)
             results = await pipe.execute()
-        now = time.time()
+        now = clock.now()
         for i, m in enumerate(ready):
             raw, interactive, batch = results[3 * i:3 * i + 3]
             m.observe(now, interactive + batch, None if raw is None else float(raw))

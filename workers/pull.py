@@ -17,11 +17,11 @@ import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import clock
 from common.catalog import CatalogEntry, Manifest, ManifestFile
 from common.errors import Forbidden, InsufficientStorage, ModelNotFound, Upstream, VllamaError
 from common.model_info import describe
@@ -50,7 +50,7 @@ class Progress:
     def phase(self, status: PullStatus) -> None:
         with self._lock:
             self.state.status = status
-            self.state.updated_at = time.time()
+            self.state.updated_at = clock.now()
         self._notify()
 
     def add_files(self, files: list[PullFile]) -> None:
@@ -63,7 +63,7 @@ class Progress:
             for f in self.state.files:
                 if f.path == path:
                     f.completed = max(0, min(completed, f.total))
-            self.state.updated_at = time.time()
+            self.state.updated_at = clock.now()
         self._notify()
 
     def snapshot(self) -> PullState:
@@ -165,7 +165,7 @@ def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progre
     manifest = Manifest(
         name=name, repo=repo, commit=commit, path=str(model_dir.relative_to(store.root)),
         files=manifest_files, size=sum(f.size for f in manifest_files),
-        digest=Manifest.digest_of(manifest_files), modified_at=time.time(), description=describe(model_dir),
+        digest=Manifest.digest_of(manifest_files), modified_at=clock.now(), description=describe(model_dir),
     )
     store.save(manifest)
     return manifest
@@ -321,7 +321,7 @@ def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress,
     files = describe_files(target)
     manifest = Manifest(
         name=name, gguf=str(gguf), path=str(target.relative_to(store.root)), files=files,
-        size=sum(f.size for f in files), digest=Manifest.digest_of(files), modified_at=time.time(),
+        size=sum(f.size for f in files), digest=Manifest.digest_of(files), modified_at=clock.now(),
         description=describe(target),
     )
     store.save(manifest)

@@ -14,12 +14,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.worker import func
 
-from common import catalog, keys
+from common import catalog, clock, keys
 from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
 from common.protocol import PullFrame, PullState
@@ -112,8 +113,12 @@ class PullWorker:
     async def _heartbeat(self) -> None:
         seen = self.store.version()
         beats = 0
+        synced = float("-inf")
         while True:
             try:
+                if time.monotonic() - synced > clock.RESYNC_S:
+                    await clock.sync(self._redis)  # pull states are stamped for other machines
+                    synced = time.monotonic()
                 if self.store.version() != seen:
                     # Changed behind our back (`vllama create`, a file removed by hand).
                     seen = await self._resync()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from common import clock
 from common.catalog import Manifest, ManifestFile
 from common.models import name_from_store_filename, store_filename
 
@@ -94,7 +95,7 @@ class ModelStore:
         manifest = self.get(source)
         if manifest is None:
             return None
-        copied = manifest.model_copy(update={"name": destination, "modified_at": time.time()})
+        copied = manifest.model_copy(update={"name": destination, "modified_at": clock.now()})
         self.save(copied)
         return copied
 

@@ -279,11 +279,11 @@ class GenerationWorker:
 
     async def _resolve(self, model: LoadedModel) -> Path | None:
         """The model's directory on this machine, fetched first if another store has it."""
-        if self.settings.engine == "fake":
-            return None
         from workers.pull import ensure_local
 
         entry = await catalog.lookup(self._redis, model.name)
+        if self.settings.engine == "fake" and entry is None:
+            return None  # it serves any name; a model some store has is still fetched, as for vLLM
         log.info("worker %s: loading %s", self.worker_id, model.name)
         path = await asyncio.to_thread(ensure_local, self.store, model.name, entry)
         manifest = self.store.get(model.name)

@@ -271,19 +271,23 @@ async def test_an_engine_that_keeps_dying_ends_the_worker_saying_why(redis_serve
         assert len(engines) == 4
 
 
-async def test_async_jobs_accepted_before_a_redis_crash_finish_after_it(tmp_path):
-    """Redis SIGKILLed under a backlog of async jobs and started again from its append-only
-    file: the running jobs ride it out (their frames and records are sent again until Redis
-    answers) and the queued ones run after; every answer is whole."""
+async def test_async_jobs_batches_and_files_accepted_before_a_redis_crash_are_there_after_it(tmp_path):
+    """Redis SIGKILLed under a backlog of async jobs and a batch, and started again from its
+    append-only file: the running jobs ride it out (their frames and records are sent again
+    until Redis answers), the queued ones run after, every answer is whole, and the uploaded
+    file and the batch are there and the batch completes."""
     import os
     import signal
 
     from cli.embedded_redis import EmbeddedRedis
+    from tests.test_batches import chat_line, client_for, finished, start_batch
 
     own = EmbeddedRedis(data_dir=tmp_path / "redis", appendfsync="everysec").start()
     try:
         async with fake_stack(own.url, engine=FakeEngine(step_s=0.02, answer_tokens=1000), max_jobs=4) as stack, \
                 stack.client() as http:
+            openai_client = client_for(stack)
+            batch = await start_batch(openai_client, [chat_line(i) for i in range(6)])
             ids = [(await http.post("/api/jobs/generate", json={
                 "model": MODEL, "prompt": "hi", "options": {"num_predict": 60}})).json()["id"] for _ in range(8)]
             await async_wait_until(lambda: _running(http, ids), 10, "some jobs to be running")
@@ -301,6 +305,11 @@ async def test_async_jobs_accepted_before_a_redis_crash_finish_after_it(tmp_path
             jobs = [(await http.get(f"/api/jobs/{i}")).json() for i in ids]
             assert [j["status"] for j in jobs] == ["done"] * 8, [(j["status"], j["error"]) for j in jobs]
             assert all(j["output"] == "".join(f"tok{i} " for i in range(60)) for j in jobs)
+            *_, ended = await finished(openai_client, batch.id)
+            assert ended.status == "completed" and ended.request_counts.completed == 6, ended
+            assert (await openai_client.files.content(batch.input_file_id)).text.count("\n") == 6
+            output = (await openai_client.files.content(ended.output_file_id)).text.splitlines()
+            assert [json.loads(line)["custom_id"] for line in output] == [f"req-{i}" for i in range(6)]
             print(f"\nRedis crash under 8 async jobs: all done {time.monotonic() - killed:.1f} s after the kill")
     finally:
         own.stop()

@@ -44,6 +44,18 @@ async def async_wait_until(predicate, timeout_s: float, what: str, interval_s: f
         await asyncio.sleep(interval_s)
 
 
+def answers_ping(client) -> bool:
+    """Whether a (synchronous) Redis client's server answers; closes the client."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def ndjson_lines(text: str) -> list[dict]:
     lines = text.split("\n")
     assert lines[-1] == "", "an NDJSON stream ends with a newline"

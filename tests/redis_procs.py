@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 
 from cli.embedded_redis import find_redis_server, free_port
+from tests.harness import answers_ping
 
 TLS_REDIS_SERVER = Path("/usr/bin/redis-server")
 SERVICE = "vllama-test"
@@ -88,13 +89,7 @@ class RedisProc:
         return redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1, **tls, **kw)
 
     def _answers(self) -> bool:
-        client = self.client()
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+        return answers_ping(self.client())
 
     def log_tail(self, n: int = 30) -> str:
         path = self.directory / "log"

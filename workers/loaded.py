@@ -16,17 +16,16 @@ import asyncio
 import logging
 import time
 
-from arq.worker import func
 from redis.asyncio import Redis
 
 from common import clock, keys
 from common.durations import FOREVER
+from common.job_queue import JobConsumer, job_function
 from common.metrics import ModelStats
 from common.redis_conn import job_deserializer, job_serializer
 from common.registry import ModelStatus
 from common.settings import Settings
 from common.tasks import cancel_and_wait
-from workers.arq_worker import GenerationArqWorker
 from workers.engine import Engine
 from workers.frames import FrameSink
 from workers.generation import GenerationRunner
@@ -42,7 +41,7 @@ class LoadedModel:
         self.size = size
         self.engine: Engine | None = None
         self.runner: GenerationRunner | None = None
-        self.consumers: list[GenerationArqWorker] = []  # interactive queue, batch queue
+        self.consumers: list[JobConsumer] = []  # interactive queue, batch queue
         self.task: asyncio.Task | None = None  # runs the consumers
         self.max_jobs = 0
         self.load_started_at = self.loaded_at = clock.now()
@@ -72,9 +71,9 @@ class LoadedModel:
                  batch_jobs)
 
     def _consumer(self, queue: str, max_jobs: int, poll_delay_s: float, redis: Redis,
-                  settings: Settings) -> GenerationArqWorker:
-        return GenerationArqWorker(
-            functions=[func(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
+                  settings: Settings) -> JobConsumer:
+        return JobConsumer(
+            functions=[job_function(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
             queue_name=queue,
             redis_pool=redis,
             max_jobs=max_jobs,

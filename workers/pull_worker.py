@@ -18,16 +18,15 @@ import time
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.worker import func
 
 from common import catalog, clock, keys
 from common.errors import ErrorCode, VllamaError
+from common.job_queue import JobConsumer, job_function
 from common.models import canonical_name
 from common.protocol import PullFrame, PullState
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
 from common.tasks import cancel_and_wait, run_until_signalled
-from workers.arq_worker import GenerationArqWorker
 from workers.frames import FramePublisher, FrameSink
 from workers.peer_server import StoreServer, StoreServerError
 from workers.pull import Progress, pull
@@ -73,11 +72,11 @@ class PullWorker:
         self._sink = FrameSink(redis)
         self._sink.start()
         beat = asyncio.create_task(self._heartbeat(), name="store-heartbeat")
-        arq = GenerationArqWorker(
+        arq = JobConsumer(
             functions=[
-                func(self.pull, name="pull", max_tries=1, timeout=PULL_TIMEOUT_S, keep_result=0),
-                func(self.delete, name="delete", max_tries=1, timeout=600),
-                func(self.copy, name="copy", max_tries=1, timeout=600),
+                job_function(self.pull, name="pull", max_tries=1, timeout=PULL_TIMEOUT_S, keep_result=0),
+                job_function(self.delete, name="delete", max_tries=1, timeout=600),
+                job_function(self.copy, name="copy", max_tries=1, timeout=600),
             ],
             queue_name=keys.store_queue(self.store_id),
             redis_pool=redis,

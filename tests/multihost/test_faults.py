@@ -20,105 +20,30 @@ import httpx
 import pytest
 
 from tests.multihost.clients import (
-    StartFrameCounter,
     Stream,
     counting_text_problem,
     generate_once,
     job_index,
-    job_records,
     start_stream,
-    starts_by_worker,
     stream_generate,
 )
-from tests.multihost.cluster import FAKE_MODEL, Cluster
+from tests.multihost.cluster import FAKE_MODEL
+from tests.multihost.drills import (
+    ENDED,
+    executions,
+    first_tokens,
+    host_of,
+    placed,
+    problems_of,
+    until,
+    wait_streams,
+)
 from tests.multihost.figures import report, worst
 
 pytestmark = pytest.mark.multihost
 
-ENDED = ("done", "failed", "cancelled")
 
-
-# ---------------------------------------------------------------- helpers
-
-
-async def placed(redis, labels: list[str], workers: dict[str, str], timeout_s: float = 30) -> dict[str, str]:
-    """Label -> host of the worker running it, once every label's job is running."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        index = await job_index(redis)
-        where = {label: _host_of(index, label, workers) for label in labels
-                 if (index.get(label, {}).get("record") or {}).get("status") == "running"}
-        if len(where) == len(labels):
-            return where
-        if time.monotonic() > deadline:
-            raise AssertionError(f"only {len(where)} of {len(labels)} jobs running after {timeout_s}s: {where}")
-        await asyncio.sleep(0.2)
-
-
-def _host_of(index: dict[str, dict], label: str, workers: dict[str, str]) -> str | None:
-    record = (index.get(label) or {}).get("record") or {}
-    return {wid: host for host, wid in workers.items()}.get(record.get("worker_id", ""), record.get("worker_id"))
-
-
-async def first_tokens(streams: list[Stream], timeout_s: float = 30) -> None:
-    await asyncio.wait_for(asyncio.gather(*(s.first_token.wait() for s in streams)), timeout_s)
-
-
-async def wait_streams(streams: list[Stream], timeout_s: float) -> None:
-    """Wait for the streams to end, at most ``timeout_s``; one still open then is stopped and
-    keeps ``end == "open"`` (no final line), which the test's assertions then report."""
-    pending = [s.task for s in streams if s.task is not None and not s.task.done()]
-    if pending:
-        _, still = await asyncio.wait(pending, timeout=timeout_s)
-        for task in still:
-            task.cancel()
-        await asyncio.gather(*still, return_exceptions=True)
-
-
-def executions(cluster: Cluster) -> Counter[str]:
-    """Job id -> how many times any worker started it (from the workers' logs)."""
-    logs = {h: cluster.services[f"worker@{h}"].log_path for h in cluster.worker_hosts}
-    return Counter(j for ids in starts_by_worker(logs).values() for j in ids)
-
-
-def problems_of(streams: list[Stream]) -> dict[str, str]:
-    return {s.label: p for s in streams if (p := s.duplicate_problem())}
-
-
-async def until(predicate, timeout_s: float, interval_s: float = 0.25) -> float | None:
-    """Seconds until ``await predicate()`` is true, or None if it never was within ``timeout_s``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            if await predicate():
-                return time.monotonic() - start
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            pass
-        await asyncio.sleep(interval_s)
-    return None
-
-
-async def submit_async(http: httpx.AsyncClient, labels: list[str], num_predict: int,
-                       concurrency: int = 16) -> dict[str, str]:
-    """POST /api/jobs/generate for each label; label -> job id of those accepted (202)."""
-    accepted: dict[str, str] = {}
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(label: str) -> None:
-        async with gate:
-            try:
-                r = await http.post("/api/jobs/generate", json={
-                    "model": FAKE_MODEL, "prompt": label, "options": {"num_predict": num_predict}}, timeout=60)
-            except httpx.HTTPError:
-                return
-            if r.status_code == 202:
-                accepted[label] = r.json()["id"]
-
-    await asyncio.gather(*(one(label) for label in labels))
-    return accepted
-
-
-# ---------------------------------------------------------------- 1. a host's link is cut
+# ---------------------------------------------------------------- a host's link is cut
 
 
 async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_on(make_cluster, redis_of):
@@ -141,7 +66,7 @@ async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_o
         w1_final_s = [s.final_within(cut_at) for s in on_w1]
         await wait_streams(on_w2 + during, 120)
         index = await job_index(redis)
-        during_hosts = [_host_of(index, s.label, workers) for s in during]
+        during_hosts = [host_of(index, s.label, workers) for s in during]
 
         cluster.net.restore("w1")
         restored_at = time.monotonic()
@@ -153,7 +78,7 @@ async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_o
                                            for i in range(8)))
             after += burst
             index = await job_index(redis)
-            if any(_host_of(index, s.label, workers) == "w1" for s in burst):
+            if any(host_of(index, s.label, workers) == "w1" for s in burst):
                 served_again_s = time.monotonic() - restored_at
             attempt += 1
             await asyncio.sleep(0.5)
@@ -186,7 +111,7 @@ async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_o
     assert not twice, f"jobs started twice: {twice}"
 
 
-# ---------------------------------------------------------------- 2. Redis dies and comes back empty
+# ---------------------------------------------------------------- Redis dies and comes back empty
 
 
 async def test_redis_killed_and_restarted_every_client_ends_and_the_cluster_serves_again(make_cluster, redis_of):
@@ -277,7 +202,7 @@ async def _enqueued(redis, labels: list[str]) -> bool:
     return all(label in index for label in labels)
 
 
-# ---------------------------------------------------------------- 3. a worker is stopped under load
+# ---------------------------------------------------------------- a worker is stopped under load
 
 
 async def test_worker_sigterm_under_load_finishes_its_jobs_and_the_other_takes_the_queue(make_cluster, redis_of):
@@ -301,7 +226,7 @@ async def test_worker_sigterm_under_load_finishes_its_jobs_and_the_other_takes_t
         await wait_streams(first + queued, 120)
         index = await job_index(redis)
     streams = first + queued
-    hosts = {s.label: _host_of(index, s.label, workers) for s in streams}
+    hosts = {s.label: host_of(index, s.label, workers) for s in streams}
     statuses = {s.label: ((index.get(s.label) or {}).get("record") or {}).get("status") for s in streams}
     runs = executions(cluster)
     ids = {s.label: (index.get(s.label) or {}).get("job_id") for s in streams}
@@ -321,242 +246,7 @@ async def test_worker_sigterm_under_load_finishes_its_jobs_and_the_other_takes_t
     assert not problems_of(streams), problems_of(streams)
 
 
-# ---------------------------------------------------------------- 4. exactly once
-
-
-N_JOBS = 500
-
-
-async def _run_many(cluster: Cluster, redis, kill_host: str | None, num_predict: int) -> dict:
-    """Submit N_JOBS async jobs; with ``kill_host``, SIGKILL that host's worker once about half
-    have ended, at a moment it is running some. Returns what was observed."""
-    workers = cluster.ready_workers()
-    labels = [f"job-{i}" for i in range(N_JOBS)]
-    killed_at = None
-    async with StartFrameCounter(redis) as counter, \
-            httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http:
-        started = time.monotonic()
-        submitting = asyncio.create_task(submit_async(http, labels, num_predict))
-        if kill_host is not None:
-            victim = workers[kill_host]
-
-            async def half_way_and_busy() -> bool:
-                records = [json.loads(r) for r in await redis.mget(
-                    [f"vllama:job:{j}" for j in counter.starts]) if r] if counter.starts else []
-                ended = sum(1 for r in records if r["status"] in ENDED)
-                busy = sum(1 for r in records if r["status"] == "running" and r.get("worker_id") == victim)
-                return ended >= 0.4 * N_JOBS and busy >= 4
-
-            assert await until(half_way_and_busy, 120, 0.05) is not None, "never half way with the victim busy"
-            cluster.services[f"worker@{kill_host}"].kill()
-            killed_at = time.monotonic()
-        accepted = await submitting
-        submitted_s = time.monotonic() - started
-        ids = list(accepted.values())
-
-        async def all_ended() -> bool:
-            records = await job_records(redis, ids)
-            return all(r and r["status"] in ENDED for r in records.values())
-
-        # A dead worker's jobs must be settled within seconds (its heartbeat TTL is 5 s).
-        all_ended_s = await until(all_ended, 20 if kill_host else 120, 0.5)
-        records = await job_records(redis, ids)
-        listed = (await http.get("/api/jobs", params={"limit": 1000}, timeout=30)).json()["jobs"]
-        api_list = {j["id"]: j for j in listed if j["id"] in accepted.values()}
-        # What a client sees reading each unfinished job by id.
-        api_view: dict[str, dict] = {}
-        for job_id, record in records.items():
-            if record is None or record["status"] not in ENDED:
-                r = await http.get(f"/api/jobs/{job_id}", timeout=30)
-                api_view[job_id] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
-        elapsed = time.monotonic() - started
-    return {"workers": workers, "accepted": accepted, "ids": ids, "records": records, "api_view": api_view,
-            "api_list": api_list,
-            "frame_starts": counter.starts, "log_starts": executions(cluster), "submitted_s": submitted_s,
-            "all_ended_s": all_ended_s, "elapsed_s": elapsed,
-            "kill_after_s": None if killed_at is None else killed_at - started}
-
-
-async def test_exactly_once_500_async_jobs_on_three_workers(make_cluster, redis_of):
-    cluster = make_cluster(worker_hosts=("w1", "w2", "w3"), worker_env={"VLLAMA_MAX_JOBS": "8"})
-    seen = await _run_many(cluster, redis_of(cluster), kill_host=None, num_predict=10)
-    ids, records = seen["ids"], seen["records"]
-    by_host = {wid: host for host, wid in seen["workers"].items()}
-    status = Counter((r or {}).get("status", "missing") for r in records.values())
-    log_twice = [j for j in ids if seen["log_starts"][j] > 1]
-    frame_twice = [j for j in ids if len(seen["frame_starts"].get(j, [])) > 1]
-    never = [j for j in ids if seen["log_starts"][j] == 0]
-    report("exactly_once", submitted=N_JOBS, accepted=len(ids), submit_s=seen["submitted_s"],
-           all_ended_after_submit_s=seen["all_ended_s"], total_s=seen["elapsed_s"], statuses=dict(status),
-           per_worker=dict(Counter(by_host.get((r or {}).get("worker_id"), "?") for r in records.values())),
-           jobs_lost=len(never), run_twice_by_log=len(log_twice), run_twice_by_frames=len(frame_twice),
-           start_frames_seen=sum(len(v) for v in seen["frame_starts"].values()))
-
-    assert len(ids) == N_JOBS, f"{N_JOBS - len(ids)} submissions were refused"
-    assert status == Counter({"done": N_JOBS}), f"every job must be done: {dict(status)}"
-    assert not log_twice and not frame_twice, f"run twice: {log_twice[:10]} {frame_twice[:10]}"
-    assert not never, f"{len(never)} jobs were never started by any worker: {never[:10]}"
-    assert len({(r or {}).get("worker_id") for r in records.values()}) == 3, "all three workers should take jobs"
-
-
-async def test_exactly_once_when_a_worker_is_killed_half_way(make_cluster, redis_of):
-    cluster = make_cluster(worker_hosts=("w1", "w2", "w3"), worker_env={"VLLAMA_MAX_JOBS": "8"})
-    seen = await _run_many(cluster, redis_of(cluster), kill_host="w3", num_predict=50)
-    ids, records, api_view, api_list = seen["ids"], seen["records"], seen["api_view"], seen["api_list"]
-    victim = seen["workers"]["w3"]
-    frame_starts = seen["frame_starts"]
-    on_victim = [j for j in ids if victim in frame_starts.get(j, [])]
-    victim_unfinished = [j for j in on_victim if (records[j] or {}).get("status") != "done"]
-    by_id = {j: api_view.get(j) or records[j] or {} for j in ids}  # as GET /api/jobs/<id> shows it
-    log_twice = [j for j in ids if seen["log_starts"][j] > 1]
-    frame_twice = [j for j in ids if len(frame_starts.get(j, [])) > 1]
-    unended = {j: by_id[j].get("status") for j in ids if by_id[j].get("status") not in ENDED}
-    silent = [j for j in victim_unfinished if by_id[j].get("status") != "failed" or not by_id[j].get("error")]
-    others_not_done = [j for j in ids if j not in on_victim and (records[j] or {}).get("status") != "done"]
-    stale = {"record": [j for j in victim_unfinished if (records[j] or {}).get("status") != "failed"],
-             "list": [j for j in victim_unfinished if (api_list.get(j) or {}).get("status") != "failed"]}
-    report("exactly_once_worker_killed", accepted=len(ids), killed_after_s=seen["kill_after_s"],
-           all_ended_in_redis_after_submit_s=seen["all_ended_s"], total_s=seen["elapsed_s"],
-           statuses_in_redis=dict(Counter((r or {}).get("status", "missing") for r in records.values())),
-           statuses_read_by_id=dict(Counter(v.get("status") for v in api_view.values())),
-           started_on_killed=len(on_victim), killed_unfinished=len(victim_unfinished),
-           killed_unfinished_still_running_in_record=len(stale["record"]),
-           killed_unfinished_still_running_in_list=len(stale["list"]),
-           run_twice_by_log=len(log_twice), run_twice_by_frames=len(frame_twice), jobs_unended=len(unended),
-           sample_error=next((by_id[j].get("error") for j in victim_unfinished), None))
-
-    assert victim_unfinished, "the killed worker should have been running jobs (kill came too late to test)"
-    assert not log_twice and not frame_twice, f"jobs re-run after the kill: {log_twice[:10]} {frame_twice[:10]}"
-    assert not silent, f"jobs of the killed worker must be failed with an error: " \
-                       f"{[(j, by_id[j].get('status'), by_id[j].get('error')) for j in silent[:5]]}"
-    assert not unended, f"jobs neither done nor failed: {dict(Counter(unended.values()))}"
-    assert not others_not_done, f"jobs not on the killed worker must be done: {others_not_done[:10]}"
-    assert not stale["record"] and not stale["list"], \
-        f"20 s after the kill, {len(stale['record'])} of the killed worker's {len(victim_unfinished)} unfinished " \
-        f"jobs still say 'running' in their records (vllama:job:<id>) and {len(stale['list'])} in GET /api/jobs; " \
-        "they turn 'failed' only when read one by one (GET /api/jobs/<id>)"
-
-
-# ---------------------------------------------------------------- 5. clocks off by 30 s
-
-
-@pytest.mark.parametrize(("host", "offset"), [("w1", "+30s"), ("w2", "-30s")], ids=["ahead", "behind"])
-async def test_clock_skew_30s_nothing_is_declared_dead(make_cluster, redis_of, host: str, offset: str):
-    """One worker host's wall clock is 30 s off (the API's and Redis's are right). Liveness and
-    routing must not depend on clocks agreeing: both workers stay listed, both serve, and the
-    times users see (Ollama's durations, async jobs' timestamps) stay consistent."""
-    cluster = make_cluster(clocks={host: offset}, worker_env={"VLLAMA_MAX_JOBS": "4"}, wait_workers=1,
-                           store_models={"w1": ["stored:w1"], "w2": ["stored:w2"]})
-    redis = redis_of(cluster)
-    samples: list[dict] = []
-    streams: list[Stream] = []
-    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http:
-        both_listed_s = await until(lambda: _both_ready(http), 20)  # the normal start-up time, then observe
-        workers = cluster.ready_workers()
-        observe_until = time.monotonic() + 15  # three heartbeat TTLs
-
-        async def sample() -> None:
-            while time.monotonic() < observe_until:
-                health = (await http.get("/health", timeout=5)).json()
-                ps = (await http.get("/api/ps", timeout=5)).json()
-                tags = (await http.get("/api/tags", timeout=5)).json()
-                samples.append({
-                    "health": sorted(w["host"] for w in health.get("workers", []) if w["state"] == "ready"),
-                    "ps": sorted(w["host"] for m in ps.get("models", []) if m["name"] == FAKE_MODEL
-                                 for w in m.get("workers", [])),
-                    "tags": sorted(m["name"] for m in tags.get("models", [])),
-                })
-                await asyncio.sleep(0.5)
-
-        async def load() -> None:
-            # 8 at once with 4 slots per worker: each burst needs both workers.
-            for attempt in range(3):
-                burst = await asyncio.gather(*(stream_generate(http, f"skew-{attempt}-{i}", 100, stop_after_s=60)
-                                               for i in range(8)))
-                streams.extend(burst)
-                await asyncio.sleep(1)
-
-        await asyncio.gather(sample(), load())
-        accepted = await submit_async(http, [f"skew-async-{i}" for i in range(8)], 100)
-        await until(lambda: _async_ended(http, accepted.values()), 60, 0.5)
-        async_jobs = [(await http.get(f"/api/jobs/{j}", timeout=10)).json() | {"read_at": time.time()}
-                      for j in accepted.values()]
-        index = await job_index(redis)
-    served_by = Counter(_host_of(index, s.label, workers) or "?" for s in streams)
-    by_id = {wid: h for h, wid in workers.items()}
-    both = ["w1", "w2"]
-    missing = {what: sum(1 for x in samples if x[what] != both) for what in ("health", "ps")}
-    missing["tags"] = sum(1 for x in samples if x["tags"] != ["stored:w1", "stored:w2"])
-    bad_durations = {s.label: _duration_problem(s) for s in streams if _duration_problem(s)}
-    bad_times = {j["id"]: f"on {by_id.get(j.get('worker_id'), j.get('worker_id'))}: {_timestamps_problem(j)}"
-                 for j in async_jobs if _timestamps_problem(j)}
-    report(f"clock_skew_{host}_{offset}", both_listed_after_s=both_listed_s, samples=len(samples),
-           samples_missing_a_worker=missing, served_by=dict(served_by), ends=dict(Counter(s.end for s in streams)),
-           async_served_by=dict(Counter(by_id.get(j.get("worker_id"), "?") for j in async_jobs)),
-           wrong_total_duration=len(bad_durations), wrong_job_timestamps=len(bad_times),
-           sample_duration_problem=next(iter(bad_durations.values()), None),
-           sample_timestamp_problem=next(iter(bad_times.items()), None))
-
-    failures = []
-    if not samples or missing != {"health": 0, "ps": 0, "tags": 0}:
-        failures.append(f"/health, /api/ps and /api/tags must list both hosts in every sample; samples "
-                        f"missing one: {missing} of {len(samples)} (first: {samples[:1]})")
-    if not all(s.end == "done" for s in streams):
-        failures.append(f"requests failed: {Counter(s.end for s in streams)}")
-    if set(served_by) != {"w1", "w2"}:
-        failures.append(f"both workers must serve (8 concurrent requests, 4 slots each): {dict(served_by)}")
-    if problems_of(streams):
-        failures.append(f"tokens repeated or lost: {problems_of(streams)}")
-    if bad_durations:
-        failures.append(f"Ollama's durations of {len(bad_durations)} answers are wrong, e.g. "
-                        f"{next(iter(bad_durations.items()))}")
-    if bad_times:
-        failures.append(f"timestamps of {len(bad_times)} async jobs out of order, e.g. {next(iter(bad_times.values()))}")
-    assert not failures, f"with {host}'s clock {offset}:\n" + "\n".join(failures)
-
-
-def _duration_problem(s: Stream) -> str | None:
-    """total_duration must lie between eval_duration and what the client itself waited."""
-    final = s.final or {}
-    if not final.get("done") or s.ended_at is None:
-        return None
-    total = final.get("total_duration", 0) / 1e9
-    waited = s.ended_at - s.started_at
-    if not (final.get("eval_duration", 0) / 1e9 <= total <= waited + 1.0):
-        return f"total_duration {total:.2f} s, eval_duration {final.get('eval_duration', 0) / 1e9:.2f} s, " \
-               f"the client waited {waited:.2f} s"
-    return None
-
-
-def _timestamps_problem(job: dict) -> str | None:
-    """created_at <= started_at <= finished_at <= when it was read (a second's slack), as one
-    clock would have them."""
-    from datetime import UTC, datetime
-
-    def t(key: str) -> float | None:
-        v = job.get(key)
-        return None if v is None else datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-
-    created, started, finished = t("created_at"), t("started_at"), t("finished_at")
-    if None in (created, started, finished) or not (created - 1 <= started <= finished + 1 <= job["read_at"] + 2):
-        return f"created_at {job.get('created_at')}, started_at {job.get('started_at')}, " \
-               f"finished_at {job.get('finished_at')}, read at {datetime.fromtimestamp(job['read_at'], UTC).isoformat()}"
-    return None
-
-
-async def _async_ended(http: httpx.AsyncClient, ids) -> bool:
-    for job_id in ids:
-        if (await http.get(f"/api/jobs/{job_id}", timeout=10)).json()["status"] not in ENDED:
-            return False
-    return True
-
-
-async def _both_ready(http: httpx.AsyncClient) -> bool:
-    r = await http.get("/health", timeout=3)
-    return len([w for w in r.json().get("workers", []) if w["state"] == "ready"]) == 2
-
-
-# ---------------------------------------------------------------- 6. the API dies
+# ---------------------------------------------------------------- the API dies
 
 
 async def test_api_killed_and_restarted_async_jobs_accepted_before_finish_and_can_be_read(make_cluster):

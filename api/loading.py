@@ -45,7 +45,7 @@ class Loader:
         """Ask for ``model`` to be loaded (pulling it first when allowed); 404 if it cannot be
         had, 503 if no worker may load it."""
         if not await self.known(model):
-            if not (self.settings.auto_pull and source_for(model) is not None):
+            if not (self.settings.auto_pull != "off" and source_for(model) is not None):
                 raise ModelNotFound(model)
             await pull_to_end(self.redis, self.mux, self.settings, model)
         await self._ask(model)

@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                  embedded.url, embedded.data_dir, settings.redis_appendfsync)
     # One command, a whole server: a model named in a request is pulled if need be.
     if "VLLAMA_AUTO_PULL" not in os.environ:
-        settings.auto_pull = True
+        settings.auto_pull = "aliases"
     env = {**os.environ, "VLLAMA_REDIS_URL": settings.redis_url, "VLLAMA_MODEL": settings.model}
     command = [sys.executable, "-m", "cli"]
     supervisor = Supervisor(

@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     FORBIDDEN = "forbidden"  # e.g. a gated model and no Hugging Face token
     INSUFFICIENT_STORAGE = "insufficient_storage"
+    TOO_LARGE = "too_large"  # a request past one of the VLLAMA_MAX_* limits
     UPSTREAM = "upstream"  # the model hub failed or cannot be reached
     INTERNAL = "internal"
 
@@ -38,6 +39,7 @@ _STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.INSUFFICIENT_STORAGE: 507,
+    ErrorCode.TOO_LARGE: 413,
     ErrorCode.UPSTREAM: 502,
     ErrorCode.WORKER_LOST: 500,
     ErrorCode.STREAM_BROKEN: 500,
@@ -77,6 +79,12 @@ class ModelNotFound(VllamaError):
         shown = model.removesuffix(":latest")  # as the user typed it, usually
         super().__init__(message or f"model '{shown}' not found, try pulling it first: ollama pull {shown}")
         self.model = model
+
+
+class TooLarge(VllamaError):
+    """A request past one of the configured limits; the message names the setting to raise."""
+
+    code = ErrorCode.TOO_LARGE
 
 
 class NotFound(VllamaError):

@@ -83,9 +83,40 @@ class Settings(BaseSettings):
         default="", description="When set, every endpoint but / and /health needs `Authorization: Bearer <key>`.",
     )
 
-    auto_pull: bool = Field(
-        default=False,
-        description="Pull a model that no store has when a request names it (on in `vllama serve`).",
+    api_keys: Path | None = Field(
+        default=None,
+        description="A file of API keys, one `name sha256-of-key [admin]` per line: each client's jobs, files "
+                    "and batches are its own; an admin key sees all. Combines with VLLAMA_API_KEY (an admin key).",
+    )
+    origins: str = Field(
+        default="",
+        description="Browser origins allowed beyond Ollama's defaults (localhost, 127.0.0.1, 0.0.0.0 on any port, "
+                    "app schemes), comma-separated; `*` allows all. OLLAMA_ORIGINS is read too.",
+    )
+
+    # --- limits on what one request may ask for ---
+    max_request_bytes: int = Field(
+        default=32 * 2**20, ge=1024,
+        description="Largest request body, in bytes (file uploads have their own limit); larger: 413.",
+    )
+    max_upload_bytes: int = Field(
+        default=200 * 2**20, ge=1024, description="Largest uploaded file (/v1/files), in bytes; larger: 413.",
+    )
+    max_file_storage_bytes: int = Field(
+        default=2 * 2**30, ge=1024,
+        description="Total bytes of uploaded and batch output files kept in Redis; an upload past it gets 413.",
+    )
+    max_prompt_bytes: int = Field(
+        default=8 * 2**20, ge=1024,
+        description="Largest prompt text (all messages together), in bytes, checked before tokenizing; larger: 413.",
+    )
+    max_messages: int = Field(default=4096, ge=1, description="Most messages in one chat request; more: 413.")
+    max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per OpenAI request); larger: 413.")
+
+    auto_pull: Literal["off", "aliases", "any"] = Field(
+        default="off",
+        description="Pull a model that no store has when a request names it: off; aliases (only names in the "
+                    "alias table; what `vllama serve` uses); any (any Hugging Face repository).",
     )
     queue_timeout_s: float = Field(
         default=600, gt=0,
@@ -153,6 +184,14 @@ class Settings(BaseSettings):
 
         parse_keep_alive(v)  # fail at start, naming the variable, not at the first request
         return v
+
+    @field_validator("auto_pull", mode="before")
+    @classmethod
+    def _auto_pull(cls, v: object) -> object:
+        # Earlier versions took a boolean: on meant what "aliases" means now.
+        if isinstance(v, bool) or str(v).lower() in ("1", "0", "true", "false", "yes", "no", "on", ""):
+            return "aliases" if str(v).lower() in ("1", "true", "yes", "on") else "off"
+        return str(v).lower()
 
     @field_validator("redis_url")
     @classmethod

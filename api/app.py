@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from api.auth import install_auth
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
+from api.openapi_bodies import install as install_openapi_bodies
+from api.origins import install_browser_guard
 from api.batches import router as batches_router
 from api.files import router as files_router
 from api.housekeeping import Housekeeping
@@ -55,7 +57,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
 
     app = FastAPI(title="vLLama", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    install_auth(app, settings.api_key)
+    install_auth(app, settings)
     app.include_router(ollama_router)
     app.include_router(model_router)
     app.include_router(openai_router)
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app.include_router(files_router)
     app.include_router(batches_router)
     metrics.install(app)
+    install_openapi_bodies(app)  # /openapi.json and /docs show every request and response body
 
     # HEAD too (Ollama answers it), kept out of the OpenAPI document: one operation per path.
     @app.head("/", response_class=PlainTextResponse, include_in_schema=False)
@@ -77,14 +80,21 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        """Ready when Redis answers and at least one worker is ready to generate."""
+        """Ready when Redis answers and at least one worker is ready to generate. With keys
+        configured, a request without a valid key learns only that (no hosts, workers or
+        Redis errors: they map the deployment for an attacker)."""
         dispatcher: Dispatcher = request.app.state.dispatcher
+        detail = not request.app.state.keys_configured or hasattr(request.state, "principal")
         try:
             await request.app.state.redis.ping()
             workers = await dispatcher.live_workers(fresh=True)
         except Exception as exc:  # noqa: BLE001 - any Redis failure means "cannot serve"
+            if not detail:
+                return JSONResponse({"status": "unavailable"}, 503)
             return JSONResponse({"status": "unavailable", "redis": f"error: {exc}", "workers": []}, 503)
         ready = [w for w in workers if w.state == "ready"]
+        if not detail:
+            return JSONResponse({"status": "ok" if ready else "unavailable"}, 200 if ready else 503)
         body = {
             "status": "ok" if ready else "unavailable",
             "redis": "ok",
@@ -95,4 +105,6 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
             body["reason"] = "no worker is ready; start one with `vllama worker` (or wait for it to load)"
         return JSONResponse(body, 200 if ready else 503)
 
+    # Last added runs first: Origin and Host are checked before authentication and any work.
+    install_browser_guard(app, settings.origins, settings.host)
     return app

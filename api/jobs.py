@@ -14,7 +14,7 @@ serve with fewer slots and vLLM at a lower priority than interactive requests.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
@@ -56,13 +56,13 @@ async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float |
     return JobRecord.of(job, "queued")
 
 
-async def submit_pull(dispatcher: Dispatcher, model: str) -> JobRecord:
+async def submit_pull(dispatcher: Dispatcher, model: str, owner: str | None = None) -> JobRecord:
     """Start (or join) the pull of ``model`` on every live store; the job's record names the
     stores, and its state is read from their pull records."""
     stores = await start_pulls(dispatcher.redis, dispatcher.settings, model)
     now = clock.now()
     record = JobRecord(job_id=f"pull-{uuid.uuid4().hex}", model=model, kind="pull", priority="batch",
-                       is_async=True, status="queued", stores=stores, created_at=now)
+                       is_async=True, status="queued", stores=stores, created_at=now, owner=owner)
     async with dispatcher.redis.pipeline(transaction=False) as pipe:
         pipe.set(keys.job_record(record.job_id), record.dump(), ex=dispatcher.settings.keep_result_s)
         pipe.zadd(keys.JOBS, {record.job_id: int(now * 1000)})
@@ -163,14 +163,22 @@ def job_not_found(job_id: str, keep_result_s: int) -> NotFound:
     return NotFound(f"job '{job_id}' not found (finished jobs are kept for {keep_result_s} s, VLLAMA_KEEP_RESULT_S)")
 
 
-async def recent(dispatcher: Dispatcher, limit: int) -> list[JobRecord]:
-    """The latest async jobs' records, newest first."""
+async def recent(dispatcher: Dispatcher, limit: int,
+                 visible: Callable[[JobRecord], bool] = lambda _: True) -> list[JobRecord]:
+    """The latest async jobs' records that are ``visible`` (to the asking key), newest first;
+    read a page at a time, so one key's list is full even when others submitted since."""
     redis = dispatcher.redis
-    ids = await redis.zrevrange(keys.JOBS, 0, limit - 1)
-    if not ids:
-        return []
-    raws = await redis.mget([keys.job_record(i.decode() if isinstance(i, bytes) else i) for i in ids])
-    return [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
+    found: list[JobRecord] = []
+    page = max(limit, 100)
+    start = 0
+    while len(found) < limit:
+        ids = await redis.zrevrange(keys.JOBS, start, start + page - 1)
+        if not ids:
+            break
+        raws = await redis.mget([keys.job_record(i.decode() if isinstance(i, bytes) else i) for i in ids])
+        found += [r for r in (JobRecord.model_validate_json(raw) for raw in raws if raw is not None) if visible(r)]
+        start += page
+    return found[:limit]
 
 
 async def cancel(dispatcher: Dispatcher, job_id: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api import jobs, ndjson
+from api import jobs, ndjson, ownership
 from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.errors import parse_body
@@ -62,6 +62,7 @@ async def _submit(request: Request, body: AsyncGenerateRequest | AsyncChatReques
     job = body.to_job()
     job.priority = body.priority
     headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
+    ownership.stamp(request, [job])
     record = await jobs.submit(dispatcher, job, body.keep_alive_s())
     return JSONResponse(_job_json(jobs.JobState(record)), status_code=202, headers=headers)
 
@@ -70,7 +71,7 @@ async def _submit(request: Request, body: AsyncGenerateRequest | AsyncChatReques
 async def submit_pull(request: Request) -> JSONResponse:
     """Start (or join) the pull of {"model": ...} on every store; answers 202 with the job."""
     body = await parse_body(request, PullRequest)
-    record = await jobs.submit_pull(request.app.state.dispatcher, body.canonical())
+    record = await jobs.submit_pull(request.app.state.dispatcher, body.canonical(), ownership.owner_of(request))
     return JSONResponse(_job_json(jobs.JobState(record)), status_code=202)
 
 
@@ -79,22 +80,23 @@ async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000),
                     status: str | None = None) -> dict[str, Any]:
     """Recent jobs, newest first; ?status= keeps one status (queued, running, done, failed, cancelled)."""
     dispatcher: Dispatcher = request.app.state.dispatcher
+    principal = ownership.principal_of(request)
     states = [jobs.JobState(*await jobs.pull_progress(dispatcher, r)) if r.kind == "pull" else jobs.JobState(r)
-              for r in await jobs.recent(dispatcher, limit)]
+              for r in await jobs.recent(dispatcher, limit, lambda r: ownership.can_see(principal, r.owner))]
     return {"jobs": [_job_json(s) for s in states if status in (None, s.record.status)]}
 
 
 @router.get("/{job_id}")
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     """A job's status, output so far, and once done the result the synchronous endpoint gives."""
-    return _job_json(await jobs.read(request.app.state.dispatcher, job_id), full=True)
+    return _job_json(await _read_own(request, job_id), full=True)
 
 
 @router.get("/{job_id}/stream")
 async def stream_job(request: Request, job_id: str) -> Response:
     """The job's answer as NDJSON, as the synchronous endpoint streams it: from the start, then live."""
     dispatcher: Dispatcher = request.app.state.dispatcher
-    state = await jobs.read(dispatcher, job_id)  # a 404 before the stream starts
+    state = await _read_own(request, job_id)  # a 404 before the stream starts
     record = state.record
     if record.kind == "pull":  # the pull's progress lines, joining it (or re-checking it, if done)
         return await pull_response(dispatcher, record.model, stream=True)
@@ -105,8 +107,17 @@ async def stream_job(request: Request, job_id: str) -> Response:
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     """Cancel a queued or running job (409 once it has ended; a pull cannot be cancelled)."""
     dispatcher: Dispatcher = request.app.state.dispatcher
+    await _read_own(request, job_id)
     await jobs.cancel(dispatcher, job_id)
     return _job_json(await jobs.read(dispatcher, job_id))
+
+
+async def _read_own(request: Request, job_id: str) -> jobs.JobState:
+    """The job, if the request's key may see it; else the 404 an unknown id gets."""
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    state = await jobs.read(dispatcher, job_id)
+    ownership.require(request, state.record.owner, jobs.job_not_found(job_id, dispatcher.settings.keep_result_s))
+    return state
 
 
 async def _relay(dispatcher: Dispatcher, job_id: str, model: str, kind: str) -> AsyncIterator[bytes]:

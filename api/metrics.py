@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import ownership
 from api.dispatch import Dispatcher
 from common import catalog, keys
 from common.metrics import Exposition
@@ -63,6 +64,8 @@ async def metrics(request: Request) -> Response:
     out.family("vllama_http_requests_total", "counter", "HTTP requests answered by this API replica",
                [({"method": m, "endpoint": e, "status": str(s)}, n) for (m, e, s), n in sorted(counts.items())])
 
+    await _per_key(request, out)
+
     workers = await d.live_workers(fresh=True)
     out.family("vllama_workers_alive", "gauge", "generation workers with a live heartbeat", [({}, len(workers))])
     await _queues(d, out, {m for w in workers for m in w.models})
@@ -92,6 +95,30 @@ async def metrics(request: Request) -> Response:
     out.family("vllama_engine_kv_cache_usage_ratio", "gauge", "share of vLLM's KV cache in use (0-1)",
                labelled(lambda m: m.stats.kv_cache_usage))
     return Response(out.text(), media_type=Exposition.CONTENT_TYPE)
+
+
+async def _per_key(request: Request, out: Exposition) -> None:
+    """Usage per API key: requests (this replica's, like the HTTP counters) and tokens (the
+    whole cluster's, added by workers as jobs end). Labelled by key name only, so the series
+    are bounded by the keys file. An admin key sees every key's; another key its own."""
+    if not request.app.state.keys_configured:
+        return
+    redis = request.app.state.dispatcher.redis
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.KEY_PROMPT_TOKENS)
+        pipe.hgetall(keys.KEY_GENERATED_TOKENS)
+        prompt, generated = await pipe.execute()
+    principal = ownership.principal_of(request)
+
+    def samples(counts: dict) -> list[tuple[dict[str, str], float]]:
+        named = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in counts.items()}
+        return [({"key": name}, n) for name, n in sorted(named.items()) if ownership.can_see(principal, name)]
+
+    out.family("vllama_key_requests_total", "counter", "HTTP requests made with each API key, on this API replica",
+               samples(request.app.state.key_requests))
+    out.family("vllama_key_prompt_tokens_total", "counter",
+               "prompt tokens processed for each API key (per job: each of n choices reads its prompt)", samples(prompt))
+    out.family("vllama_key_generated_tokens_total", "counter", "tokens generated for each API key", samples(generated))
 
 
 async def _queues(d: Dispatcher, out: Exposition, served: set[str]) -> None:

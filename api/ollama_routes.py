@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api import ndjson
+from api import ndjson, ownership
 from api.answers import Answer, respond
 from api.disconnect import unless_disconnected
 from api.dispatch import Dispatcher
@@ -41,6 +41,7 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
 
     job = body.to_job()
     headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
+    ownership.stamp(request, [job])  # usage per API key
     stream = await dispatcher.submit(job, keep_alive)
     whole = (lambda answers: _whole(body.model, kind, answers[0])) if not body.stream else None
     return await respond(request, [stream], whole=whole, relay=lambda outputs: _relay(body.model, kind, *outputs[0]),

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from api import ownership
 from api.answers import Answer, Output, logprobs_json, merged, respond, submit_all
 from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
@@ -54,6 +55,7 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
         prompts = body.to_jobs()
     n = body.choices_per_prompt()
     jobs = fan_out(prompts, n)
+    ownership.stamp(request, jobs)  # usage per API key
     streams = await submit_all(dispatcher, jobs)
     shape = Shape(kind, jobs[0].job_id, body.model, n)
     return await respond(request, streams, whole=None if body.stream else shape.whole,

@@ -10,6 +10,7 @@
   vllama pull         pull a model on the running server, with progress bars
   vllama batch        run a JSONL file of requests as an OpenAI batch, with a progress bar
   vllama bench        throughput and time to first token, stack vs engine in-process
+  vllama key new      a new API key, and its line for the VLLAMA_API_KEYS file
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def cmd_create(args: argparse.Namespace) -> None:
         sys.exit(exc.message)
     print(f"created {manifest.name} ({manifest.size / 1e9:.2f} GB) in {store.root}; "
           "running pull workers list it within seconds")
+
+
+def cmd_key_new(args: argparse.Namespace) -> None:
+    """Print a new key once (only its hash goes in the file, so it cannot be shown again)."""
+    from common.api_keys import NAME, key_line, new_key
+
+    if not NAME.fullmatch(args.name):
+        sys.exit(f"{args.name!r}: a key's name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                 "or digit")
+    key = new_key()
+    print(f"key: {key}")
+    print("Give the key to its client; it is not stored anywhere. Add this line to the VLLAMA_API_KEYS file "
+          "and restart the API:")
+    print(key_line(args.name, key, args.admin))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -95,6 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--during-batch", type=int, default=0, metavar="N",
                    help="instead: time to first token idle and behind N batch-class (then interactive) jobs")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("key", help="API keys: `vllama key new NAME [--admin]`")
+    key_sub = p.add_subparsers(dest="key_command", required=True)
+    p = key_sub.add_parser("new", help="print a new random key and its line for the VLLAMA_API_KEYS file")
+    p.add_argument("name", help="the key's name: its jobs, files and batches are owned by it, /metrics counts by it")
+    p.add_argument("--admin", action="store_true", help="the key sees and acts on every client's jobs, files, batches")
+    p.set_defaults(func=cmd_key_new)
 
     args = parser.parse_args(argv)
     args.func(args)

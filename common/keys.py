@@ -58,6 +58,13 @@ SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 # is shared; the API drops members older than settings.keep_result_s whenever it adds one.
 JOBS = f"{PREFIX}:jobs"
 
+# Hashes: API key name -> prompt tokens / generated tokens of the jobs made with that key,
+# added by the worker that ends each job (with its end record), shown in /metrics. No TTL:
+# they are counters (Prometheus takes a reset for a restart); one field per key name, so they
+# are bounded by the keys file (VLLAMA_API_KEYS).
+KEY_PROMPT_TOKENS = f"{PREFIX}:key-prompt-tokens"
+KEY_GENERATED_TOKENS = f"{PREFIX}:key-generated-tokens"
+
 
 def worker_record(worker_id: str) -> str:
     """JSON heartbeat of one live worker; TTL = settings.heartbeat_ttl_s, refreshed every beat,

@@ -86,6 +86,7 @@ class GenerationJob(BaseModel):
     stream: bool = True
     priority: Literal["interactive", "batch"] = "interactive"  # batch: served after interactive work
     batch: BatchRef | None = None  # a line of an OpenAI batch: its outcome is recorded there
+    owner: str | None = None  # the name of the API key that made it (None: no keys configured)
     created_at: float = Field(default_factory=clock.now)
 
 

@@ -39,11 +39,12 @@ class JobRecord(BaseModel):
     worker_id: str | None = None
     error: str | None = None
     stores: list[str] = Field(default_factory=list)  # a pull job: the stores it pulls into
+    owner: str | None = None  # the API key's name that made it; None: made before keys, or without them
 
     @classmethod
     def of(cls, job: GenerationJob, status: JobStatus, **fields: object) -> JobRecord:
         return cls(job_id=job.job_id, model=job.model, kind=job.kind, priority=job.priority,
-                   is_async=not job.stream, status=status, created_at=job.created_at, **fields)
+                   is_async=not job.stream, status=status, created_at=job.created_at, owner=job.owner, **fields)
 
     @property
     def finished(self) -> bool:
@@ -98,6 +99,7 @@ class BatchRecord(BaseModel):
     metadata: dict[str, str] | None = None
     total: int = 0  # lines in the input file
     expiring: bool = False  # cancelling because its window ended, not because it was asked to
+    owner: str | None = None  # the API key's name that made it (api/ownership.py); not shown
 
     @property
     def open(self) -> bool:
@@ -106,7 +108,7 @@ class BatchRecord(BaseModel):
 
     def shown(self, completed: int, failed: int) -> dict[str, Any]:
         """OpenAI's batch object, with the counts as of now."""
-        body = self.model_dump(exclude={"total", "expiring"})
+        body = self.model_dump(exclude={"total", "expiring", "owner"})
         body["request_counts"] = {"total": self.total, "completed": completed, "failed": failed}
         return body
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 11434
@@ -192,6 +192,19 @@ class Settings(BaseSettings):
         if isinstance(v, bool) or str(v).lower() in ("1", "0", "true", "false", "yes", "no", "on", ""):
             return "aliases" if str(v).lower() in ("1", "true", "yes", "on") else "off"
         return str(v).lower()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _no_key_file(cls, v: object) -> object:
+        return None if v == "" else v  # VLLAMA_API_KEYS= (empty) means no file, not the current directory
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        from common.api_keys import load_keys
+
+        load_keys(v, info.data.get("api_key", ""))  # a bad line stops the server at start, naming the line
+        return v
 
     @field_validator("redis_url")
     @classmethod

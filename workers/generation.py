@@ -209,10 +209,13 @@ class GenerationRunner:
             if counts.eval_count > 1:
                 self.stats.tpot.observe(counts.eval_duration / 1e9 / (counts.eval_count - 1))
 
-    async def _write_end(self, job_id: str, record: JobRecord) -> None:
+    async def _write_end(self, job_id: str, record: JobRecord, result: JobResult | None = None) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.job_record(job_id), record.dump(), ex=self.keep_result_s)
             pipe.hdel(keys.RUNNING, job_id)
+            if record.owner is not None and result is not None:  # usage per API key, in /metrics
+                pipe.hincrby(keys.KEY_PROMPT_TOKENS, record.owner, result.stats.prompt_eval_count)
+                pipe.hincrby(keys.KEY_GENERATED_TOKENS, record.owner, result.stats.eval_count)
             await pipe.execute()
 
     async def _record(self, job: GenerationJob, status: JobStatus, *, error: str | None = None,
@@ -221,7 +224,7 @@ class GenerationRunner:
         self._count(status, result)
         record = JobRecord.of(job, status, worker_id=self.worker_id, started_at=self._started_at.pop(job.job_id, None),
                               error=error)
-        await until_redis_answers(lambda: self._write_end(job.job_id, record), f"record of job {job.job_id}")
+        await until_redis_answers(lambda: self._write_end(job.job_id, record, result), f"record of job {job.job_id}")
         if job.batch is not None:
             line_error = None if error is None else LineError(status=from_code(code, error).status, code=code,
                                                               message=error)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from api import files
+from api import files, ownership
 from api.answers import Answer
 from api.dispatch import Dispatcher
 from api.errors import describe_validation_error, openai_error
@@ -67,7 +67,8 @@ async def create_batch(request: Request) -> dict[str, Any]:
     body = CreateBatch.model_validate_json(await request.body() or b"{}")
     if body.endpoint not in ENDPOINTS:
         raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}")
-    return await create(request.app.state.dispatcher, body)
+    await files.own_meta(request, body.input_file_id)  # a batch reads only its own key's files
+    return await create(request.app.state.dispatcher, body, ownership.owner_of(request))
 
 
 @router.get("/batches")
@@ -78,32 +79,51 @@ async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), a
     ids = [i.decode() if isinstance(i, bytes) else i for i in await d.redis.zrevrange(keys.BATCHES, 0, -1)]
     if after in ids:
         ids = ids[ids.index(after) + 1:]
-    page = [await read(d, batch_id) for batch_id in ids[:limit] if await d.redis.exists(keys.batch(batch_id))]
+    principal = ownership.principal_of(request)
+    page: list[dict[str, Any]] = []
+    more = False
+    for batch_id in ids:
+        raw = await d.redis.get(keys.batch(batch_id))
+        if raw is None or not ownership.can_see(principal, BatchRecord.model_validate_json(raw).owner):
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append(await read(d, batch_id))
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+            "last_id": page[-1]["id"] if page else None, "has_more": more}
 
 
 @router.get("/batches/{batch_id}")
 async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
     """A batch, with request_counts as of now."""
+    await _own(request, batch_id)
     return await read(request.app.state.dispatcher, batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
     """Cancel a batch in progress: queued lines leave the queue, running ones are aborted."""
+    await _own(request, batch_id)
     return await cancel(request.app.state.dispatcher, batch_id)
+
+
+async def _own(request: Request, batch_id: str) -> None:
+    """A 404, as for an unknown id, unless the request's key may see the batch."""
+    batch = await _load(request.app.state.dispatcher, batch_id)
+    ownership.require(request, batch.owner, NotFound(f"No batch found with id '{batch_id}'"))
 
 
 # ------------------------------------------------------------------ creating
 
 
-async def create(d: Dispatcher, body: CreateBatch) -> dict[str, Any]:
+async def create(d: Dispatcher, body: CreateBatch, owner: str | None = None) -> dict[str, Any]:
     data = await files.content(d.redis, body.input_file_id)
     now = int(clock.now())
     batch = BatchRecord(id=f"batch_{uuid.uuid4().hex[:24]}", endpoint=body.endpoint,
                         input_file_id=body.input_file_id, completion_window=body.completion_window,
-                        created_at=now, in_progress_at=now, expires_at=now + WINDOW_S, metadata=body.metadata)
+                        created_at=now, in_progress_at=now, expires_at=now + WINDOW_S, metadata=body.metadata,
+                        owner=owner)
     lines, errors = _parse(data, body.endpoint)
     if errors:
         batch = batch.model_copy(update={"status": "failed", "failed_at": now, "in_progress_at": None,
@@ -167,6 +187,7 @@ async def _queue_lines(d: Dispatcher, batch: BatchRecord, lines: list[InputLine]
             await _fail_line(d, ref, exc)
             continue
         entry.job_id, entry.model = job.job_id, job.model
+        job.owner = batch.owner  # its tokens count towards the key's usage
         queued.append((job, ref))
     await d.redis.set(keys.batch_lines(batch.id), BATCH_LINES.dump_json(entries), ex=d.settings.file_ttl_s)
     for job, ref in queued:
@@ -318,10 +339,10 @@ async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
     now = int(clock.now())
     if output:
         batch.output_file_id = (await files.save(d.redis, d.settings, _jsonl(output), f"{batch.id}_output.jsonl",
-                                                 "batch_output"))["id"]
+                                                 "batch_output", owner=batch.owner))["id"]
     if error:
         batch.error_file_id = (await files.save(d.redis, d.settings, _jsonl(error), f"{batch.id}_error.jsonl",
-                                                "batch_output"))["id"]
+                                                "batch_output", owner=batch.owner))["id"]
     if batch.status == "cancelling" and batch.expiring:
         batch.status, batch.expired_at = "expired", now
     elif batch.status == "cancelling":

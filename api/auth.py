@@ -43,7 +43,7 @@ class KeyCheck:
             self.requests[principal.name or ""] += 1
         elif scope["path"] not in OPEN_PATHS:
             request = Request(scope)
-            what = "a key this server does not know" if given else "no API key"
+            what = "a wrong API key" if given else "no API key"
             response = error_response(
                 request, f"this server needs an API key and the request has {what}: send the header "
                          "'Authorization: Bearer <key>' with a key from VLLAMA_API_KEYS (or VLLAMA_API_KEY)", 401)

@@ -171,9 +171,11 @@ class BrowserGuard:
 
     def __init__(self, app: ASGIApp, origins: OriginRules, check_host: bool, bind: str = "") -> None:
         self.app = app
-        self.origins = origins
         self.check_host = check_host
         self.bind = bind
+        # Clients send the same few values over and over; parsing addresses costs ~10 us.
+        self._origin_ok = lru_cache(maxsize=1024)(origins.allows)
+        self._host_ok = lru_cache(maxsize=1024)(host_allowed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -183,13 +185,13 @@ class BrowserGuard:
         origin = headers.get("origin", "")
         host = headers.get("host", "")
         cross = bool(origin) and origin not in (f"http://{host}", f"https://{host}")
-        if cross and not self.origins.allows(origin):
+        if cross and not self._origin_ok(origin):
             await self._forbid(scope, receive, send, self._origin_message(origin))
             return
         if cross and scope["method"] == "OPTIONS":
             await _preflight(origin, headers)(scope, receive, send)
             return
-        if self.check_host and not host_allowed(host):
+        if self.check_host and not self._host_ok(host):
             await self._forbid(scope, receive, send, self._host_message(host))
             return
         if not cross:
@@ -219,8 +221,9 @@ class BrowserGuard:
     def _host_message(self, host: str) -> str:
         return (f"requests for host {split_host(host)!r} are not allowed: this server listens on the loopback "
                 f"address {self.bind} and answers only requests addressed to localhost or a local address "
-                "(a guard against DNS rebinding); call it as http://localhost:<port>, or, to serve other "
-                "names, listen on a network address with VLLAMA_HOST (or OLLAMA_HOST), e.g. 0.0.0.0")
+                "(a guard against DNS rebinding); call it as http://localhost:<port> (a reverse proxy on this "
+                "machine should send 'Host: localhost'), or, to serve other names, listen on a network "
+                "address with VLLAMA_HOST (or OLLAMA_HOST), e.g. 0.0.0.0")
 
 
 def _headers(scope: Scope) -> dict[str, str]:

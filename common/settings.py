@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,12 @@ class Settings(BaseSettings):
         description="How `vllama serve`'s private Redis flushes its append-only file (VLLAMA_HOME/redis) to "
                     "disk: everysec (a crash of the machine loses up to about a second of writes), always "
                     "(nothing acknowledged is lost; a disk flush per write), no (when the kernel decides).",
+    )
+    redis_maxmemory: str = Field(
+        default="4gb",
+        description="Most memory `vllama serve`'s private Redis may use for its data (Redis's units: 4gb, 512mb; "
+                    "0: no limit). Beyond it nothing is evicted: requests that would write get 507 until files, "
+                    "batches or job records are deleted or expire.",
     )
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -205,6 +212,13 @@ class Settings(BaseSettings):
 
         load_keys(v, info.data.get("api_key", ""))  # a bad line stops the server at start, naming the line
         return v
+
+    @field_validator("redis_maxmemory")
+    @classmethod
+    def _redis_size(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+(?:b|k|kb|m|mb|g|gb)?", v.strip().lower()):
+            raise ValueError(f"{v!r} is not a size: write a number with kb, mb or gb (4gb, 512mb), or 0 for no limit")
+        return v.strip().lower()
 
     @field_validator("redis_url")
     @classmethod

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from common.errors import BadRequest, VllamaError
 
@@ -55,6 +55,19 @@ def describe_validation_error(exc: RequestValidationError | ValidationError) -> 
     return "; ".join(parts) or "invalid request"
 
 
+REDIS_FULL = ("the server's Redis is full (maxmemory): delete files or batches you no longer need, or raise "
+              "VLLAMA_REDIS_MAXMEMORY (or the shared Redis's maxmemory); then retry")
+
+
+def redis_full(exc: BaseException) -> bool:
+    """Redis refused a write at its maxmemory (policy noeviction). Nothing was written: a
+    refused command changes nothing, and a Lua script is refused at its first write (so our
+    scripts write first what a full Redis must refuse). Redis 6.2 reports a script's refusal
+    as a plain script error, hence the look at the message too."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "command not allowed when used memory > 'maxmemory'" in str(exc))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VllamaError)
     async def _vllama_error(request: Request, exc: VllamaError) -> JSONResponse:
@@ -70,6 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RedisError)
     async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        if redis_full(exc):
+            log.error("Redis refused a write: %s", exc)
+            return error_response(request, REDIS_FULL, 507)
         log.error("Redis error: %s", exc)
         return error_response(request, f"the server cannot reach its Redis ({exc}); check that Redis is up "
                                        "and VLLAMA_REDIS_URL points to it, then retry", 503)

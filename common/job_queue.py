@@ -63,8 +63,10 @@ _ENQUEUE_IF_ROOM = """
 --       keep_alive seconds ('' = the worker's default)
 if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return -1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-if ARGV[8] == '' then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], ARGV[8]) end
+-- The record first: at maxmemory Redis refuses a script at its first write that may grow
+-- the data (a DEL would let every later write through), so a full Redis writes nothing.
 redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
+if ARGV[8] == '' then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], ARGV[8]) end
 redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
 return 1

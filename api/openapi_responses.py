@@ -1,0 +1,282 @@
+"""The shapes of the API's answers, for the OpenAPI document only (api/openapi_bodies.py).
+
+The routes build their answers as dicts (api/ndjson.py, api/openai_routes.py, ...); these
+models state what every answer holds, so /docs shows it and the fuzzing run
+(tests/test_fuzz.py) checks each response against it. They name the fields that are always
+there as required and allow more (``extra="allow"``): a new field in an answer is not a
+breaking change, a missing one is. Keep them in step with the code that builds the answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ------------------------------------------------------------------ errors
+
+
+class OllamaError(_Open):
+    """Every error outside /v1/: Ollama's body."""
+
+    error: str
+
+
+class OpenAIErrorDetail(_Open):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(_Open):
+    """Every error under /v1/: OpenAI's error object."""
+
+    error: OpenAIErrorDetail
+
+
+# ------------------------------------------------------------------ Ollama generation
+
+
+class TokenLogprobOut(_Open):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class FunctionOut(_Open):
+    name: str
+    arguments: dict[str, Any]
+    index: int | None = None
+
+
+class ToolCallOut(_Open):
+    function: FunctionOut
+    id: str | None = None
+
+
+class AssistantMessage(_Open):
+    role: Literal["assistant"]
+    content: str
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class _Final(_Open):
+    """Present once ``done`` is true (after a generation; a load answer has only done_reason)."""
+
+    done: bool
+    done_reason: str | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class GenerateResponse(_Final):
+    """/api/generate: each NDJSON line while streaming, or the one object with "stream": false."""
+
+    model: str
+    created_at: str
+    response: str
+    context: list[int] | None = None
+    logprobs: list[TokenLogprobOut] | None = None
+
+
+class ChatResponse(_Final):
+    """/api/chat: each NDJSON line while streaming, or the one object with "stream": false."""
+
+    model: str
+    created_at: str
+    message: AssistantMessage
+    logprobs: list[TokenLogprobOut] | None = None
+
+
+class PullStatus(_Open):
+    """/api/pull: each progress line, or {"status": "success"} with "stream": false."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+# ------------------------------------------------------------------ Ollama models
+
+
+class ModelDetails(_Open):
+    format: str | None = None
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
+
+
+class TagEntry(_Open):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: dict[str, Any]
+
+
+class TagsResponse(_Open):
+    models: list[TagEntry]
+
+
+class ShowResponse(_Open):
+    modelfile: str
+    details: dict[str, Any]
+    capabilities: list[str]
+
+
+class PsEntry(_Open):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: dict[str, Any]
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class PsResponse(_Open):
+    models: list[PsEntry]
+
+
+class VersionResponse(_Open):
+    version: str
+
+
+class HealthResponse(_Open):
+    """More detail (Redis, workers) may follow ``status``."""
+
+    status: Literal["ok", "unavailable"]
+
+
+# ------------------------------------------------------------------ OpenAI
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoice(_Open):
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(_Open):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class TextCompletion(_Open):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Open):
+    """One Server-Sent Event's data while streaming (the stream ends with ``data: [DONE]``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+
+
+class ModelObject(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Open):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class FileObject(_Open):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+
+
+class FileList(_Open):
+    object: Literal["list"]
+    data: list[FileObject]
+
+
+class FileDeleted(_Open):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class RequestCounts(_Open):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchObject(_Open):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    request_counts: RequestCounts
+
+
+class BatchList(_Open):
+    object: Literal["list"]
+    data: list[BatchObject]
+    has_more: bool
+
+
+# ------------------------------------------------------------------ jobs
+
+
+class JobObject(_Open):
+    """An async job; /api/jobs/{id} adds the output so far and, once done, the result."""
+
+    id: str
+    type: str
+    model: str
+    status: str
+    created_at: str | None
+
+
+class JobList(_Open):
+    jobs: list[JobObject]

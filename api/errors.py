@@ -11,8 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from starlette.requests import ClientDisconnect
 
 from common.errors import BadRequest, VllamaError
+from common.redact import without_paths
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +40,44 @@ def error_response(request: Request, message: str, status: int, code: str | None
     return JSONResponse(body, status_code=status)
 
 
+_SHOWN_PROBLEMS = 5  # a body with a million bad items gets a short answer, not a million lines
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none"})
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the branch of a union it tried ("str", "list[str]", "NamedToolChoice") in
+    an error's location; the person who sent the field knows it by its name alone."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or "(" in part or part[:1].isupper())
+
+
 def describe_validation_error(exc: RequestValidationError | ValidationError) -> str:
-    """Turn pydantic's error list into one sentence a person can act on."""
-    parts = []
+    """Turn pydantic's error list into one sentence a person can act on: each wrong field
+    named (a union's failed branches merged into one entry), at most a few of them."""
+    problems: dict[str, list[tuple[bool, str]]] = {}
     for err in exc.errors():
         kind = err.get("type", "")
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_tag(p))
         if kind == "json_invalid":
             return f"invalid JSON in request body: {err.get('ctx', {}).get('error', err.get('msg'))}"
         if kind == "model_type" and not loc:
             return "request body must be a JSON object"
         if kind == "missing" and not loc:
             return "missing request body"
-        msg = err.get("msg", "invalid value")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        msg = str(err.get("msg", "invalid value"))
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        ours = kind == "value_error"  # our own check's message says more than "should be a valid X"
+        found = problems.setdefault(loc, [])
+        if ours and not any(o for o, _ in found):
+            found.clear()
+        if (ours or not any(o for o, _ in found)) and (ours, msg) not in found:
+            found.append((ours, msg))
+    parts = []
+    for loc, found in list(problems.items())[:_SHOWN_PROBLEMS]:
+        msg = " or ".join(m if i == 0 else m[:1].lower() + m[1:] for i, (_, m) in enumerate(found))
+        parts.append(f"{loc}: {msg}" if loc and loc not in msg else msg)
+    if len(problems) > _SHOWN_PROBLEMS:
+        parts.append(f"and {len(problems) - _SHOWN_PROBLEMS} more")
     return "; ".join(parts) or "invalid request"
 
 
@@ -93,11 +119,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(request, f"internal error: {exc}", 500)
+        return error_response(request, f"internal error: {without_paths(str(exc))}", 500)
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json_error(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return error_response(request, f"invalid JSON in request body: {exc}", 400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _body_cut_short(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client stopped sending before the end of the body it announced: its mistake, not
+        # ours (no 500, no traceback); it has most likely gone and never reads this.
+        return error_response(request, "the request body ended before its Content-Length; send the whole body", 400)
 
 
 M = TypeVar("M", bound=BaseModel)

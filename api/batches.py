@@ -23,6 +23,7 @@ from api import files, ownership
 from api.answers import Answer
 from api.dispatch import Dispatcher
 from api.errors import describe_validation_error, openai_error
+from api.limits import RequestLimits
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.openai_routes import Shape
 from api.tools import attach_tools
@@ -214,10 +215,10 @@ async def _job(d: Dispatcher, endpoint: str, line: InputLine, ref: BatchRef,
     if request.choices_per_prompt() != 1:
         raise BadRequest("n must be 1 in a batch; repeat the line with other custom_ids for more choices")
     if isinstance(request, ChatCompletionRequest):
-        job = request.to_job()
+        job = request.to_job(RequestLimits.of(d.settings))
         await attach_tools(d, job, request.model, request.tools, request.tool_choice, request.parallel_tool_calls)
     else:
-        jobs = request.to_jobs()
+        jobs = request.to_jobs(RequestLimits.of(d.settings))
         if len(jobs) != 1:
             raise BadRequest("prompt must be one string in a batch line; put each prompt on its own line")
         job = jobs[0]

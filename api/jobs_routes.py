@@ -22,6 +22,7 @@ from api import jobs, ndjson, ownership
 from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.errors import parse_body
+from api.limits import RequestLimits
 from api.model_routes import pull_response
 from api.model_wire import PullRequest
 from api.ollama_models import ChatRequest, GenerateRequest
@@ -59,7 +60,7 @@ async def _submit(request: Request, body: AsyncGenerateRequest | AsyncChatReques
     dispatcher: Dispatcher = request.app.state.dispatcher
     if body.is_load_only():
         raise BadRequest("an async job needs a prompt (or messages); to load a model, use /api/generate")
-    job = body.to_job()
+    job = body.to_job(RequestLimits.of(dispatcher.settings))
     job.priority = body.priority
     headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
     ownership.stamp(request, [job])

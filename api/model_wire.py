@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
+
+from api.bounds import WireModel
 
 from common.catalog import CatalogEntry, Manifest
 from common.errors import BadRequest
@@ -17,10 +20,8 @@ from common.registry import ModelStatus, WorkerInfo
 _FOREVER = timedelta(days=292 * 365)
 
 
-class _Named(BaseModel):
+class _Named(WireModel):
     """``model``, or the deprecated ``name``."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str = ""
     name: str = ""
@@ -49,9 +50,7 @@ class DeleteRequest(_Named):
     pass
 
 
-class CopyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class CopyRequest(WireModel):
     source: str = ""
     destination: str = ""
 
@@ -98,6 +97,19 @@ def show_body(manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def _expiry(now: datetime, expiries: list[float | None]) -> datetime:
+    """The latest expiry; None (kept forever) and anything past Ollama's "forever" show as it.
+    Clamped rather than trusted: a worker may still hold an expiry from before keep_alive
+    was bounded (1e300, inf or nan), and one such value must not fail /api/ps for everyone."""
+    forever = now + _FOREVER
+    if None in expiries or any(math.isnan(e) for e in expiries):
+        return forever
+    latest = max(expiries)
+    if latest >= forever.timestamp():
+        return forever
+    return datetime.fromtimestamp(max(latest, 0.0), UTC)
+
+
 def ps_entries(workers: list[WorkerInfo], catalog: dict[str, CatalogEntry]) -> list[dict[str, Any]]:
     """One entry per model held by some live worker, longest time left first."""
     held: dict[str, list[tuple[WorkerInfo, ModelStatus]]] = {}
@@ -109,8 +121,7 @@ def ps_entries(workers: list[WorkerInfo], catalog: dict[str, CatalogEntry]) -> l
     now = datetime.now(UTC)
     for name, holders in held.items():
         statuses = [s for _, s in holders]
-        expiries = [s.expires_at for s in statuses]
-        expires = now + _FOREVER if None in expiries else datetime.fromtimestamp(max(expiries), UTC)
+        expires = _expiry(now, [s.expires_at for s in statuses])
         entry = catalog.get(name)
         size = entry.manifest.size if entry is not None else max(s.size for s in statuses)
         entries.append((expires, {

@@ -7,10 +7,20 @@ what to send instead. Unknown fields and unknown ``options`` keys are ignored, a
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from api.bounds import (
+    INT32_MAX,
+    MAX_OLLAMA_STOPS,
+    JsonObject,
+    WireModel,
+    check_int,
+    check_seed,
+    check_token_ids,
+    stop_strings,
+)
 from common import clock
 from common.durations import parse_keep_alive
 from common.errors import BadRequest
@@ -18,13 +28,14 @@ from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.tool_calls import ToolCall
 
-Format = dict[str, Any] | str | None
+if TYPE_CHECKING:
+    from api.limits import RequestLimits
+
+Format = JsonObject | str | None
 
 
-class Options(BaseModel):
+class Options(WireModel):
     """The ``options`` keys that affect generation; others are accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
     temperature: float | None = None
     top_k: int | None = None
@@ -41,12 +52,13 @@ class Options(BaseModel):
     def to_sampling(self, fmt: Format) -> Sampling:
         s = Sampling()
         if self.temperature is not None:
-            if self.temperature < 0:
-                raise BadRequest("options.temperature must be 0 or more")
+            if not 0 <= self.temperature <= 2:
+                raise BadRequest("options.temperature must be between 0 and 2")
             s.temperature = self.temperature
         if self.top_k is not None:
             if self.top_k < 0:
                 raise BadRequest("options.top_k must be 0 (off) or more")
+            check_int("options.top_k", self.top_k, 0, INT32_MAX)
             s.top_k = self.top_k
         if self.top_p is not None:
             if not 0 < self.top_p <= 1:
@@ -63,9 +75,10 @@ class Options(BaseModel):
                     f"options.num_predict is {self.num_predict}: use a positive number of tokens, "
                     "or -1 for no limit"
                 )
+            check_int("options.num_predict", self.num_predict, -2, INT32_MAX)
             s.max_tokens = self.num_predict if self.num_predict >= 0 else None
-        if self.stop is not None:
-            s.stop = [self.stop] if isinstance(self.stop, str) else [x for x in self.stop if x]
+        s.stop = stop_strings("options.stop", self.stop, MAX_OLLAMA_STOPS)
+        check_seed("options.seed", self.seed)
         if self.seed is not None and self.seed >= 0:  # Ollama: -1 means random
             s.seed = self.seed
         if self.repeat_penalty is not None:
@@ -81,6 +94,7 @@ class Options(BaseModel):
         if self.num_ctx is not None:
             if self.num_ctx < 1:
                 raise BadRequest("options.num_ctx must be a positive number of tokens")
+            check_int("options.num_ctx", self.num_ctx, 1, INT32_MAX)
             s.num_ctx = self.num_ctx
         _apply_format(s, fmt)
         return s
@@ -94,12 +108,11 @@ def _apply_format(s: Sampling, fmt: Format) -> None:
     elif isinstance(fmt, dict):
         s.json_schema = fmt
     else:
-        raise BadRequest(f'invalid format {fmt!r}: use "json" or a JSON schema object')
+        shown = repr(fmt) if len(repr(fmt)) <= 40 else repr(fmt)[:37] + "..."
+        raise BadRequest(f'invalid format {shown}: use "json" or a JSON schema object')
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Request(WireModel):
     model: str = ""
     stream: bool = True
     format: Format = None
@@ -113,6 +126,17 @@ class _Request(BaseModel):
     @classmethod
     def _null_options(cls, v: object) -> object:
         return {} if v is None else v
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: object) -> object:
+        """Checked at parse time, so every route (and a load-only request) refuses it alike."""
+        if v is not None and v != "":
+            try:
+                parse_keep_alive(v)  # type: ignore[arg-type]
+            except BadRequest as exc:
+                raise ValueError(exc.message) from None
+        return v
 
     def canonical_model(self) -> str:
         return canonical_name(self.model)
@@ -141,14 +165,15 @@ class GenerateRequest(_Request):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[int] | None = None  # token ids: checked in to_job, and against the vocabulary by the worker
     raw: bool = False
     images: list[str] | None = None
 
     def is_load_only(self) -> bool:
         return not self.prompt and not self.suffix
 
-    def to_job(self) -> GenerationJob:
+    def to_job(self, limits: RequestLimits | None = None) -> GenerationJob:
+        """The job spec; ``limits`` (from the settings) bound the prompt's size."""
         if self.raw and (self.template or self.system or self.context):
             raise BadRequest("raw mode does not support template, system, or context")
         if self.template:
@@ -159,6 +184,9 @@ class GenerateRequest(_Request):
         if self.images:
             raise BadRequest(f"{self.model} does not support images")
         self._check_think()
+        check_token_ids("context", self.context or [])
+        if limits is not None:
+            limits.check_prompt([self.prompt, self.system or "", self.suffix or ""])
         return GenerationJob(
             job_id=new_job_id(),
             model=self.canonical_model(),
@@ -173,23 +201,17 @@ class GenerateRequest(_Request):
         )
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class FunctionCall(WireModel):
     name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)  # an object in Ollama's API
+    arguments: JsonObject = Field(default_factory=dict)  # an object in Ollama's API
 
 
-class ToolCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ToolCallIn(WireModel):
     id: str | None = None
     function: FunctionCall
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class Message(WireModel):
     role: str
     content: str | None = ""
     images: list[str] | None = None
@@ -214,13 +236,18 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[JsonObject] | None = None
 
     def is_load_only(self) -> bool:
         return not self.messages
 
-    def to_job(self) -> GenerationJob:
+    def to_job(self, limits: RequestLimits | None = None) -> GenerationJob:
+        """The job spec; ``limits`` (from the settings) bound the messages and their size."""
         self._check_think()
+        if limits is not None:
+            limits.check_messages(len(self.messages))
+            limits.check_prompt([m.content or "" for m in self.messages], self.tools,
+                                [c.function.arguments for m in self.messages for c in m.tool_calls or []])
         if any(m.images for m in self.messages):
             raise BadRequest(f"{self.model} does not support images")
         return GenerationJob(

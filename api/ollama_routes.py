@@ -13,6 +13,7 @@ from api.answers import Answer, respond
 from api.disconnect import unless_disconnected
 from api.dispatch import Dispatcher
 from api.errors import parse_body
+from api.limits import RequestLimits
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.tools import attach_tools
 from common import clock
@@ -39,7 +40,7 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     if body.is_load_only():
         return JSONResponse(await _load_only(request, dispatcher, model, keep_alive, kind, body.model))
 
-    job = body.to_job()
+    job = body.to_job(RequestLimits.of(dispatcher.settings))
     headers = await attach_tools(dispatcher, job, body.model, body.tools) if isinstance(body, ChatRequest) else {}
     ownership.stamp(request, [job])  # usage per API key
     stream = await dispatcher.submit(job, keep_alive)

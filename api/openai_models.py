@@ -5,10 +5,12 @@ top_p 1, no top_k, no length limit but the context)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
+from api.bounds import INT32_MAX, MAX_OPENAI_STOPS, SEED_MAX, SEED_MIN, JsonObject, WireModel, check_int, check_seed, \
+    stop_strings
 from api.ollama_models import new_job_id
 from common import clock
 from common.errors import BadRequest
@@ -16,6 +18,8 @@ from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.tool_calls import ToolCall
 
+if TYPE_CHECKING:
+    from api.limits import RequestLimits
 
 MAX_CHOICES = 128  # choices in one request (n times the prompts), as OpenAI allows
 
@@ -29,20 +33,22 @@ def fan_out(jobs: list[GenerationJob], n: int) -> list[GenerationJob]:
     for job in jobs:
         for i in range(n):
             sampling = job.sampling if job.sampling.seed is None or i == 0 else \
-                job.sampling.model_copy(update={"seed": job.sampling.seed + i})
+                job.sampling.model_copy(update={"seed": _seed_plus(job.sampling.seed, i)})
             out.append(job if i == 0 else job.model_copy(update={"job_id": new_job_id(), "sampling": sampling}))
     return out
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _seed_plus(seed: int, i: int) -> int:
+    """seed + i, wrapped within the 64-bit range the engine takes."""
+    span = SEED_MAX - SEED_MIN + 1
+    return (seed + i - SEED_MIN) % span + SEED_MIN
 
+
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _OpenAIRequest(WireModel):
     model: str = ""
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -61,9 +67,14 @@ class _OpenAIRequest(BaseModel):
             raise BadRequest("you must provide a model parameter")
         return canonical_name(self.model)
 
-    def choices_per_prompt(self) -> int:
+    def choices_per_prompt(self, limits: RequestLimits | None = None) -> int:
+        """``n``; ``limits`` (from the settings) bound it."""
         n = 1 if self.n is None else self.n
-        if not 1 <= n <= MAX_CHOICES:
+        if n < 1:
+            raise BadRequest("n must be at least 1")
+        if limits is not None:
+            limits.check_n(n)
+        if n > MAX_CHOICES:
             raise BadRequest(f"n must be between 1 and {MAX_CHOICES}")
         return n
 
@@ -71,7 +82,7 @@ class _OpenAIRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None) -> Sampling:
+    def _sampling(self, max_tokens: int | None, max_tokens_field: str = "max_tokens") -> Sampling:
         s = Sampling(temperature=1.0, top_k=0, top_p=1.0)
         if self.temperature is not None:
             if not 0 <= self.temperature <= 2:
@@ -83,12 +94,11 @@ class _OpenAIRequest(BaseModel):
             s.top_p = self.top_p
         if max_tokens is not None:
             if max_tokens < 1:
-                raise BadRequest("max_tokens must be at least 1")
+                raise BadRequest(f"{max_tokens_field} must be at least 1")
+            check_int(max_tokens_field, max_tokens, 1, INT32_MAX)
             s.max_tokens = max_tokens
-        if self.stop is not None:
-            s.stop = [self.stop] if isinstance(self.stop, str) else [x for x in self.stop if x]
-            if len(s.stop) > 4:
-                raise BadRequest("stop takes at most 4 sequences")
+        s.stop = stop_strings("stop", self.stop, MAX_OPENAI_STOPS)
+        check_seed("seed", self.seed)
         s.seed = self.seed
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -99,11 +109,9 @@ class _OpenAIRequest(BaseModel):
         return s
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonObject | None = None
 
     def apply(self, s: Sampling) -> None:
         if self.type == "json_object":
@@ -115,36 +123,36 @@ class ResponseFormat(BaseModel):
             s.json_schema = schema
 
 
-class FunctionCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class FunctionCallIn(WireModel):
     name: str
     arguments: str = "{}"  # JSON text in OpenAI's API
 
 
-class ToolCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ToolCallIn(WireModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
     def to_tool_call(self) -> ToolCall:
         try:
-            arguments = json.loads(self.function.arguments or "{}")
-        except ValueError:
+            arguments = json.loads(self.function.arguments or "{}", parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             arguments = None
         if not isinstance(arguments, dict):
+            shown = self.function.arguments if len(self.function.arguments) <= 40 else \
+                self.function.arguments[:37] + "..."
             raise BadRequest(f"the arguments of tool call {self.id or self.function.name!r} must be a JSON "
-                             f"object encoded as a string, not {self.function.arguments!r}")
+                             f"object encoded as a string, not {shown!r}")
         return ToolCall(name=self.function.name, arguments=arguments, **({"id": self.id} if self.id else {}))
 
 
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: json.loads takes them unless told
 
+
+class ChatMessageIn(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[JsonObject] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
@@ -155,31 +163,91 @@ class ChatMessageIn(BaseModel):
                            tool_call_id=self.tool_call_id, tool_name=self.name if self.role == "tool" else None)
 
     def text(self) -> str:
-        """Plain text content; parts of type "text" are joined (images are not supported)."""
+        """Plain text content; parts of type "text" (and an assistant's "refusal") are joined
+        (images, audio and files are not supported)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         texts = []
         for part in self.content:
-            if part.get("type") != "text":
-                raise BadRequest(f"content parts of type {part.get('type')!r} are not supported; send text")
-            texts.append(str(part.get("text", "")))
+            kind = part.get("type")
+            field = "refusal" if kind == "refusal" and self.role == "assistant" else "text" if kind == "text" else None
+            if field is None:
+                shown = repr(kind) if isinstance(kind, str) and len(kind) <= 40 else "that type"
+                raise BadRequest(f"content parts of type {shown} are not supported; send text "
+                                 '(a string, or parts {"type": "text", "text": "..."})')
+            if not isinstance(part.get(field), str):
+                raise BadRequest(f'a content part of type "{kind}" needs "{field}": a string')
+            texts.append(part[field])
         return "".join(texts)
+
+
+class FunctionName(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    """Call this function."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class AllowedTools(WireModel):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice]
+
+
+class AllowedToolsChoice(WireModel):
+    """Only these of the tools, and whether a call is required."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+class CustomToolChoice(WireModel):
+    """Call this custom (free-form) tool: OpenAI's form, refused with a clear message."""
+
+    type: Literal["custom"]
+    custom: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | CustomToolChoice
+TOOL_CHOICE_FORMS = ('tool_choice must be "none", "auto", "required", {"type": "function", "function": {"name": ...}} '
+                     'or {"type": "allowed_tools", "allowed_tools": {"mode": "auto" or "required", '
+                     '"tools": [{"type": "function", "function": {"name": ...}}, ...]}}')
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessageIn] = Field(default_factory=list)
     max_completion_tokens: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[JsonObject] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
-    def to_job(self) -> GenerationJob:
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice(cls, v: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """One message listing the forms, instead of one per form tried."""
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(TOOL_CHOICE_FORMS) from None
+
+    def to_job(self, limits: RequestLimits | None = None) -> GenerationJob:
+        """The job spec; ``limits`` (from the settings) bound the messages and their size."""
         if not self.messages:
             raise BadRequest("messages must contain at least one message")
-        sampling = self._sampling(self.max_completion_tokens or self.max_tokens)
+        if limits is not None:
+            limits.check_messages(len(self.messages))
+            limits.check_prompt([m.text() for m in self.messages], self.tools,
+                                [c.function.arguments for m in self.messages for c in m.tool_calls or []])
+        if self.max_completion_tokens is not None:
+            sampling = self._sampling(self.max_completion_tokens, "max_completion_tokens")
+        else:
+            sampling = self._sampling(self.max_tokens)
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= 20:
                 raise BadRequest("top_logprobs must be between 0 and 20")
@@ -201,11 +269,13 @@ class CompletionRequest(_OpenAIRequest):
     suffix: str | None = None
     logprobs: int | None = None  # how many top tokens to list per token (the legacy API's form)
 
-    def to_jobs(self) -> list[GenerationJob]:
-        """One job per prompt."""
+    def to_jobs(self, limits: RequestLimits | None = None) -> list[GenerationJob]:
+        """One job per prompt; ``limits`` (from the settings) bound the prompts' size."""
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts:
             raise BadRequest("prompt must be a string or a non-empty list of strings")
+        if limits is not None:
+            limits.check_prompt([*prompts, self.suffix or ""])
         if self.echo or self.suffix:
             raise BadRequest("echo and suffix are not supported")
         sampling = self._sampling(self.max_tokens)

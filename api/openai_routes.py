@@ -20,6 +20,7 @@ from api import ownership
 from api.answers import Answer, Output, logprobs_json, merged, respond, submit_all
 from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
+from api.limits import RequestLimits
 from api.openai_models import ChatCompletionRequest, CompletionRequest, fan_out
 from api.tools import attach_tools
 from common import catalog, clock
@@ -46,14 +47,15 @@ async def completions(request: Request) -> Response:
 async def _serve(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
     headers: dict[str, str] = {}
+    limits = RequestLimits.of(dispatcher.settings)
+    n = body.choices_per_prompt(limits)
     if isinstance(body, ChatCompletionRequest):
-        job = body.to_job()
+        job = body.to_job(limits)
         headers = await attach_tools(dispatcher, job, body.model, body.tools, body.tool_choice,
                                      body.parallel_tool_calls)
         prompts = [job]
     else:
-        prompts = body.to_jobs()
-    n = body.choices_per_prompt()
+        prompts = body.to_jobs(limits)
     jobs = fan_out(prompts, n)
     ownership.stamp(request, jobs)  # usage per API key
     streams = await submit_all(dispatcher, jobs)

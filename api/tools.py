@@ -7,7 +7,8 @@ for other models, which breaks those clients. So by default such a request is se
 without its tools: a normal reply, a warning in the log, and a response header saying the
 tools were dropped. VLLAMA_STRICT_TOOLS restores Ollama's 400. A request that insists on a
 call (tool_choice "required" or a named function) is served on any model: the answer is
-constrained to the call's JSON schema, so no parser is needed.
+constrained to the call's JSON schema, so no parser is needed. tool_choice "allowed_tools"
+narrows the tools to those it names, then acts as its mode ("auto" or "required") says.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from api.dispatch import Dispatcher
+from api.openai_models import TOOL_CHOICE_FORMS, AllowedToolsChoice, CustomToolChoice, NamedToolChoice, ToolChoice
 from common import catalog
 from common.errors import BadRequest
 from common.protocol import GenerationJob
@@ -49,10 +53,26 @@ async def attach_tools(dispatcher: Dispatcher, job: GenerationJob, shown_model: 
     return {TOOLS_DROPPED_HEADER: str(len(use.tools))}
 
 
+_TOOL_CHOICE: TypeAdapter[ToolChoice | None] = TypeAdapter(ToolChoice | None)
+
+
 def _requested(tools: list[Any] | None, tool_choice: Any, parallel: bool | None) -> ToolUse | None:
-    """The request's tools and tool_choice (OpenAI's forms; Ollama sends only tools)."""
-    if not tools or tool_choice == "none":
+    """The request's tools and tool_choice (every form OpenAI's chat completions take;
+    Ollama sends only tools)."""
+    if not isinstance(tool_choice, (NamedToolChoice, AllowedToolsChoice, CustomToolChoice)):
+        try:
+            tool_choice = _TOOL_CHOICE.validate_python(tool_choice)
+        except ValidationError:
+            raise BadRequest(TOOL_CHOICE_FORMS) from None
+    if isinstance(tool_choice, CustomToolChoice):
+        raise BadRequest("custom tools are not supported: send function tools, and a tool_choice that names "
+                         "a function")
+    if tool_choice == "none":
         return None
+    if not tools:
+        if tool_choice in (None, "auto"):
+            return None
+        raise BadRequest("tool_choice asks for a tool call, but the request has no tools; send tools too")
     try:
         checked = check_tools(tools)
     except ValueError as exc:
@@ -63,11 +83,19 @@ def _requested(tools: list[Any] | None, tool_choice: Any, parallel: bool | None)
     if tool_choice == "required":
         use.choice = "required"
         return use
-    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
-    if not isinstance(name, str):
-        raise BadRequest('tool_choice must be "none", "auto", "required" or '
-                         '{"type": "function", "function": {"name": ...}}')
-    if name not in function_names(checked):
-        raise BadRequest(f"tool_choice names the function {name!r}, which is not among the tools")
-    use.choice, use.function = "function", name
+    if isinstance(tool_choice, AllowedToolsChoice):
+        allowed = [_named(checked, c.function.name) for c in tool_choice.allowed_tools.tools]
+        if not allowed:
+            raise BadRequest("tool_choice.allowed_tools.tools must name at least one function")
+        use.tools = [t for t in checked if t["function"]["name"] in allowed]
+        use.choice = tool_choice.allowed_tools.mode
+        return use
+    use.choice, use.function = "function", _named(checked, tool_choice.function.name)
     return use
+
+
+def _named(tools: list[dict[str, Any]], name: str) -> str:
+    if name not in function_names(tools):
+        shown = name if len(name) <= 64 else name[:61] + "..."
+        raise BadRequest(f"tool_choice names the function {shown!r}, which is not among the tools")
+    return name

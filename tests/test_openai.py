@@ -203,7 +203,7 @@ async def test_n_choices_and_several_prompts(redis_server):
         stack.engine.generate = spy
         await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1, "n": 3, "seed": 10})
         assert sorted(seeds) == [10, 11, 12]  # different, reproducible choices
-        for body, message in [({"n": 0}, "between 1 and 128"), ({"n": 129}, "between 1 and 128"),
-                              ({"n": 64, "prompt": ["a", "b", "c"]}, "more than 128 choices")]:
+        for body, status, message in [({"n": 0}, 400, "at least 1"), ({"n": 129}, 413, "VLLAMA_MAX_N"),
+                                      ({"n": 16, "prompt": ["a"] * 9}, 400, "more than 128 choices")]:
             r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", **body})
-            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+            assert r.status_code == status and message in r.json()["error"]["message"], r.text

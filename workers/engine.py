@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from common.errors import BadRequest
 from common.protocol import ChatMessage, Sampling, TokenLogprob, TopLogprob
+from common.redact import without_paths
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Delta:
 class Engine(Protocol):
     max_model_len: int
     max_num_seqs: int
+    vocab_size: int  # token ids are 0 .. vocab_size - 1; clients' context ids are checked against it
     tokenizer: Any  # what vLLM's tool parsers are built with
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -104,10 +106,11 @@ class VllmEngine:
     """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
 
     def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
-                 on_gpu: bool = False, scheduler: SchedulerView | None = None) -> None:
+                 on_gpu: bool = False, scheduler: SchedulerView | None = None, vocab_size: int = 0) -> None:
         self._llm = llm
         self._scheduler = scheduler or SchedulerView()
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size or len(tokenizer)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.on_gpu = on_gpu
@@ -156,8 +159,11 @@ class VllmEngine:
         scheduler = SchedulerView()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler.logger_factory()])
         config = llm.model_config
-        return cls(llm, llm.get_tokenizer(), config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
-                   on_gpu=cuda, scheduler=scheduler)
+        tokenizer = llm.get_tokenizer()
+        # As vLLM judges prompt ids: in range of the tokenizer or of the model, whichever is larger.
+        vocab_size = max(config.get_vocab_size(), getattr(tokenizer, "max_token_id", len(tokenizer) - 1) + 1)
+        return cls(llm, tokenizer, config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
+                   on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size)
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -189,7 +195,7 @@ class VllmEngine:
                 )
         except (ValueError, VLLMClientError) as exc:
             # vLLM's request validation: sampling values, a JSON schema it cannot compile.
-            raise BadRequest(f"the request cannot be run: {exc}") from exc
+            raise BadRequest(f"the request cannot be run: {without_paths(str(exc))}") from exc
 
     @staticmethod
     def _sampling_params(sampling: Sampling, max_tokens: int):  # -> vllm.SamplingParams

@@ -17,6 +17,7 @@ from workers.engine import Delta
 
 
 REPLY_CHARS_PER_TOKEN = 4
+VOCAB_SIZE = 50_000  # "tokens" are characters modulo this
 
 
 class FakeTokenizer:
@@ -38,6 +39,7 @@ class FakeEngine:
         self.last_sampling: Sampling | None = None
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
+        self.vocab_size = VOCAB_SIZE
         self.answer_tokens = answer_tokens
         self.step_s = step_s
         self.aborted: list[str] = []
@@ -48,10 +50,10 @@ class FakeEngine:
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         self.last_chat = ([m.for_template() for m in messages], tools)
         text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
-        return [ord(c) % 50_000 for c in text]
+        return [ord(c) % VOCAB_SIZE for c in text]
 
     def encode_raw(self, text: str) -> list[int]:
-        return [ord(c) % 50_000 for c in text]
+        return [ord(c) % VOCAB_SIZE for c in text]
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0

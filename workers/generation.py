@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
-from common.errors import ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
+from common.errors import BadRequest, ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
 from common.metrics import ModelStats
 from common.protocol import (
     ChatMessage,
@@ -31,6 +31,7 @@ from common.protocol import (
     ToolCallsFrame,
 )
 from common.records import JobRecord, JobStatus
+from common.redact import without_paths
 from common.tasks import until_redis_answers
 from workers.engine import Engine
 from workers.frames import FrameLog, FramePublisher, FrameSink
@@ -96,7 +97,7 @@ class GenerationRunner:
             raise
         except Exception as exc:  # noqa: BLE001 - any engine failure must reach the client
             log.exception("job %s failed", job.job_id)
-            await self._fail(job, publisher, ErrorCode.INTERNAL, f"generation failed: {exc}")
+            await self._fail(job, publisher, ErrorCode.INTERNAL, f"generation failed: {without_paths(str(exc))}")
             raise
         finally:
             self.running.discard(job.job_id)
@@ -120,6 +121,9 @@ class GenerationRunner:
         return listeners
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
+        """The job's prompt as token ids. Called in a thread: rendering and tokenizing a long
+        prompt takes seconds, during which the event loop must go on serving the other jobs."""
+        self.check_context(job)
         if job.kind == "chat":
             return self.engine.encode_chat(job.messages, job.tool_use.tools if job.tool_use else None)
         if job.raw:
@@ -130,9 +134,19 @@ class GenerationRunner:
         messages.append(ChatMessage(role="user", content=job.prompt))
         return list(job.context) + self.engine.encode_chat(messages)
 
+    def check_context(self, job: GenerationJob) -> None:
+        """Token ids from the client (an earlier answer's context) must be in this model's
+        vocabulary: the API cannot know it, and the engine must never see one that is not."""
+        vocab = self.engine.vocab_size
+        for i, token in enumerate(job.context):
+            if not 0 <= token < vocab:
+                raise BadRequest(f"context[{i}] is {token}, which is not a token of {job.model} (its vocabulary "
+                                 f"has {vocab}); send back the context of an earlier answer of this model "
+                                 "unchanged, or leave it out")
+
     async def _generate(self, job: GenerationJob, publisher: FramePublisher) -> JobResult:
         started = time.monotonic()
-        prompt = self.prompt_tokens(job)
+        prompt = await asyncio.to_thread(self.prompt_tokens, job)
         model_max = self.engine.max_model_len
         window = min(job.sampling.num_ctx or model_max, model_max)
         if len(prompt) >= window:

@@ -30,6 +30,7 @@ from common.durations import FOREVER, parse_keep_alive
 from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
 from common.records import LoadRecord
+from common.redact import without_paths
 from common.redis_conn import connect
 from common.settings import Settings
 from common.tasks import cancel_and_wait, run_until_signalled
@@ -240,7 +241,7 @@ class GenerationWorker:
             self.info.state = "ready"
             self._heartbeat.poke()
         except Exception as exc:  # noqa: BLE001 - the reason is recorded; the worker cannot serve
-            self._fatal = f"the engine of {model.name} died and could not be started again: {exc}"
+            self._fatal = f"the engine of {model.name} died and could not be started again: {without_paths(str(exc))}"
             self.stop()
         finally:
             self._restarting.discard(model.name)
@@ -263,6 +264,7 @@ class GenerationWorker:
         self.models[name] = model
         await self._record_load(name, "loading")
         started = time.monotonic()
+        path: Path | None = None
         try:
             if engine is None:
                 path = await self._resolve(model)
@@ -270,8 +272,10 @@ class GenerationWorker:
             model.start(engine, self._redis, self._sink, self.worker_id, self.settings)
         except Exception as exc:
             self.models.pop(name, None)
+            # The client hears the model's name, never where this machine keeps it.
+            reason = without_paths(str(exc), {path: name} if path else None)
             code, message = (exc.code, exc.message) if isinstance(exc, VllamaError) \
-                else (ErrorCode.INTERNAL, f"loading {name} failed: {exc}")
+                else (ErrorCode.INTERNAL, f"loading {name} failed: {reason}")
             log.error("worker %s: %s", self.worker_id, message, exc_info=not isinstance(exc, VllamaError))
             await self._record_load(name, "failed", code=code, error=message)
             raise

@@ -31,6 +31,7 @@ import httpx
 from common.catalog import CatalogEntry, Manifest, ManifestFile, StoreInfo
 from common.errors import Unavailable, Upstream, VllamaError
 from common.protocol import PullFile
+from common.redact import without_paths
 from workers.peer_server import FILE_ROUTE
 from workers.pull import Progress, check_space
 from workers.store import ModelStore
@@ -137,8 +138,8 @@ def _fetch_file(staging: Path, name: str, f: ManifestFile, sources: list[StoreIn
             log.warning("fetching %s of %s from store %s: %s", f.path, name, source.store_id, exc)
             reasons.append(f"store {source.store_id}: {exc}")
         except OSError as exc:  # our own disk: another store would not help
-            raise Upstream(f"writing {f.path} of {name} failed ({exc}); check the disk of {staging.parent.parent}, "
-                           "then try again") from exc
+            raise Upstream(f"writing {f.path} of {name} failed ({without_paths(str(exc))}); check the disk of this "
+                           "machine's model store (VLLAMA_HOME), then try again") from exc
         finally:
             tmp.unlink(missing_ok=True)
     raise Upstream(f"could not fetch model '{name.removesuffix(':latest')}' from the machines that have it, "

@@ -27,6 +27,7 @@ from common.errors import Forbidden, InsufficientStorage, ModelNotFound, Upstrea
 from common.model_info import describe
 from common.models import source_for
 from common.protocol import PullFile, PullState, PullStatus
+from common.redact import without_paths
 from workers.store import ModelStore, describe_files, file_sha256
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "common" / "chat_templates"
@@ -276,7 +277,7 @@ def _hub_errors(name: str, repo: str, revision: str) -> Iterator[None]:
                                       "(ollama rm NAME) or set VLLAMA_HOME to a bigger disk, then pull again") from exc
         if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OSError)) or "httpx" in type(exc).__module__:
             endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-            raise Upstream(f"pulling {repo} from {endpoint} failed ({exc}); check the network "
+            raise Upstream(f"pulling {repo} from {endpoint} failed ({without_paths(str(exc))}); check the network "
                            "(or HF_ENDPOINT) and pull again: files already fetched are kept") from exc
         raise
 

@@ -27,6 +27,7 @@ from common.protocol import PullFrame, PullState
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
 from common.tasks import cancel_and_wait, run_until_signalled
+from common.redact import without_paths
 from workers.frames import FramePublisher, FrameSink
 from workers.peer_server import StoreServer, StoreServerError
 from workers.pull import Progress, pull
@@ -163,7 +164,7 @@ class PullWorker:
             log.warning("pull %s failed: %s", name, exc.message)
         except Exception as exc:  # noqa: BLE001 - the client must hear about any failure
             log.exception("pull %s failed", name)
-            await self._publish(publisher, self._failed(progress, ErrorCode.INTERNAL, f"pull failed: {exc}"))
+            await self._publish(publisher, self._failed(progress, ErrorCode.INTERNAL, f"pull failed: {without_paths(str(exc))}"))
         finally:
             await asyncio.shield(self._redis.delete(alive))
 

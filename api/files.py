@@ -2,7 +2,10 @@
 
 Files live in Redis, beside everything else, so any API replica can serve them and no shared
 disk is needed: ``vllama:file:<id>`` holds the bytes, ``vllama:file-meta:<id>`` OpenAI's file
-object, for VLLAMA_FILE_TTL_S (30 days, as OpenAI keeps batch files).
+object, for VLLAMA_FILE_TTL_S (30 days, as OpenAI keeps batch files). An upload is read from
+the request stream and counted as it comes (api/uploads.py); it is stored only if it fits
+under VLLAMA_MAX_UPLOAD_BYTES and the total under VLLAMA_MAX_FILE_STORAGE_BYTES
+(api/file_quota.py), which batch output files count towards but are never refused by.
 """
 
 from __future__ import annotations
@@ -11,32 +14,46 @@ import json
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from redis.asyncio import Redis
 
-from api import ownership
+from api import file_quota, ownership
+from api.uploads import read_upload
 from common import clock, keys
-from common.errors import BadRequest, NotFound
+from common.errors import BadRequest, NotFound, TooLarge
 from common.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
-MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for batch input files
 PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals")
 
 
-async def save(redis: Redis, settings: Settings, content: bytes, filename: str, purpose: str,
+async def save(redis: Redis, settings: Settings, content: bytes | bytearray, filename: str, purpose: str,
                owner: str | None = None) -> dict[str, Any]:
+    """Store a file if it fits in VLLAMA_MAX_FILE_STORAGE_BYTES (TooLarge if not); a batch's
+    output (purpose batch_output) is always stored, and counted."""
     now = int(clock.now())
     meta = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(content), "created_at": now,
             "expires_at": now + settings.file_ttl_s, "filename": filename, "purpose": purpose,
             "status": "processed", "status_details": None}
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.file_content(meta["id"]), content, ex=settings.file_ttl_s)
-        pipe.set(keys.file_meta(meta["id"]), json.dumps({**meta, "owner": owner}), ex=settings.file_ttl_s)
-        pipe.zadd(keys.FILES, {meta["id"]: now})
-        pipe.zremrangebyscore(keys.FILES, "-inf", now - settings.file_ttl_s)
-        await pipe.execute()
+    limit = settings.max_file_storage_bytes
+    reserved = await file_quota.reserve(redis, meta["id"], len(content), meta["expires_at"], now, limit,
+                                        force=purpose == "batch_output")
+    if not reserved.granted:
+        raise TooLarge(f"file storage is full: {file_quota.shown(reserved.used)} of VLLAMA_MAX_FILE_STORAGE_BYTES "
+                       f"({file_quota.shown(limit)}) is used and this file is {file_quota.shown(len(content))}; "
+                       "delete files you no longer need (DELETE /v1/files/{file_id}) or raise "
+                       "VLLAMA_MAX_FILE_STORAGE_BYTES on the server")
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.file_content(meta["id"]), memoryview(content), ex=settings.file_ttl_s)
+            pipe.set(keys.file_meta(meta["id"]), json.dumps({**meta, "owner": owner}), ex=settings.file_ttl_s)
+            pipe.zadd(keys.FILES, {meta["id"]: now})
+            pipe.zremrangebyscore(keys.FILES, "-inf", now - settings.file_ttl_s)
+            await pipe.execute()
+    except BaseException:
+        await file_quota.release(redis, meta["id"])
+        raise
     return meta
 
 
@@ -66,15 +83,17 @@ async def content(redis: Redis, file_id: str) -> bytes:
     return data
 
 
-@router.post("/files")
-async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:
+@router.post("/files")  # its form is described in api/openapi_bodies.py
+async def upload(request: Request) -> dict[str, Any]:
+    """Upload a file (multipart/form-data: file, purpose), at most VLLAMA_MAX_UPLOAD_BYTES."""
+    dispatcher = request.app.state.dispatcher
+    form = await read_upload(request, dispatcher.settings.max_upload_bytes)
+    purpose = form.fields.get("purpose")
     if purpose not in PURPOSES:
         raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; send purpose=batch for batch input")
-    data = await file.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise BadRequest(f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB; split it into several batches")
-    dispatcher = request.app.state.dispatcher
-    return await save(dispatcher.redis, dispatcher.settings, data, file.filename or "upload", purpose,
+    if not form.has_file:
+        raise BadRequest("the upload has no `file` field; send the file as multipart/form-data field `file`")
+    return await save(dispatcher.redis, dispatcher.settings, form.content, form.filename or "upload", purpose,
                       owner=ownership.owner_of(request))
 
 
@@ -109,4 +128,5 @@ async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
         pipe.delete(keys.file_content(file_id), keys.file_meta(file_id))
         pipe.zrem(keys.FILES, file_id)
         await pipe.execute()
+    await file_quota.release(redis, file_id)
     return {"id": file_id, "object": "file", "deleted": True}

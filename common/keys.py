@@ -161,6 +161,14 @@ def file_meta(file_id: str) -> str:
 FILES = f"{PREFIX}:files"
 BATCHES = f"{PREFIX}:batches"
 
+# The file storage quota (api/file_quota.py): bytes of every stored file (hash: file id ->
+# bytes), when each expires (zset: file id -> expiry time, s) and their sum (integer). No TTL:
+# shared; entries leave when their file is deleted or, past its expiry time, on the next
+# reservation, so the sum follows files that Redis expired on its own.
+FILE_SIZES = f"{PREFIX}:file-sizes"
+FILE_EXPIRY = f"{PREFIX}:file-expiry"
+FILE_BYTES = f"{PREFIX}:file-bytes"
+
 
 def batch(batch_id: str) -> str:
     """JSON: OpenAI's batch object, as last written by the API (status, times, file ids)."""

@@ -12,7 +12,9 @@ aborts the running ones; their outcomes are "cancelled" lines in the error file.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from typing import Any, Literal
 
@@ -31,7 +33,7 @@ from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, Conflict, ErrorCode, NotFound, ServerBusy, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
-from common.job_queue import worker_lost_message
+from common.job_queue import PreparedJob, worker_lost_message
 from common.records import BATCH_LINES, BatchLine, BatchRecord, JobRecord
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
@@ -39,6 +41,10 @@ ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": C
 WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 60
 LOST_CHECK_S = 5  # how often a batch's running lines are checked for a dead worker
+# Creating a batch of 100,000 lines is seconds of work; other requests must not wait for it.
+CHUNK_LINES = 500  # lines written to Redis per round trip
+YIELD_EVERY_S = 0.001  # the longest creation works before letting the event loop serve others
+MAX_ERRORS = 100  # a malformed file's errors shown in its batch
 
 
 class CreateBatch(BaseModel):
@@ -125,10 +131,10 @@ async def create(d: Dispatcher, body: CreateBatch, owner: str | None = None) -> 
                         input_file_id=body.input_file_id, completion_window=body.completion_window,
                         created_at=now, in_progress_at=now, expires_at=now + WINDOW_S, metadata=body.metadata,
                         owner=owner)
-    lines, errors = _parse(data, body.endpoint)
+    lines, errors = await asyncio.to_thread(_parse, data, body.endpoint)  # small steps: the loop runs between
     if errors:
         batch = batch.model_copy(update={"status": "failed", "failed_at": now, "in_progress_at": None,
-                                         "errors": {"object": "list", "data": errors[:100]}})
+                                         "errors": {"object": "list", "data": errors}})
     else:
         batch.total = len(lines)
     await _save(d, batch)
@@ -138,12 +144,16 @@ async def create(d: Dispatcher, body: CreateBatch, owner: str | None = None) -> 
         await pipe.execute()
     if not errors:
         await _queue_lines(d, batch, lines)
+        # Nothing of a batch just made can be stray yet: spare the check reading every line now.
+        await d.redis.set(keys.batch_checked(batch.id), "1", ex=LOST_CHECK_S)
     return await read(d, batch.id)
 
 
-def _parse(data: bytes, endpoint: str) -> tuple[list[InputLine], list[dict[str, Any]]]:
-    """The file's lines, or OpenAI-style errors naming the lines that are wrong."""
-    lines: list[InputLine] = []
+def _parse(data: bytes, endpoint: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The file's lines (their text: parsed objects for every line of a big batch, all alive
+    at once, would make the garbage collector's full passes stall the API), or OpenAI-style
+    errors naming the lines that are wrong (the first MAX_ERRORS)."""
+    lines: list[str] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
     for number, text in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
@@ -160,50 +170,78 @@ def _parse(data: bytes, endpoint: str) -> tuple[list[InputLine], list[dict[str, 
         elif line.custom_id in seen:
             errors.append(_line_error("duplicate_custom_id", f"custom_id {line.custom_id!r} is used twice", number))
         seen.add(line.custom_id)
-        lines.append(line)
+        lines.append(text)
     if not lines and not errors:
         errors.append(_line_error("empty_file", "the input file has no requests", None))
-    return lines, errors
+    return lines, errors[:MAX_ERRORS]
 
 
 def _line_error(code: str, message: str, line: int | None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": None, "line": line}
 
 
-async def _queue_lines(d: Dispatcher, batch: BatchRecord, lines: list[InputLine]) -> None:
-    """Each line as a batch-class job; a line that cannot run gets its error outcome now. The
-    lines' list is written before any job is queued: a batch whose lines all end at once must
-    find it when its files are written."""
-    entries: list[BatchLine] = []
-    queued: list[tuple[GenerationJob, BatchRef]] = []
+async def _queue_lines(d: Dispatcher, batch: BatchRecord, lines: list[str]) -> None:
+    """Each line as a batch-class job; a line that cannot run gets its error outcome. The
+    lines' list is written before any outcome or job: a batch whose lines all end at once must
+    find it when its files are written. Jobs and outcomes go to Redis CHUNK_LINES at a time,
+    and the event loop is let go every YIELD_EVERY_S, so the API keeps answering meanwhile.
+    What is kept of each line until then is strings and numbers (the entry's JSON, the job's
+    enqueue arguments), which the garbage collector does not scan."""
+    listed: list[bytes] = []  # the lines' list, each entry's JSON
+    queued: list[tuple[int, PreparedJob]] = []
+    unrunnable: list[tuple[int, int, str, str]] = []  # index, HTTP status, code, message
     models: dict[str, VllamaError | None] = {}  # each model is checked once
-    for index, line in enumerate(lines):
+    pace = _Pace()
+    for index, text in enumerate(lines):
+        await pace()
+        line = InputLine.model_validate_json(text)  # checked by _parse
         ref = BatchRef(batch_id=batch.id, index=index, ttl_s=d.settings.file_ttl_s)
         shown = line.body.get("model")
         entry = BatchLine(custom_id=line.custom_id, shown_model=shown if isinstance(shown, str) else None)
-        entries.append(entry)
         try:
             job = await _job(d, batch.endpoint, line, ref, models)
         except VllamaError as exc:
-            await _fail_line(d, ref, exc)
-            continue
-        entry.job_id, entry.model = job.job_id, job.model
-        job.owner = batch.owner  # its tokens count towards the key's usage
-        queued.append((job, ref))
-    await d.redis.set(keys.batch_lines(batch.id), BATCH_LINES.dump_json(entries), ex=d.settings.file_ttl_s)
-    for job, ref in queued:
-        try:
-            await d.queue.enqueue(job, d.settings.max_batch_queue)
-        except ServerBusy:
-            await _fail_line(d, ref, VllamaError("the batch queue is full (VLLAMA_MAX_BATCH_QUEUE); submit the rest "
-                                                 "later", ErrorCode.SERVER_BUSY))
-        except VllamaError as exc:
-            await _fail_line(d, ref, exc)
+            unrunnable.append((index, exc.status, exc.code, exc.message))
+        else:
+            entry.job_id, entry.model = job.job_id, job.model
+            job.owner = batch.owner  # its tokens count towards the key's usage
+            queued.append((index, d.queue.prepare(job, d.settings.max_batch_queue)))
+        listed.append(entry.model_dump_json().encode())
+    await d.redis.set(keys.batch_lines(batch.id), b"[" + b",".join(listed) + b"]", ex=d.settings.file_ttl_s)
+    for start in range(0, len(unrunnable), CHUNK_LINES):
+        await _fail_lines(d, batch, unrunnable[start:start + CHUNK_LINES])
+    for start in range(0, len(queued), CHUNK_LINES):
+        chunk = queued[start:start + CHUNK_LINES]
+        problems = await d.queue.enqueue_many([job for _, job in chunk])
+        await _fail_lines(d, batch, [(index, p.status, p.code, p.message) for (index, _), problem
+                                     in zip(chunk, problems) if (p := _queue_problem(problem)) is not None])
+        await pace()
 
 
-async def _fail_line(d: Dispatcher, ref: BatchRef, exc: VllamaError) -> None:
-    await batch_lines.record(d.redis, ref, LineOutcome(
-        status="failed", error=LineError(status=exc.status, code=exc.code, message=exc.message)))
+def _queue_problem(problem: VllamaError | None) -> VllamaError | None:
+    if isinstance(problem, ServerBusy):
+        return VllamaError("the batch queue is full (VLLAMA_MAX_BATCH_QUEUE); submit the rest later",
+                           ErrorCode.SERVER_BUSY)
+    return problem
+
+
+class _Pace:
+    """Lets the event loop run other tasks once YIELD_EVERY_S has passed since it last did."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+
+    async def __call__(self) -> None:
+        if time.monotonic() - self.since >= YIELD_EVERY_S:
+            await asyncio.sleep(0)
+            self.since = time.monotonic()
+
+
+async def _fail_lines(d: Dispatcher, batch: BatchRecord, failures: list[tuple[int, int, str, str]]) -> None:
+    await batch_lines.record_many(d.redis, [
+        (BatchRef(batch_id=batch.id, index=index, ttl_s=d.settings.file_ttl_s),
+         LineOutcome(status="failed", error=LineError(status=status, code=code, message=message)))
+        for index, status, code, message in failures])
 
 
 async def _job(d: Dispatcher, endpoint: str, line: InputLine, ref: BatchRef,

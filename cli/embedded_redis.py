@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,6 +51,9 @@ PASSWORD_FILE = "redis-password"
 # Commands that change the server rather than the data: configuration (CONFIG SET dir plus a
 # save writes a file anywhere), modules (code), DEBUG, users (ACL), replication (copy the
 # data out or in), MIGRATE (connects out), SHUTDOWN. Each name must exist in Redis 6.2.
+# "1234:M 02 Dec 2026 03:00:02.586 # " before each line of its log; the lines every start logs.
+_LOG_PREFIX = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [#*.-] ")
+_BANNER = ("oO0OoO0OoO0Oo", "Redis version=", "Configuration loaded")
 DISABLED_COMMANDS = ("CONFIG", "MODULE", "DEBUG", "ACL", "REPLICAOF", "SLAVEOF", "SYNC", "PSYNC", "MIGRATE",
                      "SHUTDOWN")
 
@@ -244,18 +248,18 @@ class EmbeddedRedis:
 
     def _wait_ready(self, timeout_s: float) -> None:
         assert self._proc is not None
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
+        # A read timeout too: something else holding the port may accept and never answer.
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5, socket_timeout=2)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited at start: {self._last_words()} "
+                                       f"(its log: {self.log_path})")
                 try:
                     client.ping()
                     return
-                except redis.ConnectionError:  # BusyLoadingError too: still reading its file
-                    if self._proc.poll() is not None:
-                        said = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                        raise RuntimeError(f"redis-server exited at start: {' / '.join(said)} "
-                                           f"(its log: {self.log_path})") from None
+                except (redis.ConnectionError, redis.TimeoutError):  # BusyLoadingError too: still loading
                     if time.monotonic() > deadline:
                         self.stop()
                         raise TimeoutError(f"redis-server did not answer on port {self.port} "
@@ -263,6 +267,14 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def _last_words(self) -> str:
+        """What redis-server said at its last start, without its banner and line prefixes."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        starts = [i for i, line in enumerate(lines) if "Redis is starting" in line]
+        said = [_LOG_PREFIX.sub("", line) for line in lines[starts[-1] if starts else 0:]]
+        said = [line for line in said if line and not line.startswith(_BANNER)]
+        return " / ".join(said[-3:]) or "nothing"
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

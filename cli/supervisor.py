@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from cli.spawn import popen
 from common import keys
 from common.redis_conn import sync_client
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.25
 STOP_GRACE_S = 45.0  # workers drain running jobs for 30 s when stopped
+REDIS_LOST_GRACE_S = 5.0
 
 # One line of a part's log that says why it failed: "<time> ERROR <logger>: <message>".
 _ERROR_LINE = re.compile(rb"\b(?:ERROR|CRITICAL) [\w.]+: (.+)$")
@@ -155,7 +157,8 @@ class Part:
     restart_at: float | None = None  # when to start it again, after it died
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.argv, env=env, stderr=subprocess.PIPE)
+        # Killed with serve if serve is killed: a worker left behind would hold the GPU.
+        self.proc = popen(self.argv, env=env, stderr=subprocess.PIPE, death_signal=signal.SIGKILL)
         self.tail = StderrTail(self.proc.stderr)
         self.member = self.ready_at = self.restart_at = None
 
@@ -172,8 +175,10 @@ class Supervisor:
         self._host = socket.gethostname()
         self._client = sync_client(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._on_failure = on_failure
-        self._redis_gone = redis_gone  # why Redis is gone for good (serve's private one exited), or None
+        self._redis_gone = redis_gone  # why Redis is gone for good (serve's private one cannot restart), or None
         self._stopping = threading.Event()
+        self._killed = False  # kill() was asked for: SIGKILLed parts are no surprise
+        self._redis_lost = False  # serve's own Redis is gone for good
         self._thread = threading.Thread(target=self._run, name="serve-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -183,31 +188,54 @@ class Supervisor:
 
     def stop(self) -> None:
         """Idempotent. No part is started again once this has begun; each gets SIGTERM, and
-        SIGKILL if it has not ended within ``STOP_GRACE_S``."""
+        SIGKILL if it has not ended within ``STOP_GRACE_S``. A KeyboardInterrupt raised
+        meanwhile (serve's second Ctrl-C) leaves the rest to :meth:`kill`."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(10)
-        running = [p.proc for p in self.parts if p.proc is not None and p.proc.poll() is None]
+        running = self._running()
         for proc in running:
             proc.send_signal(signal.SIGTERM)
+        # Without Redis a drain cannot finish anything: the parts get a few seconds, not 45.
+        grace_s = REDIS_LOST_GRACE_S if self._redis_lost else STOP_GRACE_S
         for proc in running:
             try:
-                proc.wait(STOP_GRACE_S)
+                proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         self._client.close()
 
+    def kill(self) -> None:
+        """Stop now: SIGKILL every part still running (their engine processes follow within a
+        second, cli/parent_watch.py), without waiting for their jobs."""
+        self._stopping.set()
+        self._killed = True
+        if self._thread.is_alive():
+            self._thread.join(2)
+        running = self._running()
+        for proc in running:
+            proc.kill()
+        for proc in running:
+            proc.wait()
+        self._client.close()
+
+    def _running(self) -> list[subprocess.Popen]:
+        return [p.proc for p in self.parts if p.proc is not None and p.proc.poll() is None]
+
     def unclean_exits(self) -> list[str]:
-        """Parts that did not end cleanly when stopped."""
+        """Parts that did not end cleanly when stopped (killed at the user's second signal
+        counts as clean: it was asked for)."""
+        clean = (0, -signal.SIGTERM, -signal.SIGINT, *((-signal.SIGKILL,) if self._killed else ()))
         return [f"{p.name} {describe_exit(p.proc.returncode)}" for p in self.parts
-                if p.proc is not None and p.proc.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+                if p.proc is not None and p.proc.returncode not in clean]
 
     # ------------------------------------------------------------ the watch
 
     def _run(self) -> None:
         while not self._stopping.wait(POLL_S):
             if (gone := self._redis_gone()) is not None:
+                self._redis_lost = True
                 return self._fail(gone)
             for part in self.parts:
                 try:

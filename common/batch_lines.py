@@ -46,3 +46,16 @@ async def record(redis: Redis, ref: BatchRef, outcome: LineOutcome) -> bool:
     counter = "completed" if outcome.status == "done" else "failed"
     return bool(await redis.eval(_RECORD_ONCE, 2, keys.batch_results(ref.batch_id), keys.batch_counts(ref.batch_id),
                                  ref.index, outcome.model_dump_json(), counter, ref.ttl_s))
+
+
+async def record_many(redis: Redis, outcomes: list[tuple[BatchRef, LineOutcome]]) -> None:
+    """``record`` for many lines in one round trip (a batch's lines that cannot run, found when
+    it is created), each still written only if its line has no outcome yet."""
+    if not outcomes:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for ref, outcome in outcomes:
+            counter = "completed" if outcome.status == "done" else "failed"
+            pipe.eval(_RECORD_ONCE, 2, keys.batch_results(ref.batch_id), keys.batch_counts(ref.batch_id),
+                      ref.index, outcome.model_dump_json(), counter, ref.ttl_s)
+        await pipe.execute()

@@ -85,6 +85,19 @@ return 1
 Whereabouts = Literal["queued", "running", "ended", "gone"]
 
 
+# A job ready to enqueue: its id and the arguments of its enqueue script. A plain tuple of
+# strings and numbers, which the garbage collector stops tracking (a NamedTuple it would not).
+PreparedJob = tuple[str, tuple[Any, ...]]
+
+
+def _outcome(job_id: str, outcome: int) -> VllamaError | None:
+    if outcome == _QUEUE_FULL:
+        return ServerBusy()
+    if outcome != _ENQUEUED:
+        return VllamaError(f"job id {job_id} already exists; retry the request")
+    return None
+
+
 def in_progress_key(job_id: str) -> str:
     """arq's marker of a job a worker has started (workers filter their polls with it)."""
     return in_progress_key_prefix + job_id
@@ -126,21 +139,37 @@ class JobQueue:
         jobs (running ones count: arq keeps them in the zset until they end): ServerBusy.
         Also records the request's keep_alive for the model (the latest request's wins, as in
         Ollama; None restores the default)."""
+        job_id, args = self.prepare(job, limit, keep_alive)
+        problem = _outcome(job_id, int(await self.redis.eval(*args)))
+        if problem is not None:
+            raise problem
+
+    def prepare(self, job: GenerationJob, limit: int, keep_alive: float | None = None) -> PreparedJob:
+        """What ``enqueue`` sends for ``job``, made ahead (by a batch, for all its lines before
+        any is queued): strings and numbers only, which the garbage collector never scans,
+        where thousands of job objects held until then would make its full passes long."""
         now_ms = int(clock.now() * 1000)
         payload = serialize_job("generate", (job.model_dump(mode="json"),), {}, None, now_ms,
                                 serializer=job_serializer)
         job_id = job.job_id
-        outcome = int(await self.redis.eval(
+        return (job_id, (
             _ENQUEUE_IF_ROOM, 5,
             keys.queue_for(job.model, job.priority), job_key_prefix + job_id, result_key_prefix + job_id,
             keys.job_record(job_id), keys.keep_alive(job.model),
             limit, payload, JOB_EXPIRES_MS, now_ms, job_id, JobRecord.of(job, "queued").dump(), self.keep_result_s,
             "" if keep_alive is None else repr(keep_alive),
         ))
-        if outcome == _QUEUE_FULL:
-            raise ServerBusy()
-        if outcome != _ENQUEUED:
-            raise VllamaError(f"job id {job_id} already exists; retry the request")
+
+    async def enqueue_many(self, jobs: list[PreparedJob]) -> list[VllamaError | None]:
+        """``enqueue`` for many prepared jobs (a batch's lines) in one round trip, each admitted
+        on its own: for each, None if it was queued, else why not (ServerBusy: queue full)."""
+        if not jobs:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, args in jobs:
+                pipe.eval(*args)
+            outcomes = await pipe.execute()
+        return [_outcome(job_id, int(outcome)) for (job_id, _), outcome in zip(jobs, outcomes)]
 
     async def withdraw(self, queue: str, job_id: str) -> bool:
         """Remove a job no worker has started; False if one has."""

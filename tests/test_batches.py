@@ -258,3 +258,33 @@ async def _listed(stack) -> bool:
 
 async def _failed(client, batch_id: str, n: int) -> bool:
     return (await client.batches.retrieve(batch_id)).request_counts.failed == n
+
+
+async def test_creating_a_big_batch_leaves_the_api_answering(redis_server):
+    """While 20,000 lines are turned into jobs, chats keep being answered: not only while the
+    lines are sent to Redis, but while they are parsed and checked, the part that used to hold
+    the event loop for seconds. A chat counts when, both before it was sent and after its
+    answer came, the batch's record was saved and its lines' list not yet written."""
+    async with fake_stack(redis_server.url, engine=FakeEngine(answer_tokens=2)) as stack:
+        client = client_for(stack)
+        rows = [chat_line(i, max_tokens=2) for i in range(20_000)]
+        f = await client.files.create(file=("big.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
+
+        async def preparing() -> bool:
+            ids = await stack.redis.zrange(keys.BATCHES, 0, -1)
+            return bool(ids) and not await stack.redis.exists(keys.batch_lines(ids[0].decode()))
+
+        create = asyncio.create_task(client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                           completion_window="24h"))
+        answered = answered_while_preparing = 0
+        while not create.done():
+            before = await preparing()
+            chat = await client.chat.completions.create(model=MODEL, max_tokens=2,
+                                                        messages=[{"role": "user", "content": "hi"}])
+            assert chat.choices[0].message.content
+            answered += 1
+            answered_while_preparing += before and await preparing()
+        batch = await create
+        assert batch.status == "in_progress" and batch.request_counts.total == 20_000
+        assert answered_while_preparing >= 3, (answered, answered_while_preparing)
+        await client.close()

@@ -71,6 +71,7 @@ class Dispatcher:
             await self.loader.ask_later(model)
 
     async def submit(self, job: GenerationJob, keep_alive: float | None = None) -> JobStream:
+        job.model = await self.loader.resolve(job.model, await self.live_workers())  # QWEN/x is Qwen/x
         workers = await self.ensure_served(job.model)
         # Up to the workers' combined concurrency the queue's jobs run at once; beyond that
         # they wait, and at most max_queue may wait (Ollama's OLLAMA_MAX_QUEUE).

@@ -5,6 +5,11 @@ store has it (or it is bundled) the API asks for a load by adding it to ``vllama
 which workers with room claim; if no store has it and auto-pull is on, it is pulled first.
 The request's job waits in the model's queue meanwhile. A failed load is written to
 ``vllama:load:<model>``, which waiting requests read to fail with the worker's reason.
+
+Auto-pull lets a request start a download, so by default (VLLAMA_AUTO_PULL=aliases, what
+`vllama serve` sets) only names from the alias table qualify: a request, or a web page making
+one, cannot have the server fetch an arbitrary repository. VLLAMA_AUTO_PULL=any allows any repo
+id; /api/pull always pulls what it is asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from api.pubsub import FrameMultiplexer
 from api.pulls import pull_to_end
 from common import catalog, clock, keys, registry
 from common.errors import ModelNotFound, Unavailable, from_code
-from common.models import source_for
+from common.models import is_alias, is_repo_id, same_model, source_for
 from common.records import LoadRecord
 from common.settings import Settings
 
@@ -41,14 +46,32 @@ class Loader:
         source = source_for(model)
         return source is not None and source.bundled_gguf is not None
 
+    def may_auto_pull(self, model: str) -> bool:
+        """Whether a request naming ``model``, which no store has, may start its download."""
+        if self.settings.auto_pull == "any":
+            return source_for(model) is not None
+        return self.settings.auto_pull == "aliases" and is_alias(model)
+
     async def request(self, model: str) -> None:
         """Ask for ``model`` to be loaded (pulling it first when allowed); 404 if it cannot be
         had, 503 if no worker may load it."""
         if not await self.known(model):
-            if not (self.settings.auto_pull != "off" and source_for(model) is not None):
+            if not self.may_auto_pull(model):
                 raise ModelNotFound(model)
             await pull_to_end(self.redis, self.mux, self.settings, model)
         await self._ask(model)
+
+    async def resolve(self, model: str, workers: list[registry.WorkerInfo]) -> str:
+        """The spelling the cluster knows ``model`` by, given the live ``workers``. Repo ids
+        match whatever their case, as on the Hub: a request for ``QWEN/x`` runs on the workers
+        serving ``Qwen/x``, not on a second copy loaded under another name."""
+        if not is_repo_id(model) or any(model in w.models for w in workers):
+            return model
+        held = [m for w in workers for m in w.models if is_repo_id(m) and same_model(m, model)]
+        if held:
+            return held[0]
+        entry = await catalog.lookup(self.redis, model)
+        return entry.manifest.name if entry is not None else model
 
     async def ask_later(self, model: str) -> None:
         """Ask for ``model`` even though no worker may load it now: a worker that starts later

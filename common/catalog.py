@@ -15,7 +15,9 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from common import clock, keys
+from common.errors import BadRequest
 from common.model_info import ModelDescription
+from common.models import is_repo_id, name_key
 from common.registry import live_records
 
 
@@ -109,21 +111,34 @@ async def remove(redis: Redis, store_id: str, name: str) -> None:
 
 
 async def entries(redis: Redis) -> dict[str, CatalogEntry]:
-    """Every model on some live store; a model on several stores is listed once."""
+    """Every model on some live store; a model on several stores is listed once (under the
+    first store's spelling, when stores spell a repo id differently)."""
     stores = await live_stores(redis)
     found: dict[str, CatalogEntry] = {}
+    spelt: dict[str, str] = {}  # name_key -> the name listed
     for store in sorted(stores, key=lambda s: s.store_id):
         for name, raw in (await redis.hgetall(keys.catalog(store.store_id))).items():
             name = name.decode() if isinstance(name, bytes) else name
-            if name in found:
-                found[name].stores.append(store.store_id)
+            listed = spelt.setdefault(_key(name), name)
+            if listed in found:
+                if store.store_id not in found[listed].stores:
+                    found[listed].stores.append(store.store_id)
             else:
-                found[name] = CatalogEntry(manifest=Manifest.model_validate_json(raw), stores=[store.store_id])
+                found[listed] = CatalogEntry(manifest=Manifest.model_validate_json(raw), stores=[store.store_id])
     return found
 
 
+def _key(name: str) -> str:
+    try:
+        return name_key(name)
+    except BadRequest:  # not a name this version would accept: matched only as it is
+        return name
+
+
 async def lookup(redis: Redis, name: str) -> CatalogEntry | None:
-    """The model ``name`` if some live store holds it."""
+    """The model ``name`` if some live store holds it. A repo id matches whatever its case
+    (the Hub's own rule): ``QWEN/x`` finds ``Qwen/x``, and the entry's manifest carries the
+    spelling the store keeps."""
     infos = await live_stores(redis)
     stores = sorted(s.store_id for s in infos)
     if not stores:
@@ -132,6 +147,8 @@ async def lookup(redis: Redis, name: str) -> CatalogEntry | None:
         for store_id in stores:
             pipe.hget(keys.catalog(store_id), name)
         found = await pipe.execute()
+    if all(raw is None for raw in found) and is_repo_id(name):
+        found = await _other_spellings(redis, stores, name)
     holders = [s for s, raw in zip(stores, found) if raw is not None]
     if not holders:
         return None
@@ -140,3 +157,17 @@ async def lookup(redis: Redis, name: str) -> CatalogEntry | None:
             if raw is not None and Manifest.model_validate_json(raw).digest == manifest.digest}
     sources = [info for info in sorted(infos, key=lambda i: i.store_id) if info.store_id in same and info.url]
     return CatalogEntry(manifest=manifest, stores=holders, sources=sources)
+
+
+async def _other_spellings(redis: Redis, stores: list[str], name: str) -> list[bytes | None]:
+    """Each store's manifest of ``name`` spelt in another case, or None."""
+    key = _key(name)
+    async with redis.pipeline(transaction=False) as pipe:
+        for store_id in stores:
+            pipe.hkeys(keys.catalog(store_id))
+        names = await pipe.execute()
+    found: list[bytes | None] = []
+    for store_id, held in zip(stores, names):
+        match = next((n for n in held if _key(n.decode() if isinstance(n, bytes) else n) == key), None)
+        found.append(None if match is None else await redis.hget(keys.catalog(store_id), match))
+    return found

@@ -105,6 +105,13 @@ def catalog(store_id: str) -> str:
     return f"{PREFIX}:catalog:{store_id}"
 
 
+def disk_reservations(store_id: str) -> str:
+    """Hash: pull -> "<bytes> <expiry ms>", the disk space held by the pulls under way into one
+    store (workers/disk_space.py). Lapsed entries are dropped by the next reservation; the key's
+    TTL (a minute, renewed by every pull's heartbeat) ends it when no pull is left."""
+    return f"{PREFIX}:disk:{store_id}"
+
+
 def pull_job_id(store_id: str, model: str) -> str:
     """One pull per model per store at a time: a second client asking for the same model
     finds this job and follows it instead of starting another download."""

@@ -71,9 +71,10 @@ def _strip_prefix(name: str, prefixes: tuple[str, ...]) -> str | None:
 
 def canonical_name(name: str) -> str:
     """``smollm2`` becomes ``smollm2:latest``; ``Llama3.1:8B`` becomes ``llama3.1:8b`` (Ollama
-    names are case-insensitive); repo ids ``org/name`` and ``org/name@rev`` stay as given (Hugging
-    Face ids keep their case). ``library/x:tag`` and ``registry.ollama.ai/library/x:tag`` are
-    ``x:tag``; ``hf.co/org/name`` is ``org/name``.
+    names are case-insensitive); repo ids ``org/name`` and ``org/name@rev`` stay as given (their
+    spelling is kept; ``name_key`` matches them without regard to case, as the Hub does).
+    ``library/x:tag`` and ``registry.ollama.ai/library/x:tag`` are ``x:tag``; ``hf.co/org/name``
+    is ``org/name``.
 
     Raises BadRequest, saying what a valid name looks like, for anything else: that is the
     guarantee that lets a canonical name be used in file names.
@@ -142,6 +143,34 @@ MODELS, ALIASES = _load_table()
 def is_repo_id(name: str) -> bool:
     """Whether a canonical name is a Hugging Face repo id rather than an Ollama name."""
     return _REPO_ID.fullmatch(name) is not None
+
+
+def name_key(name: str) -> str:
+    """What every spelling of one model has in common. The Hub matches repo ids without regard
+    to case (``QWEN/x`` is ``Qwen/x``), so a repo id's key is its lower case (a revision keeps
+    its case: branch names are case-sensitive); Ollama names are lower case already."""
+    name = canonical_name(name)
+    if (match := _REPO_ID.fullmatch(name)) is None:
+        return name
+    return match["repo"].lower() + (f"@{match['revision']}" if match["revision"] else "")
+
+
+def same_model(a: str, b: str) -> bool:
+    return name_key(a) == name_key(b)
+
+
+def with_repo_spelling(name: str, repo: str) -> str:
+    """``name`` (a repo id, perhaps with a revision) spelt as the Hub spells ``repo``, when they
+    name the same repo; anything else unchanged."""
+    match = _REPO_ID.fullmatch(name)
+    if match is None or match["repo"].lower() != repo.lower():
+        return name
+    return repo + (f"@{match['revision']}" if match["revision"] else "")
+
+
+def is_alias(name: str) -> bool:
+    """Whether ``name`` is in the alias table (what auto-pull may fetch by default)."""
+    return canonical_name(name) in ALIASES
 
 
 def source_for(name: str) -> ModelSource | None:

@@ -115,7 +115,14 @@ async def delete(request: Request) -> Response:
     d = _dispatcher(request)
     entry = await catalog.lookup(d.redis, model)
     if entry is None:
-        raise ModelNotFound(model, f"model '{model}' not found")
+        # Listed nowhere; but a pull that failed or was interrupted may have left files on a
+        # store, and this is how they are removed: every live store looks for them.
+        stores = sorted(s.store_id for s in await catalog.live_stores(d.redis))
+        results = await _on_stores(d, stores, "delete", model)
+        if not any(isinstance(r, dict) and r.get("leftovers") for r in results):
+            raise ModelNotFound(model, f"model '{model}' not found")
+        return Response(status_code=200)
+    model = entry.manifest.name  # the spelling the stores keep (a repo id matches in any case)
     # Workers holding it unload it as soon as it is idle.
     await d.loader.set_keep_alive(model, 0.0)
     await _on_stores(d, entry.stores, "delete", model)
@@ -133,11 +140,12 @@ async def copy(request: Request) -> Response:
     return Response(status_code=200)
 
 
-async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str) -> None:
+async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str) -> list[object]:
     """Run a store job on each store and wait for all: every machine changes, or the
-    request fails saying which did not."""
+    request fails saying which did not. Returns each store's result."""
     jobs = [(store_id, await d.queue.enqueue_store_job(store_id, function, *args)) for store_id in stores]
     deadline = time.monotonic() + STORE_JOB_TIMEOUT_S
+    results = []
     for store_id, job_id in jobs:
         while (info := await d.queue.store_job_result(store_id, job_id)) is None:
             if time.monotonic() > deadline:
@@ -147,3 +155,5 @@ async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str
         if not info.success:
             reason = info.result.get("error") if isinstance(info.result, dict) else info.result
             raise VllamaError(f"store {store_id} could not {function} the model: {reason}")
+        results.append(info.result)
+    return results

@@ -12,7 +12,8 @@ What must stay true:
   file is there, and the manifest is saved last. A listed model is therefore complete and
   verified, and a fetch that fails leaves nothing of the model behind.
 - Paths come from a manifest, which another machine wrote: one that is absolute or climbs out
-  with ``..`` is refused before anything is written.
+  with ``..`` is refused before anything is written, and index files fetched may name only
+  the model's own files (common/model_paths.py).
 - A model this store already has is left as it is: a peer never overwrites a local model.
 """
 
@@ -24,16 +25,18 @@ import os
 import re
 import secrets
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import httpx
 
 from common.catalog import CatalogEntry, Manifest, ManifestFile, StoreInfo
 from common.errors import Unavailable, Upstream, VllamaError
+from common.model_paths import path_problem
 from common.protocol import PullFile
 from common.redact import without_paths
 from workers.peer_server import FILE_ROUTE
-from workers.pull import Progress, check_space
+from workers.disk_space import FreeSpace, Space
+from workers.pull import Progress, check_model_dir
 from workers.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,10 @@ class _SourceFailed(Exception):
     """One store could not give one file; the message says why and what to do."""
 
 
-def fetch_from_peers(store: ModelStore, name: str, entry: CatalogEntry, progress: Progress) -> Manifest:
-    """``name`` into ``store`` from the live stores that hold it (``entry.sources``)."""
+def fetch_from_peers(store: ModelStore, name: str, entry: CatalogEntry, progress: Progress,
+                     space: Space | None = None) -> Manifest:
+    """``name`` into ``store`` from the live stores that hold it (``entry.sources``);
+    ``space`` holds the disk space it needs first (workers/disk_space.py)."""
     local = store.get(name)
     if local is not None:
         progress.add_files([PullFile(path=f.path, digest=f.digest, total=f.size, completed=f.size)
@@ -72,11 +77,12 @@ def fetch_from_peers(store: ModelStore, name: str, entry: CatalogEntry, progress
                 progress.advance(f.path, f.size)
         else:
             shutil.rmtree(target, ignore_errors=True)
-            check_space(store, name, manifest.size)
+            (space or FreeSpace(store.free_bytes)).reserve(name, manifest.size)
             progress.phase("downloading")
             log.info("fetching %s from store(s) %s", name, ", ".join(s.store_id for s in entry.sources))
-            _fetch_all(target, name, manifest, entry.sources, progress)
+            _fetch_all(target, name, manifest, entry.sources, progress, store)
         progress.phase("verifying")  # each file was checked as it arrived
+        check_model_dir(store, name, target, {f.path for f in manifest.files})  # one fetched earlier
         progress.phase("writing")
         saved = manifest.model_copy(update={"path": str(target.relative_to(store.root))})
         store.save(saved)
@@ -91,9 +97,7 @@ def _check(manifest: Manifest) -> None:
         problem = "its digest does not match its files"
     seen: set[str] = set()
     for f in manifest.files:
-        parts = PurePosixPath(f.path).parts
-        if (not parts or f.path.startswith("/") or "\0" in f.path or any(p in (".", "..") for p in parts)
-                or f.path != str(PurePosixPath(*parts)) or f.path in seen):
+        if path_problem(f.path) is not None or f.path in seen:
             problem = f"it names the file {f.path!r}"
         elif not (f.digest.startswith("sha256:") and _SHA256.fullmatch(f.digest[7:])) or f.size < 0:
             problem = f"the digest or size of {f.path} is not a sha256 and a size"
@@ -112,12 +116,17 @@ def _complete(target: Path, manifest: Manifest) -> bool:
         return False
 
 
-def _fetch_all(target: Path, name: str, manifest: Manifest, sources: list[StoreInfo], progress: Progress) -> None:
+def _fetch_all(target: Path, name: str, manifest: Manifest, sources: list[StoreInfo], progress: Progress,
+               store: ModelStore) -> None:
+    """Into a staging directory renamed into place once every file is there and its index
+    files name only its own files: a model refused leaves nothing behind."""
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by a process killed mid-fetch
     try:
         for f in manifest.files:
             _fetch_file(staging, name, f, sources, progress)
+        check_model_dir(store, name, staging, {f.path for f in manifest.files},
+                        f"the files of model '{name.removesuffix(':latest')}' on the other machines")
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from common.model_paths import path_problem
 from common.models import canonical_name
 from common.settings import Settings
 from workers.store import ModelStore
@@ -135,6 +136,8 @@ class StoreServer:
         """The file ``path`` of ``model`` if this store's manifest of it lists it and it is a
         regular file inside the store (the Hub cache's symlinks point into the store's own
         ``blobs/``); None for anything else, however it is spelled."""
+        if path_problem(path) is not None:  # whatever a manifest says, never a path that climbs
+            return None
         try:
             manifest = self.store.get(canonical_name(model))
             if manifest is None or path not in {f.path for f in manifest.files}:

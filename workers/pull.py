@@ -23,11 +23,13 @@ from pathlib import Path
 
 from common import clock
 from common.catalog import CatalogEntry, Manifest, ManifestFile
-from common.errors import Forbidden, InsufficientStorage, ModelNotFound, Upstream, VllamaError
+from common.errors import ErrorCode, Forbidden, InsufficientStorage, ModelNotFound, Upstream, VllamaError
 from common.model_info import describe
-from common.models import source_for
+from common.model_paths import model_dir_problems, path_problem
+from common.models import is_repo_id, source_for, with_repo_spelling
 from common.protocol import PullFile, PullState, PullStatus
 from common.redact import without_paths
+from workers.disk_space import FreeSpace, Space
 from workers.store import ModelStore, describe_files, file_sha256
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "common" / "chat_templates"
@@ -72,63 +74,99 @@ class Progress:
             return self.state.model_copy(deep=True)
 
 
-def pull(store: ModelStore, name: str, progress: Progress, entry: CatalogEntry | None = None) -> Manifest:
+def pull(store: ModelStore, name: str, progress: Progress, entry: CatalogEntry | None = None,
+         space: Space | None = None) -> Manifest:
     """Pull ``name`` into ``store``: the bundled model is imported from its package; a model
     the cluster already has (``entry``, from the Redis catalog) comes from where it came from
     (its Hub repo), or, made from a GGUF file on another machine, from a store holding it;
-    anything else (an alias or a repo id) from the Hub."""
+    anything else (an alias or a repo id) from the Hub. ``space`` holds the disk space the pull
+    needs before it writes (workers/disk_space.py). The manifest saved may spell a repo id as
+    the Hub does, not as asked (``QWEN/x`` is kept as ``Qwen/x``)."""
+    space = space or FreeSpace(store.free_bytes)
     source = source_for(name)
+    if entry is not None:
+        name = entry.manifest.name if is_repo_id(name) and is_repo_id(entry.manifest.name) else name
     if source is not None and source.bundled_gguf:
         return import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), progress, source.chat_template)
     if entry is not None and not entry.manifest.repo:
         from workers.peer_fetch import fetch_from_peers
 
-        return fetch_from_peers(store, name, entry, progress)
+        return fetch_from_peers(store, name, entry, progress, space)
     if source is None and entry is not None and entry.manifest.repo:  # a copy of a pulled model
-        return pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", progress)
+        return pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", progress, space)
     if source is None:
         raise ModelNotFound(name, f"pull model manifest: '{name}' is not a model vLLama knows; use a "
                                   "Hugging Face repo id (org/name) or a name from `vllama suggest --all`")
-    return pull_from_hub(store, name, source.hf_repo, source.revision, progress)
+    return pull_from_hub(store, name, source.hf_repo, source.revision, progress, space)
 
 
-def ensure_local(store: ModelStore, name: str, entry: CatalogEntry | None) -> Path:
+def ensure_local(store: ModelStore, name: str, entry: CatalogEntry | None, space: Space | None = None) -> Path:
     """The directory to load ``name`` from, fetching it first when this machine lacks it
     but another store has it (``entry``, from the Redis catalog) or it is bundled. A model
     with a Hub repo is fetched from the Hub (whose hashes vouch for it); one made from a GGUF
-    file elsewhere, from a store holding it (workers/peer_fetch.py)."""
+    file elsewhere, from a store holding it (workers/peer_fetch.py). A directory whose files
+    lead out of the store, or whose index names files outside it, is refused."""
     manifest = store.get(name)
     if manifest is None:
         silent = Progress(PullState(model=name, store_id="local"))
+        space = space or FreeSpace(store.free_bytes)
         source = source_for(name)
         if source is not None and source.bundled_gguf:
             manifest = import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), silent, source.chat_template)
         elif entry is not None and entry.manifest.repo:
             log.info("%s is not on this machine yet; fetching %s", name, entry.manifest.repo)
-            manifest = pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", silent)
+            manifest = pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", silent, space)
         elif entry is not None:
             from workers.peer_fetch import fetch_from_peers
 
             log.info("%s is not on this machine yet; fetching it from store(s) %s", name, ", ".join(entry.stores))
-            manifest = fetch_from_peers(store, name, entry, silent)
+            manifest = fetch_from_peers(store, name, entry, silent, space)
         else:
             raise ModelNotFound(name)
-    return store.model_dir(manifest)
+    model_dir = store.model_dir(manifest)
+    check_model_dir(store, manifest.name, model_dir, {f.path for f in manifest.files})
+    return model_dir
+
+
+def check_model_dir(store: ModelStore, name: str, model_dir: Path, listed: set[str] | None,
+                    fetched: str | None = None) -> None:
+    """Refuse a model whose files would let a reader leave the store (see common/model_paths.py).
+    ``fetched``: what was being fetched, when the files have just arrived (502: what the source
+    gave is unusable, and nothing of it is kept); else the model is in the store (500)."""
+    problems = model_dir_problems(model_dir, store.root, listed)
+    if not problems:
+        return
+    shown = name.removesuffix(":latest")
+    found = "; ".join(problems[:3])
+    if fetched is not None:
+        raise VllamaError(f"{fetched}: {found}; vLLama keeps nothing of it", ErrorCode.UPSTREAM)
+    raise VllamaError(f"model '{shown}' cannot be used: {found}; remove it (ollama rm {shown})", ErrorCode.INTERNAL)
 
 
 # ---------------------------------------------------------------- from the Hub
 
 
-def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progress: Progress) -> Manifest:
+def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progress: Progress,
+                  space: Space | None = None) -> Manifest:
+    """``repo`` at ``revision`` into the store's Hub cache, saved as ``name``. The Hub answers
+    a repo id in any case with its own spelling, and that spelling is what is kept: the cache
+    folder, the manifest's repo, and a repo-id ``name`` (so ``QWEN/x`` and ``Qwen/x`` are one
+    model, fetched once). A pull that fails removes its partial files, and, unless the Hub or
+    the network failed (the next pull reuses whole files then), every file it fetched."""
     from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 
+    space = space or FreeSpace(store.free_bytes)
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: tests and operators set it late
     api = HfApi(endpoint=endpoint)
     progress.phase("manifest")
     with _hub_errors(name, repo, revision):
-        commit = api.model_info(repo, revision=revision).sha
+        info = api.model_info(repo, revision=revision)
+        if isinstance(info.id, str) and info.id.lower() == repo.lower():
+            repo = info.id  # the Hub's spelling
+        commit = info.sha
         tree = [e for e in api.list_repo_tree(repo, revision=commit, recursive=True) if hasattr(e, "blob_id")]
-    wanted = select_files(tree)
+    name = with_repo_spelling(name, repo)
+    wanted = select_files(tree, repo)
     if not any(_is_weights(e.path) for e in wanted):
         raise ModelNotFound(name, f"{repo} has no safetensors (or .bin) weights at its top level; "
                                   "vLLama cannot serve it")
@@ -138,41 +176,78 @@ def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progre
         if f.path in cached:
             f.completed = f.total
     progress.add_files(files)
-    check_space(store, name, sum(e.size for e in wanted if e.path not in cached))
+    space.reserve(name, sum(e.size for e in wanted if e.path not in cached))
 
     paths: dict[str, Path] = {}
-    with store.lock(f"repo-{repo}"), _hub_errors(name, repo, revision):
-        progress.phase("downloading")
+    with store.repo_lock(repo):
+        network = False  # the Hub or the network failed: whole files are kept for the next pull
+        try:
+            try:
+                with _hub_errors(name, repo, revision):
+                    progress.phase("downloading")
 
-        def fetch(path: str) -> None:
-            paths[path] = Path(hf_hub_download(
-                repo, path, revision=commit, cache_dir=store.hub, endpoint=endpoint,
-                tqdm_class=_bar_for(path, progress),
-            ))
-            progress.advance(path, 1 << 62)
+                    def fetch(path: str) -> None:
+                        paths[path] = Path(hf_hub_download(
+                            repo, path, revision=commit, cache_dir=store.hub, endpoint=endpoint,
+                            tqdm_class=_bar_for(path, progress),
+                        ))
+                        progress.advance(path, 1 << 62)
 
-        with ThreadPoolExecutor(PARALLEL_FILES) as pool:
-            for future in [pool.submit(fetch, e.path) for e in wanted]:
-                future.result()
-
-        progress.phase("verifying")
-        for entry in wanted:
-            if entry.path not in cached:
-                _verify(entry, paths[entry.path])
-
-    progress.phase("writing")
-    model_dir = next(iter(paths.values())).parent
-    manifest_files = [ManifestFile(path=f.path, size=f.total, digest=f.digest) for f in files]
-    manifest = Manifest(
-        name=name, repo=repo, commit=commit, path=str(model_dir.relative_to(store.root)),
-        files=manifest_files, size=sum(f.size for f in manifest_files),
-        digest=Manifest.digest_of(manifest_files), modified_at=clock.now(), description=describe(model_dir),
-    )
-    store.save(manifest)
+                    _run_all(fetch, [e.path for e in wanted])
+                    progress.phase("verifying")
+                    for entry in wanted:
+                        if entry.path not in cached:
+                            _verify(entry, paths[entry.path])
+            except Upstream:
+                network = True
+                raise
+            model_dir = next(iter(paths.values())).parent
+            check_model_dir(store, name, model_dir, {e.path for e in wanted}, f"{repo} is not usable")
+            progress.phase("writing")
+            manifest_files = [ManifestFile(path=f.path, size=f.total, digest=f.digest) for f in files]
+            manifest = Manifest(
+                name=name, repo=repo, commit=commit, path=str(model_dir.relative_to(store.root)),
+                files=manifest_files, size=sum(f.size for f in manifest_files),
+                digest=Manifest.digest_of(manifest_files), modified_at=clock.now(), description=describe(model_dir),
+            )
+            # Within the repo's lock: a delete of what failed pulls left (store.delete_leftovers)
+            # must see this manifest, or it would take the files it lists.
+            store.save(manifest)
+        except BaseException:
+            _clean_failed(store, repo, keep_complete=network)
+            raise
     return manifest
 
 
-def select_files(tree: list) -> list:
+def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
+    """``fn`` on every item, PARALLEL_FILES at a time; the first failure cancels what has not
+    started and is raised once the running ones end (nothing writes after this returns)."""
+    with ThreadPoolExecutor(PARALLEL_FILES) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _clean_failed(store: ModelStore, repo: str, *, keep_complete: bool) -> None:
+    try:
+        removed = store.prune_repo(repo, keep_complete=keep_complete)
+        if removed:
+            log.info("removed %d files and folders left by the failed pull of %s", removed, repo)
+    except Exception:  # noqa: BLE001 - the pull's own error is what the client must hear
+        log.warning("cleaning up after the failed pull of %s failed", repo, exc_info=True)
+
+
+def select_files(tree: list, repo: str = "the repository") -> list:
+    """What vLLM needs of a repo's files (see the module's docstring). A listed name that is
+    not a plain file name (``..``, a backslash) fails the pull: the listing is not ours."""
+    for e in tree:
+        if (why := path_problem(e.path)) is not None:
+            raise Upstream(f"{repo} lists a file named {e.path[:100]!r} ({why}); vLLama refuses to fetch it")
     top = [e for e in tree if "/" not in e.path]
     has_safetensors = any(e.path.endswith(".safetensors") for e in top)
     chosen = []
@@ -210,16 +285,6 @@ def _verify(entry, path: Path) -> None:
         path.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
         raise Upstream(f"digest mismatch for {entry.path}: the download was corrupted; pull again")
-
-
-def check_space(store: ModelStore, name: str, needed: int) -> None:
-    free = store.free_bytes()
-    if needed > free:
-        raise InsufficientStorage(
-            f"not enough disk space to pull {name}: it needs {needed / 1e9:.1f} GB more and "
-            f"{free / 1e9:.1f} GB are free in {store.root}; delete models you no longer need "
-            "(ollama rm NAME) or set VLLAMA_HOME to a bigger disk"
-        )
 
 
 def _bar_for(path: str, progress: Progress) -> Callable[..., object]:
@@ -278,7 +343,8 @@ def _hub_errors(name: str, repo: str, revision: str) -> Iterator[None]:
         if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OSError)) or "httpx" in type(exc).__module__:
             endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
             raise Upstream(f"pulling {repo} from {endpoint} failed ({without_paths(str(exc))}); check the network "
-                           "(or HF_ENDPOINT) and pull again: files already fetched are kept") from exc
+                           "(or HF_ENDPOINT) and pull again: files already fetched are kept "
+                           f"(ollama rm {name.removesuffix(':latest')} removes them)") from exc
         raise
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -30,6 +31,7 @@ from common.tasks import cancel_and_wait, run_until_signalled
 from common.redact import without_paths
 from workers.frames import FramePublisher, FrameSink
 from workers.peer_server import StoreServer, StoreServerError
+from workers.disk_space import DiskReservations, ReservedSpace
 from workers.pull import Progress, pull
 from workers.store import ModelStore
 
@@ -57,12 +59,14 @@ class PullWorker:
         # Serialises writes to the store's Redis catalog: a resync from disk taken before a
         # pull saved its manifest must not land after the pull's own update and hide it.
         self._catalog_lock = asyncio.Lock()
+        self.reservations: DiskReservations | None = None  # made once Redis is there (run)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self, redis: ArqRedis | None = None) -> None:
         redis = self._redis = redis or await connect(self.settings.redis_url)
+        self.reservations = DiskReservations(redis, self.store_id)
         try:
             await self.server.start(self.settings, redis)
         except StoreServerError as exc:
@@ -140,17 +144,21 @@ class PullWorker:
     # ------------------------------------------------------------ jobs
 
     async def pull(self, ctx: dict, model: str) -> None:
-        name = canonical_name(model)
+        name = canonical_name(model)  # as asked: the pull's record and frames go by it
         publisher = FramePublisher(self._sink, ctx["job_id"])
         alive = keys.pull_alive(self.store_id, name)
         changed = asyncio.Event()
         loop = asyncio.get_running_loop()
         progress = Progress(PullState(model=name, store_id=self.store_id),
                             notify=lambda: loop.call_soon_threadsafe(changed.set))
+        reservation = f"{name} {secrets.token_hex(6)}"
         try:
-            manifest = await self._download(name, progress, changed, publisher, alive)
+            manifest = await self._download(name, progress, changed, publisher, alive, reservation)
             async with self._catalog_lock:
-                await catalog.put(self._redis, self.store_id, manifest)
+                if manifest.name == name:
+                    await catalog.put(self._redis, self.store_id, manifest)
+                else:  # kept under the Hub's spelling of the repo id, which replaced any other
+                    await catalog.reset(self._redis, self.store_id, await asyncio.to_thread(self.store.list))
             # Only now: a client told "success" lists the model and runs it at once.
             progress.phase("success")
             await self._publish(publisher, progress.snapshot())
@@ -169,19 +177,32 @@ class PullWorker:
             await asyncio.shield(self._redis.delete(alive))
 
     async def _download(self, name: str, progress: Progress, changed: asyncio.Event,
-                        publisher: FramePublisher, alive: str) -> catalog.Manifest:
+                        publisher: FramePublisher, alive: str, reservation: str) -> catalog.Manifest:
         """Run the pull in a thread; publish its state when it changes (at most every
-        PUBLISH_EVERY_S) and say it is alive every heartbeat."""
+        PUBLISH_EVERY_S); every heartbeat, say it is alive and renew its disk reservation with
+        the bytes it has yet to write."""
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         await self._redis.set(alive, self.store_id, px=ttl_ms)
         entry = await catalog.lookup(self._redis, name)  # what the other stores hold, and serve
-        work = _in_daemon_thread(pull, self.store, name, progress, entry)
+        space = ReservedSpace(self.reservations, reservation, self.store.free_bytes, asyncio.get_running_loop())
+        work = _in_daemon_thread(pull, self.store, name, progress, entry, space)
+        try:
+            return await self._follow(work, progress, changed, publisher, alive, reservation)
+        finally:
+            # Before the client hears the outcome: one told "success" may pull the next model.
+            await asyncio.shield(self.reservations.release(reservation))
+
+    async def _follow(self, work: asyncio.Future, progress: Progress, changed: asyncio.Event,
+                      publisher: FramePublisher, alive: str, reservation: str) -> catalog.Manifest:
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         while True:
             waiter = asyncio.ensure_future(changed.wait())
             await asyncio.wait({work, waiter}, timeout=self.settings.heartbeat_interval_s,
                                return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             await self._redis.set(alive, self.store_id, px=ttl_ms)
+            remaining = sum(f.total - f.completed for f in progress.snapshot().files)
+            await self.reservations.renew(reservation, remaining)
             if work.done():
                 return work.result()
             if changed.is_set():
@@ -201,11 +222,18 @@ class PullWorker:
         await publisher.send(PullFrame, state=state)
 
     async def delete(self, _ctx: dict, model: str) -> dict[str, Any]:
+        """The model, or, when this store lists no such model, what failed or interrupted
+        pulls of it left (``leftovers``: files and folders removed)."""
+        name = canonical_name(model)
         async with self._catalog_lock:
-            deleted = await asyncio.to_thread(self.store.delete, canonical_name(model))
+            deleted = await asyncio.to_thread(self.store.delete, name)
             if deleted is not None:
                 await catalog.remove(self._redis, self.store_id, deleted.name)
-        return {"deleted": deleted is not None}
+                return {"deleted": True, "leftovers": 0}
+        leftovers = await asyncio.to_thread(self.store.delete_leftovers, name)
+        if leftovers:
+            log.info("removed %d files and folders that pulls of %s left", leftovers, name)
+        return {"deleted": False, "leftovers": leftovers}
 
     async def copy(self, _ctx: dict, source: str, destination: str) -> dict[str, Any]:
         async with self._catalog_lock:

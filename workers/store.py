@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import clock
 from common.catalog import Manifest, ManifestFile
-from common.models import name_from_store_filename, store_filename
+from common.models import ALIASES, canonical_name, is_repo_id, name_from_store_filename, name_key, store_filename
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,38 @@ class ModelStore:
         return found
 
     def get(self, name: str) -> Manifest | None:
+        """The manifest of ``name``; a repo id matches in any case (``QWEN/x`` finds ``Qwen/x``)."""
         file = self._manifest_file(name)
         if not file.exists():
-            return None
+            file = next(iter(self._other_spellings(name)), None)
+            if file is None:
+                return None
         return Manifest.model_validate_json(file.read_bytes())
 
     def save(self, manifest: Manifest) -> None:
+        """Written whole, then renamed into place; a repo id spelt in another case before is
+        replaced, so one model has one manifest under one spelling."""
         self.manifests.mkdir(parents=True, exist_ok=True)
         file = self._manifest_file(manifest.name)
         tmp = file.with_name(file.name + ".tmp")
         tmp.write_text(manifest.model_dump_json(indent=1))
         os.replace(tmp, file)
+        for other in self._other_spellings(manifest.name):
+            other.unlink(missing_ok=True)
+
+    def _other_spellings(self, name: str) -> list[Path]:
+        """Manifest files of ``name`` (a repo id) spelt in another case."""
+        if not is_repo_id(canonical_name(name)) or not self.manifests.is_dir():
+            return []
+        key, exact = name_key(name), self._manifest_file(name).name
+        found = []
+        for file in sorted(self.manifests.glob("*.json")):
+            try:
+                if file.name != exact and name_key(name_from_store_filename(file.stem)) == key:
+                    found.append(file)
+            except ValueError:
+                continue
+        return found
 
     def version(self) -> frozenset:
         """Changes whenever a manifest is added, replaced or removed.
@@ -104,11 +125,11 @@ class ModelStore:
         manifest = self.get(name)
         if manifest is None:
             return None
-        self._manifest_file(name).unlink(missing_ok=True)
+        self._manifest_file(manifest.name).unlink(missing_ok=True)
         if any(m.path == manifest.path for m in self.list()):
             return manifest  # another name (a copy) still uses the files
         if manifest.repo:
-            with self.lock(f"repo-{manifest.repo}"):
+            with self.repo_lock(manifest.repo):
                 self._delete_hub_revision(manifest.repo, manifest.commit)
         else:
             shutil.rmtree(self.model_dir(manifest), ignore_errors=True)
@@ -129,7 +150,66 @@ class ModelStore:
                     # Blobs shared with a revision that stays are kept.
                     cache.delete_revisions(*commits).execute()
 
+    # ------------------------------------------------------------ what pulls leave behind
+
+    def delete_leftovers(self, name: str) -> int:
+        """Remove what failed or interrupted pulls of ``name`` left (no manifest lists them):
+        the Hub cache of its repo, but for the revisions some manifest uses. Returns how many
+        files and folders went; 0 when there was nothing."""
+        name = canonical_name(name)
+        source = ALIASES.get(name)
+        repo = source.hf_repo if source is not None else (name.split("@", 1)[0] if is_repo_id(name) else None)
+        if repo is None or source is not None and source.bundled_gguf:
+            return 0
+        with self.repo_lock(repo):
+            return self.prune_repo(repo)
+
+    def prune_repo(self, repo: str, *, keep_complete: bool = False) -> int:
+        """Remove the files of ``repo``'s Hub cache that no manifest uses; the caller holds its
+        repo_lock. Partial downloads (``*.incomplete``: huggingface_hub never resumes them in
+        another process) always go; with ``keep_complete``, whole files stay, for the next
+        pull to reuse. Returns how many files and folders went."""
+        used = {m.commit for m in self.list() if m.repo and m.repo.lower() == repo.lower()}
+        removed = 0
+        for folder in self._repo_folders(repo):
+            blobs = folder / "blobs"
+            for partial in blobs.glob("*.incomplete"):
+                partial.unlink(missing_ok=True)
+                removed += 1
+            if keep_complete:
+                continue
+            snapshots = folder / "snapshots"
+            for snapshot in (snapshots.iterdir() if snapshots.is_dir() else []):
+                if snapshot.name not in used:
+                    shutil.rmtree(snapshot, ignore_errors=True)
+                    removed += 1
+            kept = [s for s in snapshots.iterdir()] if snapshots.is_dir() else []
+            if not kept:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+                continue
+            needed = {p.resolve() for s in kept for p in s.rglob("*")}
+            for blob in (blobs.iterdir() if blobs.is_dir() else []):
+                if blob.resolve() not in needed:
+                    blob.unlink(missing_ok=True)
+                    removed += 1
+            for ref in [r for r in (folder / "refs").rglob("*") if r.is_file()]:
+                if ref.read_text().strip() not in used:
+                    ref.unlink(missing_ok=True)
+        return removed
+
+    def _repo_folders(self, repo: str) -> list[Path]:
+        """The Hub cache folders of ``repo``, in any case (older versions kept the spelling asked)."""
+        wanted = "models--" + repo.replace("/", "--").lower()
+        if not self.hub.is_dir():
+            return []
+        return sorted(p for p in self.hub.iterdir() if p.is_dir() and p.name.lower() == wanted)
+
     # ------------------------------------------------------------ helpers for writers
+
+    def repo_lock(self, repo: str) -> contextlib.AbstractContextManager[None]:
+        """One writer of a repo's Hub cache at a time, whatever case the repo id is spelt in."""
+        return self.lock(f"repo-{repo.lower()}")
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:

@@ -8,7 +8,8 @@ and download a model repository, so pulls are tested end to end against real fil
 * ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=...``: the file listing;
 * ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}``: file metadata and bytes, ``Range`` honoured.
 
-The client decides which exception to raise from the ``X-Error-Code`` header, so errors carry
+Repo ids match whatever their case, and the repo's info gives its own spelling, as the Hub
+does. The client decides which exception to raise from the ``X-Error-Code`` header, so errors carry
 it exactly as the Hub does (``RepoNotFound``, ``GatedRepo``, ``EntryNotFound``,
 ``RevisionNotFound``). Large files are served as LFS files (their ETag is the sha256 of the
 content), directly rather than through a redirect to a CDN.
@@ -113,6 +114,7 @@ class HubStandin:
     def __init__(self) -> None:
         self._repos: dict[str, HubRepo] = {}
         self._cuts: dict[tuple[str, str], int] = {}
+        self._fail_resume: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._requests: list[tuple[str, str, str | None]] = []
         self._server: _Server | None = None
@@ -195,11 +197,15 @@ class HubStandin:
                 raise KeyError(f"{repo_id} has no revision {revision!r}")
             repo.commits[sha][path] = HubFile(path, size, fake_oid[:40], fake_oid, None)
 
-    def cut_once(self, repo_id: str, path: str, after_bytes: int) -> None:
+    def cut_once(self, repo_id: str, path: str, after_bytes: int, *, then_fail: bool = False) -> None:
         """Make the next GET of ``path`` without a ``Range`` header promise the whole file, send
-        ``after_bytes`` bytes and drop the connection, as a flaky network would."""
+        ``after_bytes`` bytes and drop the connection, as a flaky network would. ``then_fail``:
+        the client's attempt to resume (a GET with ``Range``) gets a 500, so the download fails
+        with part of the file written."""
         with self._lock:
             self._cuts[(repo_id, path)] = after_bytes
+            if then_fail:
+                self._fail_resume.add((repo_id, path))
 
     # -- request log -----------------------------------------------------------------------
 
@@ -226,9 +232,20 @@ class HubStandin:
         with self._lock:
             return self._cuts.pop((repo_id, path), None)
 
-    def _repo(self, repo_id: str) -> HubRepo | None:
+    def _take_resume_failure(self, repo_id: str, path: str) -> bool:
         with self._lock:
-            return self._repos.get(repo_id)
+            if (repo_id, path) in self._fail_resume:
+                self._fail_resume.discard((repo_id, path))
+                return True
+            return False
+
+    def _repo(self, repo_id: str) -> HubRepo | None:
+        """As on the Hub, a repo id matches whatever its case (``QWEN/x`` is ``Qwen/x``); the
+        repo's info then answers with the spelling it was created with."""
+        with self._lock:
+            if (repo := self._repos.get(repo_id)) is not None:
+                return repo
+            return next((r for key, r in self._repos.items() if key.lower() == repo_id.lower()), None)
 
 
 class _Server(ThreadingHTTPServer):
@@ -338,6 +355,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo, sha = self._lookup(repo_id, revision)
         files = repo.commits[sha].values()
         with_blobs = query.get("blobs", "").lower() == "true"
+        repo_id = repo.repo_id  # the Hub's own spelling, whatever case was asked
         body = {
             "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
             "id": repo_id,
@@ -401,6 +419,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         start, end = 0, hub_file.size - 1
         status = 200
+        if range_header is not None and self.standin._take_resume_failure(repo.repo_id, path):
+            raise _HubError(500, None, "resume refused (cut_once then_fail)", commit=sha)
         if range_header is not None:
             parsed = _parse_range(range_header, hub_file.size)
             if parsed is None:
@@ -411,7 +431,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{hub_file.size}"
         length = end - start + 1
-        cut = self.standin._take_cut(repo_id, path) if range_header is None else None
+        cut = self.standin._take_cut(repo.repo_id, path) if range_header is None else None
         self._send_head(status, headers, length)
         to_send = length if cut is None else min(cut, length)
         with hub_file.source.open("rb") as fh:

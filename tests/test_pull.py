@@ -200,7 +200,9 @@ async def test_pull_without_a_pull_worker_is_503(redis_server, tmp_path):
 
 
 async def test_auto_pull_then_load_on_first_request(redis_server, tmp_path, hub, model_dir):
-    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, auto_pull=True,
+    """With VLLAMA_AUTO_PULL=any, a request for any repo id pulls it (tests/test_pull_safety.py:
+    the default allows only aliases)."""
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, auto_pull="any",
                           max_loaded_models=2) as stack, stack.client() as http:
         r = await http.post("/api/generate", json={"model": REPO, "prompt": "hi", "stream": False})
         assert r.status_code == 200, r.text

@@ -6,6 +6,10 @@ whether the worker was started as `vllama worker` (the console script imports cl
 top level) or as `python -m cli worker` (cli/__main__.py runs cli.main as the main module).
 cli.main calls :func:`die_with_parent` when it is imported, so what must stay true is that
 every entry point makes cli.main importable by the children that way.
+
+serve's own children (redis-server, the workers) need no watch: the kernel signals them when
+serve dies (cli/spawn.py). That cannot serve here: it follows the thread that forked, and
+vLLM may start its engine from a thread that ends before the engine does.
 """
 
 from __future__ import annotations

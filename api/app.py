@@ -20,6 +20,7 @@ from api.files import router as files_router
 from api.housekeeping import Housekeeping
 from api import metrics
 from api.jobs_routes import router as jobs_router
+from api.limits import install_body_limit
 from api.model_routes import router as model_router
 from api.ollama_routes import router as ollama_router
 from api.openai_routes import router as openai_router
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
             body["reason"] = "no worker is ready; start one with `vllama worker` (or wait for it to load)"
         return JSONResponse(body, 200 if ready else 503)
 
+    install_body_limit(app, settings)  # 413 past VLLAMA_MAX_REQUEST_BYTES, before any body is buffered
     # Last added runs first: Origin and Host are checked before authentication and any work.
     install_browser_guard(app, settings.origins, settings.host)
     return app

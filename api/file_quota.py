@@ -20,9 +20,8 @@ from common import keys
 
 PRUNE_AT_MOST = 1000  # expired entries dropped per reservation: bounded work in one script
 
-_RESERVE = """
--- KEYS: sizes hash, expiry zset, bytes used
--- ARGV: file id, size, expires at (s), now (s), limit, force ('1' = reserve even past the limit)
+# Drop the entries of files whose expiry time has passed (Redis has dropped the files).
+_PRUNE = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[7]))
 for _, id in ipairs(expired) do
   local size = redis.call('HGET', KEYS[1], id)
@@ -33,6 +32,13 @@ for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[2], id)
 end
 local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+"""
+
+_RESERVE = """
+-- KEYS: sizes hash, expiry zset, bytes used
+-- ARGV: file id, size, expires at (s), now (s), limit, force ('1' = reserve even past the limit),
+--       most expired entries to drop
+""" + _PRUNE + """
 local size = tonumber(ARGV[2])
 if ARGV[6] ~= '1' and used + size > tonumber(ARGV[5]) then return {0, used} end
 if redis.call('HSETNX', KEYS[1], ARGV[1], size) == 1 then
@@ -40,6 +46,12 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], size) == 1 then
   used = redis.call('INCRBY', KEYS[3], size)
 end
 return {1, used}
+"""
+
+_USED = """
+-- KEYS, ARGV: as _RESERVE's (only now and the most entries to drop are read)
+""" + _PRUNE + """
+return used
 """
 
 _RELEASE = """
@@ -69,14 +81,14 @@ async def reserve(redis: Redis, file_id: str, size: int, expires_at: float, now:
     return Reservation(bool(granted), int(used))
 
 
+async def used_now(redis: Redis, now: float) -> int:
+    """Bytes counted now, files past their expiry time dropped first."""
+    return int(await redis.eval(_USED, len(_KEYS), *_KEYS, "", 0, 0, int(now), 0, "0", PRUNE_AT_MOST))
+
+
 async def release(redis: Redis, file_id: str) -> bool:
     """Stop counting ``file_id`` (deleted, or never stored); False if it was not counted."""
     return bool(await redis.eval(_RELEASE, len(_KEYS), *_KEYS, file_id))
-
-
-async def used(redis: Redis) -> int:
-    """Bytes counted now (files past their expiry time included until the next reservation)."""
-    return int(await redis.get(keys.FILE_BYTES) or 0)
 
 
 def shown(n: int) -> str:

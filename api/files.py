@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from redis.asyncio import Redis
 
 from api import file_quota, ownership
-from api.uploads import read_upload
+from api.uploads import least_file_bytes, read_upload, refuse_early
 from common import clock, keys
 from common.errors import BadRequest, NotFound, TooLarge
 from common.settings import Settings
@@ -40,10 +40,7 @@ async def save(redis: Redis, settings: Settings, content: bytes | bytearray, fil
     reserved = await file_quota.reserve(redis, meta["id"], len(content), meta["expires_at"], now, limit,
                                         force=purpose == "batch_output")
     if not reserved.granted:
-        raise TooLarge(f"file storage is full: {file_quota.shown(reserved.used)} of VLLAMA_MAX_FILE_STORAGE_BYTES "
-                       f"({file_quota.shown(limit)}) is used and this file is {file_quota.shown(len(content))}; "
-                       "delete files you no longer need (DELETE /v1/files/{file_id}) or raise "
-                       "VLLAMA_MAX_FILE_STORAGE_BYTES on the server")
+        raise storage_full(reserved.used, limit, f"this file is {file_quota.shown(len(content))}")
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.file_content(meta["id"]), memoryview(content), ex=settings.file_ttl_s)
@@ -55,6 +52,12 @@ async def save(redis: Redis, settings: Settings, content: bytes | bytearray, fil
         await file_quota.release(redis, meta["id"])
         raise
     return meta
+
+
+def storage_full(used: int, limit: int, needed: str) -> TooLarge:
+    return TooLarge(f"file storage is full: {file_quota.shown(used)} of VLLAMA_MAX_FILE_STORAGE_BYTES "
+                    f"({file_quota.shown(limit)}) is used and {needed}; delete files you no longer need "
+                    "(DELETE /v1/files/{file_id}) or raise VLLAMA_MAX_FILE_STORAGE_BYTES on the server")
 
 
 async def meta(redis: Redis, file_id: str) -> dict[str, Any]:
@@ -87,13 +90,20 @@ async def content(redis: Redis, file_id: str) -> bytes:
 async def upload(request: Request) -> dict[str, Any]:
     """Upload a file (multipart/form-data: file, purpose), at most VLLAMA_MAX_UPLOAD_BYTES."""
     dispatcher = request.app.state.dispatcher
-    form = await read_upload(request, dispatcher.settings.max_upload_bytes)
+    redis, settings = dispatcher.redis, dispatcher.settings
+    refuse_early(request, settings.max_upload_bytes)
+    if least := least_file_bytes(request):  # no room: say so now, not after the whole upload
+        used = await file_quota.used_now(redis, clock.now())
+        if used + least > settings.max_file_storage_bytes:
+            raise storage_full(used, settings.max_file_storage_bytes,
+                               f"this upload is at least {file_quota.shown(least)}")
+    form = await read_upload(request, settings.max_upload_bytes)
     purpose = form.fields.get("purpose")
     if purpose not in PURPOSES:
         raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; send purpose=batch for batch input")
     if not form.has_file:
         raise BadRequest("the upload has no `file` field; send the file as multipart/form-data field `file`")
-    return await save(dispatcher.redis, dispatcher.settings, form.content, form.filename or "upload", purpose,
+    return await save(redis, settings, form.content, form.filename or "upload", purpose,
                       owner=ownership.owner_of(request))
 
 

@@ -48,6 +48,12 @@ def refuse_early(request: Request, limit: int) -> None:
     _boundary(request)
 
 
+def least_file_bytes(request: Request) -> int:
+    """The fewest bytes the file can have, from the Content-Length (0 when none is sent)."""
+    declared = request.headers.get("content-length")
+    return max(0, int(declared) - ENVELOPE_BYTES) if declared is not None and declared.isdigit() else 0
+
+
 def _boundary(request: Request) -> bytes:
     kind, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")

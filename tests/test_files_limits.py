@@ -151,6 +151,13 @@ async def test_the_quota_follows_uploads_deletes_and_expiry(redis_server):
         assert "60 KiB" in message and "100 KiB" in message and "VLLAMA_MAX_FILE_STORAGE_BYTES" in message
         assert "delete" in message
         assert [f.id for f in (await client.files.list()).data] == [first.id]  # the refused one left nothing
+        # A Content-Length that cannot fit in the room left: refused before the body is read.
+        reader, writer = await open_upload(stack.base_url, Content_Length=str(ENVELOPE_BYTES + 50 * KIB))
+        writer.write(form_head())
+        await writer.drain()
+        status, body = await asyncio.wait_for(read_response(reader), 20)
+        assert status == 413 and "at least 50 KiB" in body["error"]["message"]
+        writer.close()
 
         await client.files.delete(first.id)
         second = await client.files.create(file=("b.jsonl", io.BytesIO(b"b" * 60 * KIB)), purpose="batch")

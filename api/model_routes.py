@@ -23,6 +23,7 @@ from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest,
 from api.pulls import PullLines, follow_pull
 from common import catalog
 from common.errors import BadRequest, ModelNotFound, Unavailable, VllamaError
+from common.models import source_for
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -115,8 +116,11 @@ async def delete(request: Request) -> Response:
     d = _dispatcher(request)
     entry = await catalog.lookup(d.redis, model)
     if entry is None:
-        # Listed nowhere; but a pull that failed or was interrupted may have left files on a
-        # store, and this is how they are removed: every live store looks for them.
+        # Listed nowhere; but a pull from the Hub that failed or was interrupted may have left
+        # files on a store, and this is how they are removed: every live store looks for them.
+        source = source_for(model)
+        if source is None or source.bundled_gguf:
+            raise ModelNotFound(model, f"model '{model}' not found")
         stores = sorted(s.store_id for s in await catalog.live_stores(d.redis))
         results = await _on_stores(d, stores, "delete", model)
         if not any(isinstance(r, dict) and r.get("leftovers") for r in results):

@@ -116,6 +116,8 @@ class ModelStore:
         manifest = self.get(source)
         if manifest is None:
             return None
+        if name_key(source) == name_key(destination):  # one model spelt twice: nothing to copy
+            return manifest
         copied = manifest.model_copy(update={"name": destination, "modified_at": clock.now()})
         self.save(copied)
         return copied

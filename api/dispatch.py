@@ -194,12 +194,16 @@ class JobStream:
         raise error
 
     async def cancel(self) -> None:
-        """Ask arq to abort the job: a queued job never starts, a running one is cancelled in
-        its worker, which aborts the engine request."""
+        """End the job: a queued one is taken out of its queue, so it never starts and leaves
+        nothing behind; a running one is aborted (arq cancels it in its worker, which aborts
+        the engine request)."""
         self.finished = True
+        d = self._d
         if self.worker_id is None:
-            await self._d.record(self.job, "cancelled", error="cancelled before it started")
-        await self._d.queue.abort(self.job.job_id)
+            await d.record(self.job, "cancelled", error="cancelled before it started")
+            if await d.queue.withdraw(keys.queue_for(self.job.model, self.job.priority), self.job.job_id):
+                return
+        await d.queue.abort(self.job.job_id)
 
     async def close(self) -> None:
         """Always called: unsubscribes, and aborts the job if the client left before the end.

@@ -10,6 +10,10 @@ reads are the same wherever the fault is found.
 
 Admission and enqueue are one Lua script: checking the queue's length and then enqueueing
 would let a burst of requests all see the same short queue and all get in.
+
+What is kept, and how long: nothing that nothing reads. A streamed job's answer reaches its
+client as frames, so arq keeps no result of it (keep_no_result) and its record lives a minute
+once it ended (record_ttl); async jobs and batch lines keep both for VLLAMA_KEEP_RESULT_S.
 """
 
 from __future__ import annotations
@@ -56,6 +60,27 @@ _use_cluster_clock()
 
 # How long a queued job may wait before arq drops it as expired (arq's default too).
 JOB_EXPIRES_MS = 24 * 3600 * 1000
+
+# The record of a streamed job (one with a listener) once it ended. Its client already has
+# the answer or the error, so nothing reads the record again; it stays a minute for an
+# operator's redis-cli, and every write of it carries this TTL, so a late or repeated write
+# (a worker's final write sent again after a Redis blip) never keeps it for longer.
+ENDED_STREAM_RECORD_S = 60
+
+# An abort request (a member of arq's abort zset) that no worker took within this long is
+# for a job no worker runs: it ended just before the abort came, or its worker died. arq
+# means to drop such entries after a minute but drops the wrong ones (future scores), so the
+# API's housekeeping prunes them (prune_aborts).
+ABORT_KEEP_S = 60
+
+
+def record_ttl(record: JobRecord, keep_result_s: int) -> int:
+    """How long a job record is kept from this write on: VLLAMA_KEEP_RESULT_S while the job
+    waits or runs (the dispatcher's checks and the sweep read it) and for async jobs (the jobs
+    API reads them); ENDED_STREAM_RECORD_S for an ended job whose answer went to its client."""
+    if record.finished and not record.is_async:
+        return min(ENDED_STREAM_RECORD_S, keep_result_s)
+    return keep_result_s
 
 _ENQUEUE_IF_ROOM = """
 -- KEYS: queue zset, arq job key, arq result key, our job record, the model's keep_alive
@@ -123,7 +148,7 @@ class JobQueue:
 
     async def write_record(self, record: JobRecord) -> None:
         record.updated_at = clock.now()
-        await self.redis.set(keys.job_record(record.job_id), record.dump(), ex=self.keep_result_s)
+        await self.redis.set(keys.job_record(record.job_id), record.dump(), ex=record_ttl(record, self.keep_result_s))
 
     async def record(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.get(keys.job_record(job_id))
@@ -189,6 +214,12 @@ class JobQueue:
             return True
         await self.abort(record.job_id)
         return False
+
+    async def prune_aborts(self) -> int:
+        """Drop abort requests older than ABORT_KEEP_S (see there); returns how many. Left in
+        place, they would pile up for good, one per request cancelled just as it ended."""
+        cutoff = int(clock.now() * 1000) - ABORT_KEEP_S * 1000
+        return int(await self.redis.zremrangebyscore(abort_jobs_ss, "-inf", cutoff))
 
     async def forget(self, queue: str, job_id: str) -> None:
         """Remove a job from arq's keys, for a job whose worker died: arq would otherwise keep
@@ -281,6 +312,29 @@ class JobQueue:
 # How a consumer declares the functions it runs (name, timeout, tries, result kept).
 job_function = arq.worker.func
 
+# Where a JobConsumer's job context holds the ids of running jobs whose result is not kept.
+_RESULT_UNKEPT = "vllama_result_unkept"
+
+
+def keep_no_result(ctx: dict) -> None:
+    """Called by a job function whose outcome reaches its caller another way (a streamed
+    job's frames): arq keeps no result for it, whatever the consumer's keep_result. arq only
+    decides per function, and one function serves both streamed and async jobs."""
+    unkept = ctx.get(_RESULT_UNKEPT)
+    if unkept is not None:
+        unkept.add(ctx["job_id"])
+
+
+def _streamed(payload: bytes | None) -> bool:
+    """Whether an arq job payload is a streamed generation job (its client reads frames)."""
+    if payload is None:
+        return False
+    try:
+        args = job_deserializer(payload).get("a") or []
+    except (ValueError, AttributeError):
+        return False
+    return bool(args) and isinstance(args[0], dict) and args[0].get("stream") is True
+
 
 class JobConsumer(Worker):
     """arq's Worker with a cheaper poll for a worker that runs many long jobs at once.
@@ -303,13 +357,29 @@ class JobConsumer(Worker):
             log.warning("Redis unreachable (%s); retrying in 1 s", exc)
             await asyncio.sleep(1)
 
-    async def finish_job(self, job_id: str, *args: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._result_unkept: set[str] = set()  # filled by keep_no_result
+        self.ctx[_RESULT_UNKEPT] = self._result_unkept
+
+    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None, *args: Any) -> None:
         # arq's end of a job (result, in-progress marker, queue entry), kept through a Redis
         # restart or failover: lost, the queue would count the job as running for an hour.
-        await until_redis_answers(lambda: super(JobConsumer, self).finish_job(job_id, *args),
+        if job_id in self._result_unkept:
+            self._result_unkept.discard(job_id)
+            result_data = None
+        await until_redis_answers(lambda: super(JobConsumer, self).finish_job(job_id, finish, result_data, *args),
                                   f"end of job {job_id}")
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        # A job that failed before it ran (aborted as it was taken, expired): its function
+        # never said whether to keep the result, so the payload tells (a rare path; one read).
+        if result_data is not None:
+            try:
+                if _streamed(await self.pool.get(job_key_prefix + job_id)):
+                    result_data = None
+            except (RedisError, OSError):
+                pass  # keep it then: a result too many, with its TTL, harms nothing
         await until_redis_answers(lambda: super(JobConsumer, self).finish_failed_job(job_id, result_data),
                                   f"end of job {job_id}")
 

@@ -62,10 +62,16 @@ async def test_job_and_result_are_json_in_redis(redis_server):
         [record_key] = [k async for k in stack.redis.scan_iter(keys.job_record("*"))]
         record = json.loads(await stack.redis.get(record_key))
         assert record["status"] == "done" and record["model"] == MODEL
-        assert 0 < await stack.redis.ttl(record_key) <= stack.settings.keep_result_s
-        result = json.loads(await stack.redis.get(f"arq:result:{record['job_id']}"))
+        # The answer went to its client: the record stays a minute, and arq keeps no result.
+        assert 0 < await stack.redis.ttl(record_key) <= 60
+        assert not await stack.redis.exists(f"arq:result:{record['job_id']}")
+        # An async job's result is kept, readable.
+        job = (await http.post("/api/jobs/generate", json={"model": MODEL, "prompt": "y"})).json()
+        await async_wait_until(lambda: stack.redis.exists(f"arq:result:{job['id']}"), 10, "the async job's result")
+        result = json.loads(await stack.redis.get(f"arq:result:{job['id']}"))
         assert result["s"] is True and result["r"]["text"] == EXPECTED_16
-        assert result["a"][0]["prompt"] == "x"  # the job spec itself, readable
+        assert result["a"][0]["prompt"] == "y"  # the job spec itself, readable
+        assert 60 < await stack.redis.ttl(keys.job_record(job["id"])) <= stack.settings.keep_result_s
 
 
 async def test_unknown_model_is_404_with_the_pull_command(redis_server):

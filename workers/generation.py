@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
+from common.job_queue import keep_no_result, record_ttl
 from common.metrics import ModelStats
 from common.protocol import (
     ChatMessage,
@@ -73,8 +74,11 @@ class GenerationRunner:
 
     async def run(self, ctx: dict, spec: dict) -> dict:
         job = GenerationJob.model_validate(spec)
-        # An async job's frames are kept, for the jobs API to show and replay.
+        # An async job's frames are kept, for the jobs API to show and replay; a streamed
+        # job's answer went to its client in frames, so arq keeps no result of it either.
         keep = None if job.stream else FrameLog(job.job_id, self.keep_result_s)
+        if job.stream:
+            keep_no_result(ctx)
         publisher = FramePublisher(self.sink, job.job_id, keep)
         self.running.add(job.job_id)
         try:
@@ -87,7 +91,9 @@ class GenerationRunner:
             result = await self._generate(job, publisher)
         except ClientGone:
             log.info("job %s: no listener left, stopped", job.job_id)
-            await self._record(job, "cancelled", error="the client went away")
+            # Shielded: the abort its client's API sends as it leaves may cancel this task
+            # now, and without its end the job would stay "running" in vllama:running.
+            await asyncio.shield(self._record(job, "cancelled", error="the client went away"))
             raise asyncio.CancelledError from None
         except asyncio.CancelledError:
             await asyncio.shield(self._record(job, "cancelled", error="cancelled"))
@@ -225,7 +231,9 @@ class GenerationRunner:
 
     async def _write_end(self, job_id: str, record: JobRecord, result: JobResult | None = None) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.job_record(job_id), record.dump(), ex=self.keep_result_s)
+            # A streamed job's record is kept only briefly once it ended (record_ttl), also
+            # when this write is sent again after Redis lost its data: never for an hour.
+            pipe.set(keys.job_record(job_id), record.dump(), ex=record_ttl(record, self.keep_result_s))
             pipe.hdel(keys.RUNNING, job_id)
             if record.owner is not None and result is not None:  # usage per API key, in /metrics
                 pipe.hincrby(keys.KEY_PROMPT_TOKENS, record.owner, result.stats.prompt_eval_count)

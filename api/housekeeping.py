@@ -1,9 +1,12 @@
 """What every API process does in the background: keep its clock in step with Redis's
-(common/clock.py), and sweep up jobs whose worker died without anyone watching them.
+(common/clock.py), sweep up jobs whose worker died without anyone watching them, and prune
+the keys that have no TTL of their own (api/pruning.py).
 
 The sweep runs on one replica at a time (a short lock in Redis), every few heartbeats: a
 job with a client is settled sooner by its stream's own check, so this is for async jobs and
 batch lines, whose records would otherwise say "running" until someone read them one by one.
+The pruning rides on the same lock, so Redis's memory stays bounded with any number of
+replicas doing the work of one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 from redis.asyncio import Redis
 
+from api import pruning
 from common import clock, keys
 from common.job_queue import JobQueue
 from common.settings import Settings
@@ -26,6 +30,7 @@ class Housekeeping:
     def __init__(self, redis: Redis, queue: JobQueue, settings: Settings) -> None:
         self._redis = redis
         self._queue = queue
+        self._settings = settings
         # Past the heartbeat TTL, so a dead worker's jobs are settled within about two TTLs.
         self._every_s = max(1.0, settings.heartbeat_ttl_s / 2)
         self._task: asyncio.Task | None = None
@@ -51,6 +56,8 @@ class Housekeeping:
                 if await self._redis.set(keys.SWEEP_LOCK, "1", nx=True, px=int(self._every_s * 1000)):
                     if lost := await self._queue.sweep_lost():
                         log.warning("failed %d job(s) whose worker stopped responding", lost)
+                    if pruned := await pruning.prune(self._redis, self._queue, self._settings):
+                        log.debug("pruned %s", pruned)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - Redis away for a while: try again next round

@@ -20,6 +20,11 @@ from common.model_info import ModelDescription
 from common.models import is_repo_id, name_key
 from common.registry import live_records
 
+# A store's catalog outlives the store by this much: a store that comes back within a day
+# finds it (and rewrites it anyway), one that is gone for good stops costing memory. Every
+# heartbeat of a live store sets it afresh, as does every write of the catalog.
+CATALOG_TTL_S = 24 * 3600
+
 
 class ManifestFile(BaseModel):
     path: str  # relative to the model directory
@@ -78,7 +83,8 @@ async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> bool:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(keys.store_record(info.store_id), info.model_dump_json(), px=int(ttl_s * 1000), get=True)
         pipe.zadd(keys.STORES, {info.store_id: int(info.heartbeat_at * 1000)})
-        previous, _ = await pipe.execute()
+        pipe.expire(keys.catalog(info.store_id), CATALOG_TTL_S)
+        previous, *_ = await pipe.execute()
     return previous is not None
 
 
@@ -99,11 +105,15 @@ async def reset(redis: Redis, store_id: str, manifests: list[Manifest]) -> None:
         pipe.delete(keys.catalog(store_id))
         if manifests:
             pipe.hset(keys.catalog(store_id), mapping={m.name: m.model_dump_json() for m in manifests})
+            pipe.expire(keys.catalog(store_id), CATALOG_TTL_S)
         await pipe.execute()
 
 
 async def put(redis: Redis, store_id: str, manifest: Manifest) -> None:
-    await redis.hset(keys.catalog(store_id), manifest.name, manifest.model_dump_json())
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.catalog(store_id), manifest.name, manifest.model_dump_json())
+        pipe.expire(keys.catalog(store_id), CATALOG_TTL_S)
+        await pipe.execute()
 
 
 async def remove(redis: Redis, store_id: str, name: str) -> None:

@@ -2,7 +2,11 @@
 
 All of ours live under ``vllama:``; arq keeps its own ``arq:`` keys (job payloads, results,
 in-progress markers, the abort set). Each key we write has a TTL, or a comment here saying
-why it has none.
+why it has none and what keeps it bounded (a pruning rule: api/pruning.py applies those that
+nobody applies in passing). arq's keys: the payload lives until its job is taken (24 h at
+most), the in-progress marker while it runs, the result VLLAMA_KEEP_RESULT_S for async jobs
+and batch lines and not at all for streamed jobs (common/job_queue.py keep_no_result), and
+the abort set is pruned of requests older than a minute.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ def frames_channel(job_id: str) -> str:
 
 
 def job_record(job_id: str) -> str:
-    """JSON record of one job's state (who runs it, status, error); TTL = settings.keep_result_s."""
+    """JSON record of one job's state (who runs it, status, error); TTL = settings.keep_result_s
+    while the job waits or runs and for async jobs; a streamed job's, once it ended, lives
+    common/job_queue.py's ENDED_STREAM_RECORD_S (a minute): its client has the answer."""
     return f"{PREFIX}:job:{job_id}"
 
 
@@ -55,7 +61,8 @@ RUNNING = f"{PREFIX}:running"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 
 # Zset of async job ids scored by submission time (ms), for listing recent jobs. No TTL: it
-# is shared; the API drops members older than settings.keep_result_s whenever it adds one.
+# is shared; the API drops members older than settings.keep_result_s whenever it adds one,
+# and its housekeeping every round.
 JOBS = f"{PREFIX}:jobs"
 
 # Hashes: API key name -> prompt tokens / generated tokens of the jobs made with that key,
@@ -74,7 +81,8 @@ def worker_record(worker_id: str) -> str:
 
 # Zset of worker ids (scored by the worker's last beat, for redis-cli readers only). No TTL:
 # it is shared by all workers; it is an index, and liveness is the record key's TTL: readers
-# drop members whose record has expired, so it never grows beyond the workers now alive.
+# drop members whose record has expired (the API's housekeeping too, every round), so it
+# never grows beyond the workers now alive.
 WORKERS = f"{PREFIX}:workers"
 
 
@@ -94,14 +102,16 @@ def store_record(store_id: str) -> str:
     return f"{PREFIX}:store:{store_id}"
 
 
-# Zset of store ids, an index like WORKERS and pruned by readers the same way.
+# Zset of store ids, an index like WORKERS and pruned the same way.
 STORES = f"{PREFIX}:stores"
 
 
 def catalog(store_id: str) -> str:
-    """Hash: model name -> JSON manifest, the models on one store's disk. No TTL: it mirrors a
-    disk, not a moment; the store rewrites it whole when it starts and edits it on every
-    pull, delete and copy, and readers ignore the catalogs of stores that are not alive."""
+    """Hash: model name -> JSON manifest, the models on one store's disk. It mirrors a disk,
+    not a moment: the store rewrites it whole when it starts and edits it on every pull,
+    delete and copy, and readers ignore the catalogs of stores that are not alive. TTL =
+    common/catalog.py's CATALOG_TTL_S (a day), set again by every heartbeat of the store, so
+    the catalog of a store gone for a day expires."""
     return f"{PREFIX}:catalog:{store_id}"
 
 
@@ -132,7 +142,8 @@ def pull_alive(store_id: str, model: str) -> str:
 
 
 # Zset of models waiting for a worker to load them, scored by request time (ms). No TTL:
-# a worker removes a model when it claims it, and the API when it gives up waiting.
+# a worker removes a model when it claims it, and the API when it gives up waiting; its
+# housekeeping drops requests older than settings.load_timeout_s for which no job waits.
 LOADS = f"{PREFIX}:loads"
 
 

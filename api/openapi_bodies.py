@@ -130,6 +130,23 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                                                                json=(r.BatchObject,))}),
 }
 
+_CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
+# What /docs' "Try it out" starts from: a request that works against the bundled model.
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "/api/generate": {"model": "smollm2:135m", "prompt": "Why is the sky blue?", "stream": False},
+    "/api/chat": {"model": "smollm2:135m", "messages": _CHAT, "stream": False},
+    "/api/pull": {"model": "smollm2:135m", "stream": False},
+    "/api/show": {"model": "smollm2:135m"},
+    "/api/delete": {"model": "my-copy"},
+    "/api/copy": {"source": "smollm2:135m", "destination": "my-copy"},
+    "/v1/chat/completions": {"model": "smollm2:135m", "messages": _CHAT},
+    "/v1/completions": {"model": "smollm2:135m", "prompt": "The sky is blue because", "max_tokens": 32},
+    "/api/jobs/generate": {"model": "smollm2:135m", "prompt": "Why is the sky blue?", "priority": "batch"},
+    "/api/jobs/chat": {"model": "smollm2:135m", "messages": _CHAT, "priority": "batch"},
+    "/api/jobs/pull": {"model": "smollm2:135m"},
+    "/v1/batches": {"input_file_id": "file-...", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+}
+
 BODY_NOTE = ("JSON. Any Content-Type is accepted (as Ollama does), so `curl -d '{...}'`, which sends "
              "application/x-www-form-urlencoded, works too.")
 DOC_NOTE = ("Ollama's API (/api/...) and OpenAI's (/v1/...) over one queue of workers. Request bodies "
@@ -163,7 +180,7 @@ def describe(doc: dict[str, Any]) -> dict[str, Any]:
                 continue
             known = OPERATIONS.get((method, path))
             if known is not None:
-                _describe(op, known, refs)
+                _describe(op, path, known, refs)
             op["responses"].pop("422", None)
             op["responses"]["default"] = _error(path, refs)
     _drop_unused(doc, schemas)
@@ -186,10 +203,12 @@ def _components(schemas: dict[str, Any]) -> dict[tuple[type[BaseModel], str], di
     return mapping
 
 
-def _describe(op: dict[str, Any], known: Operation, refs: dict) -> None:
+def _describe(op: dict[str, Any], path: str, known: Operation, refs: dict) -> None:
     if known.body is not None:
-        op["requestBody"] = {"required": True, "description": BODY_NOTE,
-                             "content": {JSON: {"schema": refs[(known.body, "validation")]}}}
+        media: dict[str, Any] = {"schema": refs[(known.body, "validation")]}
+        if path in EXAMPLES:
+            media["example"] = EXAMPLES[path]
+        op["requestBody"] = {"required": True, "description": BODY_NOTE, "content": {JSON: media}}
     elif known.multipart is not None:
         op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": known.multipart}}}
     if known.answers:

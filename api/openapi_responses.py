@@ -123,7 +123,7 @@ class TagEntry(_Open):
     modified_at: str
     size: int
     digest: str
-    details: dict[str, Any]
+    details: ModelDetails
 
 
 class TagsResponse(_Open):
@@ -132,7 +132,7 @@ class TagsResponse(_Open):
 
 class ShowResponse(_Open):
     modelfile: str
-    details: dict[str, Any]
+    details: ModelDetails
     capabilities: list[str]
 
 
@@ -141,7 +141,7 @@ class PsEntry(_Open):
     model: str
     size: int
     digest: str
-    details: dict[str, Any]
+    details: ModelDetails
     expires_at: str
     size_vram: int
     context_length: int

@@ -1,8 +1,10 @@
 """Property-based fuzzing over every operation of the OpenAPI document, against the whole
 stack with the fake engine: real Redis, real HTTP, the real worker and pull worker.
 
-Requests are generated from /openapi.json (api/openapi_bodies.py): bodies that fit the
-documented schemas (positive) and bodies that do not (negative). Every answer must be below
+Requests are generated from /openapi.json (api/openapi_bodies.py): per operation, first the
+edge cases schemathesis derives from the schemas, then random bodies that fit the documented
+schemas (positive) and bodies that do not (negative); half of them name the served model and
+ids that exist, so generation, reads and cancels run, not only "not found". Every answer must be below
 500 and match what the document says of it (status, media type, body schema, NDJSON lines and
 SSE events included). Failures are collected rather than raised, so a run never shrinks and
 always sends the same requests: fixed seed (derandomized), no example database.

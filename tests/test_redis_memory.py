@@ -36,7 +36,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 REQUESTS = 10_000
 CONCURRENCY = 32
 CANCEL_EVERY = 250  # one request in this many leaves mid-stream
-WARM_UP = 300
+WARM_UP = 1000  # long enough for the connection pools and Redis's own tables to reach their size
 TOKENS = 3  # per answer: the test is about what each request leaves in Redis, not about tokens
 
 # Keys that exist once per job (a pattern per kind), and the shared keys whose members are jobs.
@@ -177,4 +177,6 @@ async def test_redis_memory_is_back_where_it_was_after_10000_requests(redis_serv
     assert outcomes == Counter(ok=REQUESTS - cancelled, cancelled=cancelled), outcomes
     assert not left, f"per-job keys left after {REQUESTS} requests: {left}"
     assert after.keys <= before.keys, f"{before.keys} keys before, {after.keys} after"
-    assert after.held <= before.held * 1.10, f"before: {before}; after {REQUESTS} requests: {after}"
+    # Within 10% of the start: the connections' buffers apart (they follow how many
+    # connections the pools keep, not the requests served), used_memory is where it was.
+    assert after.held <= before.held + 0.10 * before.used, f"before: {before}; after {REQUESTS} requests: {after}"

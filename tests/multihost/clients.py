@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
+from common.tasks import cancel_and_wait
 from tests.multihost.cluster import FAKE_MODEL
 
 
@@ -156,6 +157,51 @@ async def job_index(redis: Redis) -> dict[str, dict]:
             for (prompt, job_id), rec in zip(found.items(), records, strict=True)}
 
 
+class JobWatcher:
+    """Prompt -> job and its latest record, remembered while the test runs.
+
+    A streamed job leaves no trace in arq once it ends (no result is kept for an answer its
+    client already has) and its record expires a minute later, so a test that asks afterwards
+    which worker served it must have watched: this polls every ``interval_s`` and keeps the
+    last record it saw of every job."""
+
+    def __init__(self, redis: Redis, interval_s: float = 0.1) -> None:
+        self._redis = redis
+        self._interval_s = interval_s
+        self._seen: dict[str, dict] = {}
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> JobWatcher:
+        await self._poll()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await cancel_and_wait(self._task)
+
+    async def index(self) -> dict[str, dict]:
+        """What :func:`job_index` gives, for every job seen so far, records as of now."""
+        await self._poll()
+        return {prompt: dict(entry) for prompt, entry in self._seen.items()}
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self._poll()
+            except Exception:  # noqa: BLE001 - Redis may be away in a fault test; poll again
+                pass
+
+    async def _poll(self) -> None:
+        for prompt, entry in (await job_index(self._redis)).items():
+            self._seen.setdefault(prompt, {"job_id": entry["job_id"], "record": None})
+        records = await job_records(self._redis, [e["job_id"] for e in self._seen.values()])
+        for entry in self._seen.values():
+            record = records.get(entry["job_id"])
+            if record is not None:
+                entry["record"] = record
+
+
 async def job_records(redis: Redis, job_ids: list[str]) -> dict[str, dict | None]:
     out: dict[str, dict | None] = {}
     for i in range(0, len(job_ids), 500):
@@ -203,12 +249,7 @@ class StartFrameCounter:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.sleep(0.5)  # the last frames in flight
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _read(self) -> None:
         async with self._redis.pubsub() as ps:

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tests.multihost.clients import (
+    JobWatcher,
     Stream,
-    job_index,
     stream_generate,
 )
 from tests.multihost.cluster import FAKE_MODEL
@@ -38,7 +38,7 @@ async def test_clock_skew_30s_nothing_is_declared_dead(make_cluster, redis_of, h
     redis = redis_of(cluster)
     samples: list[dict] = []
     streams: list[Stream] = []
-    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http:
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http, JobWatcher(redis) as watcher:
         both_listed_s = await until(lambda: _both_ready(http), 20)  # the normal start-up time, then observe
         workers = cluster.ready_workers()
         observe_until = time.monotonic() + 15  # three heartbeat TTLs
@@ -69,7 +69,7 @@ async def test_clock_skew_30s_nothing_is_declared_dead(make_cluster, redis_of, h
         await until(lambda: _async_ended(http, accepted.values()), 60, 0.5)
         async_jobs = [(await http.get(f"/api/jobs/{j}", timeout=10)).json() | {"read_at": time.time()}
                       for j in accepted.values()]
-        index = await job_index(redis)
+        index = await watcher.index()
     served_by = Counter(host_of(index, s.label, workers) or "?" for s in streams)
     by_id = {wid: h for h, wid in workers.items()}
     both = ["w1", "w2"]

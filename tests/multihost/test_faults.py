@@ -23,6 +23,7 @@ from tests.multihost.clients import (
     Stream,
     counting_text_problem,
     generate_once,
+    JobWatcher,
     job_index,
     start_stream,
     stream_generate,
@@ -50,7 +51,7 @@ async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_o
     cluster = make_cluster(worker_env={"VLLAMA_MAX_JOBS": "4"})
     redis = redis_of(cluster)
     workers = cluster.ready_workers()
-    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http:
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http, JobWatcher(redis) as watcher:
         # 8 long streams, 4 slots per worker: each worker holds 4.
         streams = [start_stream(http, f"long-{i}", 1500, stop_after_s=180) for i in range(8)]
         where = await placed(redis, [s.label for s in streams], workers)
@@ -65,7 +66,7 @@ async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_o
         await wait_streams(on_w1, 30)
         w1_final_s = [s.final_within(cut_at) for s in on_w1]
         await wait_streams(on_w2 + during, 120)
-        index = await job_index(redis)
+        index = await watcher.index()
         during_hosts = [host_of(index, s.label, workers) for s in during]
 
         cluster.net.restore("w1")
@@ -77,13 +78,13 @@ async def test_link_cut_mid_stream_fails_that_hosts_streams_and_the_rest_serve_o
             burst = await asyncio.gather(*(stream_generate(http, f"after-{attempt}-{i}", 100, stop_after_s=60)
                                            for i in range(8)))
             after += burst
-            index = await job_index(redis)
+            index = await watcher.index()
             if any(host_of(index, s.label, workers) == "w1" for s in burst):
                 served_again_s = time.monotonic() - restored_at
             attempt += 1
             await asyncio.sleep(0.5)
         await asyncio.sleep(2)  # whatever w1 buffered while cut off has reached Redis by now
-        index = await job_index(redis)
+        index = await watcher.index()
     cut_jobs = [((index.get(s.label) or {}).get("record") or {}).get("status") for s in on_w1]
     runs = executions(cluster)
     twice = sorted(j for j, n in runs.items() if n > 1)
@@ -209,7 +210,7 @@ async def test_worker_sigterm_under_load_finishes_its_jobs_and_the_other_takes_t
     cluster = make_cluster(worker_env={"VLLAMA_MAX_JOBS": "4"})
     workers = cluster.ready_workers()
     redis = redis_of(cluster)
-    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http:
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=None) as http, JobWatcher(redis) as watcher:
         first = [start_stream(http, f"first-{i}", 400, stop_after_s=180) for i in range(8)]
         where = await placed(redis, [s.label for s in first], workers)
         await first_tokens(first)
@@ -224,7 +225,7 @@ async def test_worker_sigterm_under_load_finishes_its_jobs_and_the_other_takes_t
         exit_status = await asyncio.to_thread(worker.popen.wait, 90)
         exited_s = time.monotonic() - term_at
         await wait_streams(first + queued, 120)
-        index = await job_index(redis)
+        index = await watcher.index()
     streams = first + queued
     hosts = {s.label: host_of(index, s.label, workers) for s in streams}
     statuses = {s.label: ((index.get(s.label) or {}).get("record") or {}).get("status") for s in streams}

@@ -267,9 +267,14 @@ async def test_killed_pull_worker_keeps_the_files_it_finished(redis_server, tmp_
         finally:
             puller.kill()
 
+        # The killed pull worker's record outlives it by up to its TTL: wait for the new one's
+        # (a new token, made at its start), or the pull may find no store in between.
+        first_tokens = {s.token for s in await catalog.live_stores(stack.redis)}
         puller = start_puller(2)
         try:
-            await async_wait_until(store_up, 30, "the second pull worker to start")
+            async def new_store_up() -> bool:
+                return any(s.token not in first_tokens for s in await catalog.live_stores(stack.redis))
+            await async_wait_until(new_store_up, 30, "the second pull worker to start")
             r = await http.post("/api/pull", json={"model": REPO, "stream": False}, timeout=60)
             assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
         finally:

@@ -16,6 +16,7 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from api import pruning
 from common import clock, keys
@@ -60,5 +61,7 @@ class Housekeeping:
                         log.debug("pruned %s", pruned)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - Redis away for a while: try again next round
+            except (RedisError, OSError) as exc:  # Redis away for a while: one line, try again next round
+                log.warning("housekeeping skipped a round: Redis did not answer (%s)", exc)
+            except Exception:  # noqa: BLE001 - a bug; keep the loop alive, and show where
                 log.warning("housekeeping failed", exc_info=True)

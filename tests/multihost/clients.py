@@ -163,12 +163,15 @@ class JobWatcher:
     A streamed job leaves no trace in arq once it ends (no result is kept for an answer its
     client already has) and its record expires a minute later, so a test that asks afterwards
     which worker served it must have watched: this polls every ``interval_s`` and keeps the
-    last record it saw of every job."""
+    last record it saw of every job. One poll at a time (a lock), and stopping waits for the
+    current poll instead of cancelling a Redis command halfway."""
 
     def __init__(self, redis: Redis, interval_s: float = 0.1) -> None:
         self._redis = redis
         self._interval_s = interval_s
         self._seen: dict[str, dict] = {}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> JobWatcher:
@@ -177,7 +180,9 @@ class JobWatcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await cancel_and_wait(self._task)
+        self._stop.set()
+        if self._task is not None:
+            await self._task
 
     async def index(self) -> dict[str, dict]:
         """What :func:`job_index` gives, for every job seen so far, records as of now."""
@@ -185,21 +190,26 @@ class JobWatcher:
         return {prompt: dict(entry) for prompt, entry in self._seen.items()}
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self._interval_s)
+                return
+            except TimeoutError:
+                pass
             try:
                 await self._poll()
             except Exception:  # noqa: BLE001 - Redis may be away in a fault test; poll again
                 pass
 
     async def _poll(self) -> None:
-        for prompt, entry in (await job_index(self._redis)).items():
-            self._seen.setdefault(prompt, {"job_id": entry["job_id"], "record": None})
-        records = await job_records(self._redis, [e["job_id"] for e in self._seen.values()])
-        for entry in self._seen.values():
-            record = records.get(entry["job_id"])
-            if record is not None:
-                entry["record"] = record
+        async with self._lock:
+            for prompt, entry in (await job_index(self._redis)).items():
+                self._seen.setdefault(prompt, {"job_id": entry["job_id"], "record": None})
+            records = await job_records(self._redis, [e["job_id"] for e in self._seen.values()])
+            for entry in self._seen.values():
+                record = records.get(entry["job_id"])
+                if record is not None:
+                    entry["record"] = record
 
 
 async def job_records(redis: Redis, job_ids: list[str]) -> dict[str, dict | None]:

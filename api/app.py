@@ -110,3 +110,10 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     # Last added runs first: Origin and Host are checked before authentication and any work.
     install_browser_guard(app, settings.origins, settings.host)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of each of the N processes of `vllama api --workers N`: uvicorn builds them
+    from an import string in spawned processes, so their settings come from the environment,
+    where the command put its own first (cli/parts.py)."""
+    return create_app(Settings())

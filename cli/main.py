@@ -20,7 +20,7 @@ import logging
 import sys
 
 from cli.parent_watch import die_with_parent
-from cli.parts import cmd_api, cmd_pull_worker, cmd_worker, load_settings
+from cli.parts import LOG_FORMAT, cmd_api, cmd_pull_worker, cmd_worker, load_settings
 from cli.serve import cmd_serve
 
 # In vLLM's engine processes, which import this module (cli/parent_watch.py says how): exit
@@ -71,8 +71,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of processes, 1 or more")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     parser = argparse.ArgumentParser(prog="vllama", description="Ollama-compatible server on vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("api", help="the HTTP API alone (VLLAMA_REDIS_URL required)")
     p.add_argument("--host"), p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=_at_least_one, metavar="N",
+                   help="API processes sharing the port (default: VLLAMA_API_WORKERS, else 1)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="one generation worker (VLLAMA_REDIS_URL required)")

@@ -1,6 +1,7 @@
 """`vllama serve`: a private Redis (unless VLLAMA_REDIS_URL is set), the API in this process,
 and a generation worker and a pull worker as child processes, kept running by
-cli/supervisor.py.
+cli/supervisor.py. With VLLAMA_API_WORKERS above 1, this process manages that many API
+processes instead of serving itself (cli/parts.py); what follows holds the same.
 
 What must stay true: SIGINT or SIGTERM stops every part and serve exits 0; a second one
 while the workers drain their running jobs ends them at once; a part that cannot start stops

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     port: int = DEFAULT_PORT
 
     # --- API ---
+    api_workers: int = Field(
+        default=1, ge=1,
+        description="API processes sharing the listening port (`vllama api --workers N`, `vllama serve`), for "
+                    "machines where one process's core limits requests per second; each is a full replica.",
+    )
     max_queue: int = Field(
         default=512, ge=1,
         description="Jobs waiting for a worker, per model, beyond which requests get 503 (Ollama's OLLAMA_MAX_QUEUE).",

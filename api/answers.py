@@ -23,7 +23,9 @@ from common.protocol import DoneFrame, Frame, GenerationJob, StartFrame, TokenFr
 from common.tool_calls import ToolCall
 
 log = logging.getLogger(__name__)
-Output = tuple[Frame, AsyncIterator[Frame]]  # a job's first output, and the frames after it
+Batches = AsyncIterator[list[Frame]]  # a job's frames, in batches of those that arrived together
+# A job's first batch with output (starting at its first output frame), and the batches after it.
+Output = tuple[list[Frame], Batches]
 Relay = Callable[[list[Output]], AsyncIterator[bytes]]
 ErrorChunk = Callable[[str, int], bytes]  # (message, HTTP status) -> the stream's error chunk
 
@@ -67,8 +69,8 @@ async def respond(request: Request, streams: list[JobStream], *,
     try:
         outputs: list[Output] = []
         for stream in streams:
-            frames = stream.frames()
-            outputs.append((await unless_disconnected(request, first_output(frames)), frames))
+            batches = stream.batches()
+            outputs.append((await unless_disconnected(request, first_output(batches)), batches))
         if whole is not None:
             answers = [await unless_disconnected(request, collect(*output)) for output in outputs]
             await close_streams(streams)
@@ -79,36 +81,47 @@ async def respond(request: Request, streams: list[JobStream], *,
     return StreamingResponse(_relayed(relay(outputs), streams, error), media_type=media_type, headers=headers)
 
 
-async def merged(outputs: list[Output]) -> AsyncIterator[tuple[int, Frame]]:
-    """The frames of several jobs as they come, each with its job's index, until every job
-    is done; an error in any job ends it."""
-    if len(outputs) == 1:  # the usual case: no tasks, no extra hop
-        frame, frames = outputs[0]
-        while True:
-            yield 0, frame
-            if isinstance(frame, DoneFrame):
-                return
-            frame = await anext(frames)
-    queue: asyncio.Queue[tuple[int, Frame | Exception]] = asyncio.Queue()
+async def batches_of(output: Output) -> Batches:
+    """A job's batches from its first output on, up to the one with its DoneFrame."""
+    head, rest = output
+    batch = head
+    while True:
+        yield batch
+        if isinstance(batch[-1], DoneFrame):
+            return
+        batch = await anext(rest)
 
-    async def pump(index: int, frame: Frame, frames: AsyncIterator[Frame]) -> None:
+
+async def singly(frames: AsyncIterator[Frame]) -> Batches:
+    """Frames as batches of one (for readers that take frames one by one)."""
+    async for frame in frames:
+        yield [frame]
+
+
+async def merged(outputs: list[Output]) -> AsyncIterator[tuple[int, list[Frame]]]:
+    """The frame batches of several jobs as they come, each with its job's index, until every
+    job is done; an error in any job ends it."""
+    if len(outputs) == 1:  # the usual case: no tasks, no extra hop
+        async for batch in batches_of(outputs[0]):
+            yield 0, batch
+        return
+    queue: asyncio.Queue[tuple[int, list[Frame] | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, output: Output) -> None:
         try:
-            while True:
-                await queue.put((index, frame))
-                if isinstance(frame, DoneFrame):
-                    return
-                frame = await anext(frames)
+            async for batch in batches_of(output):
+                await queue.put((index, batch))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
             await queue.put((index, exc))
 
-    pumps = [asyncio.create_task(pump(i, *output)) for i, output in enumerate(outputs)]
+    pumps = [asyncio.create_task(pump(i, output)) for i, output in enumerate(outputs)]
     try:
         remaining = len(outputs)
         while remaining:
             index, item = await queue.get()
             if isinstance(item, Exception):
                 raise item
-            if isinstance(item, DoneFrame):
+            if isinstance(item[-1], DoneFrame):
                 remaining -= 1
             yield index, item
     finally:
@@ -116,29 +129,31 @@ async def merged(outputs: list[Output]) -> AsyncIterator[tuple[int, Frame]]:
             task.cancel()
 
 
-async def first_output(frames: AsyncIterator[Frame]) -> Frame:
+async def first_output(batches: Batches) -> list[Frame]:
     """Wait past the start frame, so an error before any output gets a real HTTP status."""
-    async for frame in frames:
-        if not isinstance(frame, StartFrame):
-            return frame
+    async for batch in batches:
+        for i, frame in enumerate(batch):
+            if not isinstance(frame, StartFrame):
+                return batch[i:]
     raise VllamaError("the answer ended before it began; retry the request")
 
 
-async def collect(first: Frame, frames: AsyncIterator[Frame]) -> Answer:
+async def collect(head: list[Frame], rest: Batches) -> Answer:
     parts: list[str] = []
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] | None = None
-    frame = first
-    while not isinstance(frame, DoneFrame):
-        if isinstance(frame, TokenFrame):
-            parts.append(frame.text)
-            if frame.logprobs is not None:
-                logprobs = logprobs if logprobs is not None else []
-                logprobs.extend(frame.logprobs)
-        elif isinstance(frame, ToolCallsFrame):
-            calls.extend(frame.calls)
-        frame = await anext(frames)
-    return Answer("".join(parts), frame, calls, logprobs)
+    async for batch in batches_of((head, rest)):
+        for frame in batch:
+            if isinstance(frame, TokenFrame):
+                parts.append(frame.text)
+                if frame.logprobs is not None:
+                    logprobs = logprobs if logprobs is not None else []
+                    logprobs.extend(frame.logprobs)
+            elif isinstance(frame, ToolCallsFrame):
+                calls.extend(frame.calls)
+            elif isinstance(frame, DoneFrame):
+                return Answer("".join(parts), frame, calls, logprobs)
+    raise VllamaError("the answer ended before it was done; retry the request")
 
 
 async def ending_in_band(chunks: AsyncIterator[bytes], error: ErrorChunk, retry: str = "retry the request"

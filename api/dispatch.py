@@ -2,8 +2,9 @@
 
 The API never runs a model. It checks that some live worker serves the model (or has one
 load it: api/loading.py; 404 if it cannot be had), that the model's queue is not over its
-limit (503), subscribes to the job's channel, enqueues the job (common/job_queue.py), and then
-yields the worker's frames in order. Nothing hangs: after every quiet heartbeat interval it
+limit (503), opens the job's inbox on this process's reply channel (api/pubsub.py), enqueues
+the job (common/job_queue.py), and then yields the worker's frames in order, in batches: all
+that arrived since the last look, so a stream that is behind catches up in one write. Nothing hangs: after every quiet heartbeat interval it
 checks on the job, and the client gets an error within seconds when the worker running it
 died, when the job vanished from Redis (a restart that lost the data), when the worker that
 took it died before starting it, or when no worker started it within VLLAMA_QUEUE_TIMEOUT_S.
@@ -42,6 +43,15 @@ class Dispatcher:
         self._workers_at = 0.0
         self.queue = JobQueue(redis, settings.keep_result_s)
         self.loader = Loader(redis, mux, settings)
+        mux.on_orphan = self._orphaned
+        self._aborting: set[asyncio.Task] = set()
+
+    def _orphaned(self, job_id: str) -> None:
+        """A worker streams a job nobody here reads: its client left and the abort sent then
+        did not arrive (Redis was away). Abort it again, so the engine stops working for nobody."""
+        task = asyncio.create_task(self.queue.abort(job_id), name=f"abort-{job_id}")
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
 
     async def live_workers(self, fresh: bool = False) -> list[registry.WorkerInfo]:
         """Live workers, cached briefly: every request asks, Redis need not answer each."""
@@ -90,7 +100,6 @@ class JobStream:
     def __init__(self, dispatcher: Dispatcher, job: GenerationJob) -> None:
         self._d = dispatcher
         self.job = job
-        self._channel = keys.frames_channel(job.job_id)
         self._sub: Subscription | None = None
         self.worker_id: str | None = None
         self.finished = False
@@ -101,46 +110,62 @@ class JobStream:
 
     async def open(self, limit: int, keep_alive: float | None = None) -> None:
         d = self._d
-        self._sub = await d.mux.subscribe(self._channel)  # before enqueue: pub/sub keeps nothing
+        self._sub = await d.mux.inbox(self.job.job_id)  # before enqueue: pub/sub keeps nothing
+        self.job.reply_to = d.mux.reply_channel
         try:
             await d.queue.enqueue(self.job, limit, keep_alive)
         except BaseException:
             await d.mux.unsubscribe(self._sub)
             raise
 
-    async def frames(self) -> AsyncIterator[StartFrame | DoneFrame | ErrorFrame | Frame]:
-        """Frames in order, ending with a DoneFrame; a worker's error frame is raised."""
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Frames in order, in batches of those that arrived together, the last ending with a
+        DoneFrame; a worker's error frame is raised (after the frames before it)."""
         expected = 0
         tick = self._d.settings.heartbeat_interval_s
         while True:
-            try:
-                # The common case under load: a frame is already there, no timer needed.
-                raw = self._sub.get_nowait()
-            except asyncio.QueueEmpty:
-                raw = await self._sub.get(tick)
-                if raw is None:
+            raws = self._sub.take_all()
+            if not raws:
+                if not await self._sub.wait(tick):
                     await self._check_progress()
                     continue
+                raws = self._sub.take_all()
             self._strikes = 0
-            frame = _frame.validate_json(raw)
-            if frame.seq < expected:
-                continue  # sent again after a Redis blip (workers/frames.py)
-            if frame.seq != expected:
-                raise StreamBroken(
-                    f"lost part of the answer (frame {expected} expected, {frame.seq} received); "
-                    "retry the request"
-                )
-            expected += 1
-            if isinstance(frame, StartFrame):
-                self.worker_id = frame.worker_id
-            elif isinstance(frame, ErrorFrame):
-                self.finished = True
-                raise from_code(frame.code, frame.message)
-            elif isinstance(frame, DoneFrame):
-                self.finished = True
+            batch: list[Frame] = []
+            for raw in raws:
+                frame = _frame.validate_python(raw)
+                if frame.seq < expected:
+                    continue  # sent again after a Redis blip (workers/frames.py)
+                if frame.seq != expected:
+                    error: VllamaError = StreamBroken(
+                        f"lost part of the answer (frame {expected} expected, {frame.seq} received); "
+                        "retry the request")
+                    break
+                expected += 1
+                if isinstance(frame, ErrorFrame):
+                    self.finished = True
+                    error = from_code(frame.code, frame.message)
+                    break
+                if isinstance(frame, StartFrame):
+                    self.worker_id = frame.worker_id
+                batch.append(frame)
+                if isinstance(frame, DoneFrame):
+                    self.finished = True
+                    yield batch
+                    return
+            else:
+                if batch:
+                    yield batch
+                continue
+            if batch:
+                yield batch
+            raise error
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Frames one by one, as ``batches`` gives them."""
+        async for batch in self.batches():
+            for frame in batch:
                 yield frame
-                return
-            yield frame
 
     async def _check_progress(self) -> None:
         """Called after a quiet tick: can the job still produce frames?"""

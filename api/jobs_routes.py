@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api import jobs, ndjson, ownership
-from api.answers import ending_in_band
+from api.answers import ending_in_band, singly
 from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.limits import RequestLimits
@@ -123,7 +123,8 @@ async def _read_own(request: Request, job_id: str) -> jobs.JobState:
 
 async def _relay(dispatcher: Dispatcher, job_id: str, model: str, kind: str) -> AsyncIterator[bytes]:
     """The job's answer as /api/generate or /api/chat would stream it."""
-    async for line in ending_in_band(ndjson_answer(model, kind, jobs.follow(dispatcher, job_id)), ndjson.error_line):
+    async for line in ending_in_band(ndjson_answer(model, kind, singly(jobs.follow(dispatcher, job_id))),
+                                     ndjson.error_line):
         yield line
 
 

@@ -84,8 +84,11 @@ async def metrics(request: Request) -> Response:
                labelled(lambda m: m.stats.prompt_tokens))
     out.family("vllama_generated_tokens_total", "counter", "tokens generated",
                labelled(lambda m: m.stats.generated_tokens))
-    out.histogram("vllama_time_to_first_token_seconds", "from a worker starting a job to its first token",
+    out.histogram("vllama_time_to_first_token_seconds",
+                  "from a request's arrival to its first token, the time it waited in the queue included",
                   labelled(lambda m: m.stats.ttft))
+    out.histogram("vllama_queue_wait_seconds", "from a request's arrival to a worker starting it",
+                  labelled(lambda m: m.stats.queue_wait))
     out.histogram("vllama_time_per_output_token_seconds", "between output tokens, per job",
                   labelled(lambda m: m.stats.tpot))
     out.family("vllama_engine_requests_running", "gauge", "requests vLLM's scheduler is running",

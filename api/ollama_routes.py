@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api import ndjson, ownership
-from api.answers import Answer, respond
+from api.answers import Answer, Batches, batches_of, respond
 from api.disconnect import unless_disconnected
 from api.dispatch import Dispatcher
 from api.errors import parse_body
@@ -17,7 +17,7 @@ from api.limits import RequestLimits
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.tools import attach_tools
 from common import clock
-from common.protocol import DoneFrame, Frame, TokenFrame, ToolCallsFrame
+from common.protocol import DoneFrame, TokenFrame, ToolCallsFrame
 
 router = APIRouter()
 Kind = Literal["generate", "chat"]
@@ -45,7 +45,7 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
     ownership.stamp(request, [job])  # usage per API key
     stream = await dispatcher.submit(job, keep_alive)
     whole = (lambda answers: _whole(body.model, kind, answers[0])) if not body.stream else None
-    return await respond(request, [stream], whole=whole, relay=lambda outputs: _relay(body.model, kind, *outputs[0]),
+    return await respond(request, [stream], whole=whole, relay=lambda outputs: ndjson_answer(body.model, kind, batches_of(outputs[0])),
                          error=ndjson.error_line,
                          media_type=ndjson.NDJSON, headers=headers)
 
@@ -70,28 +70,24 @@ def _whole(model: str, kind: Kind, answer: Answer) -> dict:
     return ndjson.chat_final(model, answer.done, answer.text, answer.tool_calls, answer.logprobs)
 
 
-async def _relay(model: str, kind: Kind, first: Frame, frames: AsyncIterator[Frame]) -> AsyncIterator[bytes]:
-    async def all_frames() -> AsyncIterator[Frame]:
-        yield first
-        async for frame in frames:
-            yield frame
-
-    async for line in ndjson_answer(model, kind, all_frames()):
-        yield line
-
-
-async def ndjson_answer(model: str, kind: str, frames: AsyncIterator[Frame]) -> AsyncIterator[bytes]:
-    """An answer's frames as /api/generate or /api/chat stream them, up to the final chunk."""
+async def ndjson_answer(model: str, kind: str, batches: Batches) -> AsyncIterator[bytes]:
+    """An answer's frames as /api/generate or /api/chat stream them, up to the final chunk:
+    a line per frame, and the lines of frames that arrived together in one write."""
     final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
-    async for frame in frames:
-        if isinstance(frame, TokenFrame):
-            if kind == "generate":
-                yield ndjson.line(ndjson.generate_chunk(model, frame.text, frame.logprobs))
-            else:
-                yield ndjson.line(ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs))
-        elif isinstance(frame, ToolCallsFrame):
-            # As Ollama: the calls in a chunk of their own, with empty content.
-            yield ndjson.line(ndjson.chat_chunk(model, "", frame.calls))
-        elif isinstance(frame, DoneFrame):
-            yield ndjson.line(final(model, frame))
-            return
+    async for batch in batches:
+        lines = []
+        for frame in batch:
+            if isinstance(frame, TokenFrame):
+                if kind == "generate":
+                    lines.append(ndjson.line(ndjson.generate_chunk(model, frame.text, frame.logprobs)))
+                else:
+                    lines.append(ndjson.line(ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs)))
+            elif isinstance(frame, ToolCallsFrame):
+                # As Ollama: the calls in a chunk of their own, with empty content.
+                lines.append(ndjson.line(ndjson.chat_chunk(model, "", frame.calls)))
+            elif isinstance(frame, DoneFrame):
+                lines.append(ndjson.line(final(model, frame)))
+                yield b"".join(lines)
+                return
+        if lines:
+            yield b"".join(lines)

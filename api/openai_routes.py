@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -149,25 +150,30 @@ def tool_calls_json(calls: list[ToolCall], streamed: bool = False) -> list[dict[
 
 
 def sse(obj: dict[str, Any] | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    data = obj.encode() if isinstance(obj, str) else orjson.dumps(obj)
+    return b"data: " + data + b"\n\n"
 
 
 async def _relay(shape: Shape, outputs: list[Output], include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: one per frame, and those of frames that arrived together in one write."""
     if shape.kind == "chat":
-        for index in range(len(outputs)):
-            yield sse(shape.chunk(index, {"role": "assistant", "content": ""}))
+        yield b"".join(sse(shape.chunk(index, {"role": "assistant", "content": ""})) for index in range(len(outputs)))
     called_tools: set[int] = set()
     dones: dict[int, DoneFrame] = {}
-    async for index, frame in merged(outputs):
-        if isinstance(frame, TokenFrame):
-            yield sse(shape.chunk(index, {"content": frame.text}, text=frame.text, logprobs=frame.logprobs))
-        elif isinstance(frame, ToolCallsFrame):
-            called_tools.add(index)
-            yield sse(shape.chunk(index, {"tool_calls": tool_calls_json(frame.calls, streamed=True)}))
-        elif isinstance(frame, DoneFrame):
-            dones[index] = frame
-            yield sse(shape.chunk(index, finish=finish_reason(frame, index in called_tools)))
+    async for index, batch in merged(outputs):
+        events = []
+        for frame in batch:
+            if isinstance(frame, TokenFrame):
+                events.append(sse(shape.chunk(index, {"content": frame.text}, text=frame.text,
+                                              logprobs=frame.logprobs)))
+            elif isinstance(frame, ToolCallsFrame):
+                called_tools.add(index)
+                events.append(sse(shape.chunk(index, {"tool_calls": tool_calls_json(frame.calls, streamed=True)})))
+            elif isinstance(frame, DoneFrame):
+                dones[index] = frame
+                events.append(sse(shape.chunk(index, finish=finish_reason(frame, index in called_tools))))
+        if events:
+            yield b"".join(events)
     if include_usage:
         yield sse(shape.usage_chunk([dones[i] for i in sorted(dones)]))
     yield sse("[DONE]")

@@ -2,11 +2,20 @@
 
 A Redis connection per streaming request would exhaust connections under load; instead a
 single reader task receives every frame and hands it to each subscription of its channel.
-Any number of readers may follow one channel (two clients attached to one async job's
-stream): each gets its own subscription and every frame, in order. The Redis subscription
-is taken by the first reader and dropped with the last. ``subscribe`` returns only once
-Redis has confirmed the subscription, so a job enqueued after it cannot publish into the
-void.
+
+Streamed jobs answer on the process's own reply channel (``vllama:replies:<api id>``):
+workers send each engine step's frames for all of this process's jobs as one bundle,
+``{"<job id>": [frame, ...], ...}``, which the reader splits among the jobs' inboxes
+(``inbox``). That is one message per worker and step instead of one per token. Frames for a
+job that has no inbox here (its client left, and the abort sent then was lost) get the job
+aborted again (``on_orphan``), so its worker stops generating for nobody.
+
+Other channels carry one frame per message: an async job's (``vllama:frames:<id>``), which
+any number of readers may follow (two clients attached to one async job's stream), each with
+its own subscription and every frame, in order; and a pull's progress. The Redis
+subscription is taken by the first reader and dropped with the last. ``subscribe`` and
+``inbox`` return only once Redis has confirmed the subscription, so a job enqueued after it
+cannot publish into the void.
 
 A reader that does not keep up (a client that stopped reading its response) cannot grow
 the process's memory without bound: past ``MAX_BACKLOG`` unread frames its subscription is
@@ -19,10 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
+from common import keys
 from common.errors import StreamBroken
 from common.keys import PREFIX
 from common.tasks import cancel_and_wait
@@ -35,6 +50,8 @@ CONTROL_CHANNEL = f"{PREFIX}:control"
 SUBSCRIBE_TIMEOUT_S = 5.0
 # Unread frames one subscription may hold: tens of seconds of a fast stream, a few MB.
 MAX_BACKLOG = 20_000
+# Orphaned job ids remembered, so each is aborted once, not once per step.
+ORPHANS_KEPT = 10_000
 
 
 class Overflowed(StreamBroken):
@@ -46,42 +63,62 @@ class Overflowed(StreamBroken):
 
 
 class Subscription:
-    """One reader's view of a channel: its own queue of raw frames."""
+    """One reader's view of a channel (or of one job on the reply channel): its own queue of
+    frames, raw JSON (bytes) from a channel of its own, parsed objects (dicts) from a bundle."""
 
-    def __init__(self, channel: str, limit: int) -> None:
+    def __init__(self, channel: str, limit: int, job_id: str | None = None) -> None:
         self.channel = channel
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.job_id = job_id  # set for a job's inbox on the reply channel
+        self._items: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._limit = limit
         self.overflowed = False
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, items: list[Any]) -> None:
         if self.overflowed:
             return
-        if self._queue.qsize() >= self._limit:
+        if len(self._items) + len(items) > self._limit:
             self.overflowed = True
-            while not self._queue.empty():  # free the backlog now; the reader is told on its next get
-                self._queue.get_nowait()
-            self._queue.put_nowait(b"")  # wakes a reader that waits
-            return
-        self._queue.put_nowait(data)
+            self._items.clear()  # free the backlog now; the reader is told on its next read
+        else:
+            self._items.extend(items)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
-    def get_nowait(self) -> bytes:
-        """The next frame; QueueEmpty if none is waiting, Overflowed if frames were dropped."""
+    def take_all(self) -> list[Any]:
+        """Every frame waiting (none: an empty list); Overflowed if frames were dropped."""
         if self.overflowed:
             raise Overflowed()
-        return self._queue.get_nowait()
+        items = list(self._items)
+        self._items.clear()
+        return items
 
-    async def get(self, timeout_s: float) -> bytes | None:
-        """The next frame, or None after ``timeout_s`` without one; Overflowed if frames were dropped."""
-        if self.overflowed:
-            raise Overflowed()
+    async def wait(self, timeout_s: float) -> bool:
+        """Until a frame waits (True) or ``timeout_s`` passed without one (False)."""
+        if self._items or self.overflowed:
+            return True
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _wake, waiter)
         try:
-            data = await asyncio.wait_for(self._queue.get(), timeout_s)
-        except TimeoutError:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return bool(self._items) or self.overflowed
+
+    async def get(self, timeout_s: float) -> Any | None:
+        """The next frame, or None after ``timeout_s`` without one; Overflowed if frames were dropped."""
+        if not await self.wait(timeout_s):
             return None
         if self.overflowed:
             raise Overflowed()
-        return data
+        return self._items.popleft()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass
@@ -94,17 +131,34 @@ class _Channel:
 
 
 class FrameMultiplexer:
-    def __init__(self, redis: Redis, max_backlog: int | None = None) -> None:
+    def __init__(self, redis: Redis, max_backlog: int | None = None,
+                 on_orphan: Callable[[str], Any] | None = None) -> None:
         self._pubsub = redis.pubsub()
         self._channels: dict[str, _Channel] = {}
         self._stale_confirmations: dict[str, int] = {}
         self._dropping: set[str] = set()
         self._max_backlog = max_backlog or MAX_BACKLOG
         self._reader: asyncio.Task | None = None
+        self.api_id = uuid.uuid4().hex[:12]
+        self.reply_channel = keys.reply_channel(self.api_id)
+        self._reply = _Channel(pending=1)
+        self._inboxes: dict[str, Subscription] = {}  # job id -> its inbox on the reply channel
+        self.on_orphan = on_orphan
+        self._orphans: set[str] = set()
 
     async def start(self) -> None:
-        await self._pubsub.subscribe(CONTROL_CHANNEL)
+        await self._pubsub.subscribe(CONTROL_CHANNEL, self.reply_channel)
         self._reader = asyncio.create_task(self._read(), name="frame-multiplexer")
+
+    async def inbox(self, job_id: str) -> Subscription:
+        """A streamed job's frames from the reply channel; hand ``reply_channel`` to its worker."""
+        subscription = self._inboxes[job_id] = Subscription(self.reply_channel, self._max_backlog, job_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reply.confirmed.wait()), SUBSCRIBE_TIMEOUT_S)
+        except BaseException:
+            del self._inboxes[job_id]
+            raise
+        return subscription
 
     async def stop(self) -> None:
         await cancel_and_wait(self._reader)
@@ -113,7 +167,7 @@ class FrameMultiplexer:
 
     @property
     def active(self) -> int:
-        return sum(len(c.subscriptions) for c in self._channels.values())
+        return sum(len(c.subscriptions) for c in self._channels.values()) + len(self._inboxes)
 
     async def subscribe(self, channel: str) -> Subscription:
         subscription = Subscription(channel, self._max_backlog)
@@ -137,6 +191,10 @@ class FrameMultiplexer:
         return subscription
 
     async def unsubscribe(self, subscription: Subscription) -> None:
+        if subscription.job_id is not None:
+            if self._inboxes.get(subscription.job_id) is subscription:
+                del self._inboxes[subscription.job_id]
+            return
         channel = subscription.channel
         state = self._channels.get(channel)
         if state is None or subscription not in state.subscriptions:
@@ -169,14 +227,33 @@ class FrameMultiplexer:
                 channel = channel.decode()
             kind = message["type"]
             if kind == "message":
+                if channel == self.reply_channel:
+                    self._deliver_bundle(message["data"])
+                    continue
                 state = self._channels.get(channel)
                 if state is None:
                     self._drop(channel)
                     continue
                 for subscription in state.subscriptions:
-                    subscription._deliver(message["data"])
+                    subscription._deliver([message["data"]])
             elif kind == "subscribe" and not self._confirm(channel):
                 self._drop(channel)
+
+    def _deliver_bundle(self, data: bytes) -> None:
+        try:
+            jobs = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.error("a message on %s is not a bundle of frames; ignored", self.reply_channel)
+            return
+        for job_id, frames in jobs.items():
+            inbox = self._inboxes.get(job_id)
+            if inbox is not None:
+                inbox._deliver(frames)
+            elif job_id not in self._orphans and self.on_orphan is not None:
+                if len(self._orphans) >= ORPHANS_KEPT:
+                    self._orphans.clear()
+                self._orphans.add(job_id)
+                self.on_orphan(job_id)
 
     def _confirm(self, channel: str) -> bool:
         """A subscription confirmed; False if nobody here wants the channel."""
@@ -187,7 +264,7 @@ class FrameMultiplexer:
             else:
                 self._stale_confirmations[channel] = stale - 1
             return True
-        state = self._channels.get(channel)
+        state = self._reply if channel == self.reply_channel else self._channels.get(channel)
         if state is None:
             return channel == CONTROL_CHANNEL
         if state.pending:
@@ -200,7 +277,7 @@ class FrameMultiplexer:
         subscribes again to every channel it had, including those whose UNSUBSCRIBE failed
         while Redis was away; a worker would count this process as a listener and go on
         generating an answer that its client already gave up on."""
-        if channel == CONTROL_CHANNEL or channel in self._dropping:
+        if channel in (CONTROL_CHANNEL, self.reply_channel) or channel in self._dropping:
             return
         self._dropping.add(channel)
 

@@ -38,6 +38,12 @@ def frames_channel(job_id: str) -> str:
     return f"{PREFIX}:frames:{job_id}"
 
 
+def reply_channel(api_id: str) -> str:
+    """Pub/sub channel of one API process: the frames of every streamed job it serves, a
+    bundle per worker and engine step (workers/frames.py; nothing is stored)."""
+    return f"{PREFIX}:replies:{api_id}"
+
+
 def job_record(job_id: str) -> str:
     """JSON record of one job's state (who runs it, status, error); TTL = settings.keep_result_s
     while the job waits or runs and for async jobs; a streamed job's, once it ended, lives

@@ -16,6 +16,10 @@ from pydantic import BaseModel, Field
 # Seconds. Time to first token spans a small model on a GPU to a long prompt on a CPU.
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5]
+# Seconds a job waited between its request's arrival and a worker starting it: about a
+# millisecond when a worker has room, up to VLLAMA_QUEUE_TIMEOUT_S when none has.
+QUEUE_WAIT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                      300.0]
 
 
 class Histogram(BaseModel):
@@ -43,6 +47,7 @@ class ModelStats(BaseModel):
     generated_tokens: int = 0
     ttft: Histogram = Field(default_factory=lambda: Histogram(buckets=TTFT_BUCKETS))
     tpot: Histogram = Field(default_factory=lambda: Histogram(buckets=TPOT_BUCKETS))
+    queue_wait: Histogram = Field(default_factory=lambda: Histogram(buckets=QUEUE_WAIT_BUCKETS))
     # The engine's own view, at the last heartbeat (vLLM's scheduler statistics).
     engine_running: int = 0
     engine_waiting: int = 0

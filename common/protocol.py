@@ -84,6 +84,9 @@ class GenerationJob(BaseModel):
     # False for async jobs: they run whether or not anyone listens, and their frames are also
     # kept in vllama:job-frames:<id> for the jobs API.
     stream: bool = True
+    # A streamed job's frames go, bundled with those of the other jobs of the same API process,
+    # to that process's reply channel (keys.reply_channel); None: to the job's own channel.
+    reply_to: str | None = None
     priority: Literal["interactive", "batch"] = "interactive"  # batch: served after interactive work
     batch: BatchRef | None = None  # a line of an OpenAI batch: its outcome is recorded there
     owner: str | None = None  # the name of the API key that made it (None: no keys configured)

@@ -196,6 +196,7 @@ async def test_a_gap_in_the_frame_sequence_fails_loudly(redis_server):
         from api.pubsub import FrameMultiplexer
         from common.errors import StreamBroken
         from common.protocol import GenerationJob, StartFrame, TokenFrame
+        from workers.frames import bundle
 
         mux = FrameMultiplexer(stack.redis)
         await mux.start()
@@ -203,9 +204,9 @@ async def test_a_gap_in_the_frame_sequence_fails_loudly(redis_server):
             job = GenerationJob(job_id="gap-test", model=MODEL, kind="generate", prompt="x")
             stream = JobStream(Dispatcher(stack.redis, mux, stack.settings), job)
             await stream.open(limit=100)
-            channel = keys.frames_channel(job.job_id)
-            await stack.redis.publish(channel, StartFrame(seq=0, worker_id="w").model_dump_json())
-            await stack.redis.publish(channel, TokenFrame(seq=2, text="b").model_dump_json())
+            assert job.reply_to == mux.reply_channel  # where the worker sends its frames
+            for frame in (StartFrame(seq=0, worker_id="w"), TokenFrame(seq=2, text="b")):
+                await stack.redis.publish(job.reply_to, bundle({job.job_id: [frame.model_dump_json().encode()]}))
             frames = stream.frames()
             assert isinstance(await anext(frames), StartFrame)
             with pytest.raises(StreamBroken, match="frame 1 expected, 2 received"):

@@ -1,14 +1,25 @@
 """A deterministic stand-in for vLLM, for unit tests and plumbing benchmarks only.
 
-It "tokenizes" one token per character and answers ``tok0 tok1 ...`` at a fixed pace, so
-tests can reason about counts and timing without loading a model; or, given ``reply``, it
+It "tokenizes" one token per character and answers ``tok0 tok1 ...`` (or, when the prompt
+says ``label:NAME``, ``NAME:0 NAME:1 ...``, so that concurrent streams have distinct answers),
+so tests can reason about counts and timing without loading a model; or, given ``reply``, it
 answers that canned text a few characters per token (to feed the tool-call parsers).
 Features are always also tested through real vLLM.
+
+Two paces:
+- per request (the default): each request sleeps ``step_s`` before each of its tokens;
+- stepwise (``stepwise=True``), as a GPU runs vLLM: one engine step every ``step_s`` gives one
+  token to every running request at once, whatever the worker's event loop is doing (vLLM's
+  engine core is a process of its own). Tokens a request has not taken yet are merged into
+  its next output, as vLLM's output collector merges them for a consumer that fell behind.
+  ``max_num_seqs`` requests run at once and the rest wait, so a worker's rate is capped at
+  ``max_num_seqs / step_s`` tokens a second: a stand-in for one GPU in plumbing benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +29,7 @@ from workers.engine import Delta
 
 REPLY_CHARS_PER_TOKEN = 4
 VOCAB_SIZE = 50_000  # "tokens" are characters modulo this
+_LABEL = re.compile(r"label:(\w+)")
 
 
 class FakeTokenizer:
@@ -30,7 +42,7 @@ class FakeTokenizer:
 class FakeEngine:
     def __init__(
         self, *, max_model_len: int = 2048, max_num_seqs: int = 64, answer_tokens: int = 16, step_s: float = 0.0,
-        reply: str | None = None,
+        reply: str | None = None, stepwise: bool = False,
     ) -> None:
         self.tokenizer = FakeTokenizer()
         self.reply = reply
@@ -46,6 +58,7 @@ class FakeEngine:
         self.started: list[str] = []
         self._in_flight: set[str] = set()
         self._dead = False
+        self._steps = _Stepper(step_s, max_num_seqs) if stepwise else None
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         self.last_chat = ([m.for_template() for m in messages], tools)
@@ -63,26 +76,48 @@ class FakeEngine:
         self._in_flight.add(request_id)
         size = self.answer_tokens if self.reply is None else -(-len(self.reply) // REPLY_CHARS_PER_TOKEN)
         n = min(size, max_tokens)
+        # The counting answer says "length" also when max_tokens is exactly its size.
+        finish = "length" if max_tokens < size + (self.reply is None) else "stop"
+        label = self._label(prompt_token_ids)
         try:
-            for i in range(n):
-                await asyncio.sleep(self.step_s)
-                if self._dead:
-                    raise RuntimeError("the fake engine's process died")
-                last = i == n - 1
-                finish = None
-                if last:  # the counting answer says "length" also when max_tokens is exactly its size
-                    finish = "length" if max_tokens < size + (self.reply is None) else "stop"
-                yield Delta(text=self._piece(i), num_tokens=1, token_ids=[1000 + i], finish_reason=finish,
-                            logprobs=_logprobs(self._piece(i), sampling.logprobs))
+            if self._steps is None:
+                for i in range(n):
+                    await asyncio.sleep(self.step_s)
+                    self._check_alive()
+                    yield self._delta(label, i, i + 1, n, finish, sampling)
+            else:
+                done = 0
+                async for produced in self._steps.run(request_id, n):
+                    self._check_alive()
+                    yield self._delta(label, done, produced, n, finish, sampling)
+                    done = produced
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)
             raise
         finally:
             self._in_flight.discard(request_id)
 
-    def _piece(self, i: int) -> str:
+    def _check_alive(self) -> None:
+        if self._dead:
+            raise RuntimeError("the fake engine's process died")
+
+    def _delta(self, label: str, start: int, end: int, n: int, finish: str, sampling: Sampling) -> Delta:
+        """Tokens ``start`` to ``end`` (excluded) of an answer of ``n``, as one output."""
+        pieces = [self._piece(label, i) for i in range(start, end)]
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = [lp for piece in pieces for lp in _logprobs(piece, sampling.logprobs)]
+        return Delta(text="".join(pieces), num_tokens=end - start, token_ids=[1000 + i for i in range(start, end)],
+                     finish_reason=finish if end == n else None, logprobs=logprobs)
+
+    @staticmethod
+    def _label(prompt_token_ids: list[int]) -> str:
+        match = _LABEL.search("".join(map(chr, prompt_token_ids)))
+        return f"{match.group(1)}:" if match else "tok"
+
+    def _piece(self, label: str, i: int) -> str:
         if self.reply is None:
-            return f"tok{i} "
+            return f"{label}{i} "
         return self.reply[i * REPLY_CHARS_PER_TOKEN:(i + 1) * REPLY_CHARS_PER_TOKEN]
 
     def in_flight(self) -> int:
@@ -96,6 +131,8 @@ class FakeEngine:
         self._dead = True
 
     def scheduler_stats(self) -> tuple[int, int, float]:
+        if self._steps is not None:
+            return self._steps.running, self._steps.waiting, 0.0
         return len(self._in_flight), 0, 0.0
 
     def close(self) -> None:
@@ -109,3 +146,65 @@ def _logprobs(piece: str, top: int | None) -> list[TokenLogprob] | None:
     alternatives = [TopLogprob(token=piece, logprob=-0.25)] + \
         [TopLogprob(token=f"alt{j}", logprob=-1.0 - j) for j in range(1, top)]
     return [TokenLogprob(token=piece, logprob=-0.25, top=alternatives[:top])]
+
+
+class _Request:
+    __slots__ = ("size", "produced", "wake")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.produced = 0  # tokens made by the steps so far
+        self.wake = asyncio.Event()
+
+
+class _Stepper:
+    """The stepwise pace: one step every ``step_s`` for up to ``max_num_seqs`` requests.
+
+    The steps keep their cadence by the clock: when the event loop was busy past a step's
+    time, the steps missed are made up at once (a GPU does not wait for its worker), and
+    requests that had not taken their tokens get them all in one output. The step task runs
+    only while there are requests."""
+
+    def __init__(self, step_s: float, max_num_seqs: int) -> None:
+        self.step_s = step_s
+        self.max_num_seqs = max_num_seqs
+        self._requests: dict[str, _Request] = {}  # in arrival order; the first max_num_seqs run
+        self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> int:
+        return min(len(self._requests), self.max_num_seqs)
+
+    @property
+    def waiting(self) -> int:
+        return max(0, len(self._requests) - self.max_num_seqs)
+
+    async def run(self, request_id: str, size: int) -> AsyncIterator[int]:
+        """How many tokens of the request exist, each time more do, until ``size``."""
+        request = self._requests[request_id] = _Request(size)
+        if self._task is None:
+            self._task = asyncio.create_task(self._step(), name="fake-engine-steps")
+        try:
+            while request.produced < size:
+                await request.wake.wait()
+                request.wake.clear()
+                yield request.produced
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def _step(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        steps = 0
+        try:
+            while self._requests:
+                steps += 1
+                await asyncio.sleep(max(0.0, started + steps * self.step_s - loop.time()))
+                due = int((loop.time() - started) / self.step_s) - steps + 1  # missed ones too
+                steps += due - 1
+                for request in list(self._requests.values())[:self.max_num_seqs]:
+                    if request.produced < request.size:
+                        request.produced = min(request.size, request.produced + due)
+                        request.wake.set()
+        finally:
+            self._task = None

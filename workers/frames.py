@@ -1,12 +1,22 @@
-"""Publishing frames: numbered per job, batched per worker.
+"""Publishing frames: numbered per job, batched per worker, bundled per API process.
 
 Every job of a worker publishes through one ``FrameSink``, which sends whatever frames have
-gathered as one pipeline while the previous one is in flight. Under load (a GPU worker may
-stream hundreds of requests, tens of thousands of frames a second) this turns one Redis
-round trip and socket write per token into one per batch; when idle a frame goes out at
-once. Frames of one job keep their order: there is a single sender and batches are FIFO.
-An async job's frames are also appended to a list (``vllama:job-frames:<id>``) in the same
-pipeline, for the jobs API to read later.
+gathered as one pipeline while the previous one is in flight. A GPU worker may stream
+hundreds of requests, tens of thousands of tokens a second, and vLLM hands over one engine
+step's tokens for all of them at once; the sink turns that step into one message per API
+process rather than one per token:
+
+- A streamed job names its API process's reply channel (``reply_to``). Its frames go into a
+  *bundle*, one JSON object per reply channel and pipeline, ``{"<job id>": [frame, ...], ...}``,
+  which that API process splits among the streams it serves.
+- An async job has no reply channel: its frames go one message each to its own channel
+  (``vllama:frames:<id>``), for any followers, and are appended to a list
+  (``vllama:job-frames:<id>``) in the same pipeline, for the jobs API to read later.
+
+Frames of one job keep their order: there is a single sender and batches are FIFO. Token
+frames are not waited for (a job goes on with its next output while they travel); whether
+anyone still listens is known from the latest publish (``listening``). Final frames are
+awaited.
 
 A batch that Redis does not take (a restart, a failover) is sent again until it does, for up
 to FINAL_WRITE_PATIENCE_S, so a job outlives a short outage with its frames whole and in
@@ -20,20 +30,27 @@ import asyncio
 import logging
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from common import keys
+from common.protocol import TokenFrame, TokenLogprob
 from common.tasks import cancel_and_wait, until_redis_answers
 
 log = logging.getLogger(__name__)
+
+Listeners = dict[str, int]  # reply channel -> subscribers that received the batch's bundle
 
 
 class FrameSink:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pending: list[tuple[str, str, FrameLog | None, asyncio.Future[int]]] = []
+        self._single: list[tuple[str, bytes, FrameLog | None]] = []  # one message per frame
+        self._bundles: dict[str, dict[str, list[bytes]]] = {}  # reply channel -> job id -> frames
+        self._batch: asyncio.Future[Listeners] | None = None  # resolves when the gathered batch is sent
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._listeners: Listeners = {}  # at the latest publish to each channel
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._send_loop(), name="frame-sink")
@@ -42,48 +59,69 @@ class FrameSink:
         await cancel_and_wait(self._task)
         self._task = None
 
-    async def publish(self, channel: str, data: str, keep: FrameLog | None = None) -> int:
-        """Publish one message (and append it to ``keep``'s list); returns how many
-        subscribers received it."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((channel, data, keep, future))
-        self._ready.set()
-        return await future
+    def publish(self, channel: str, data: bytes, keep: FrameLog | None = None) -> asyncio.Future[Listeners]:
+        """Publish one frame as a message of its own (and append it to ``keep``'s list)."""
+        self._single.append((channel, data, keep))
+        return self._gathering()
 
-    async def _send(self, batch: list[tuple[str, str, FrameLog | None, asyncio.Future[int]]]) -> list[Any]:
+    def reply(self, channel: str, job_id: str, data: bytes) -> asyncio.Future[Listeners]:
+        """Publish one frame of ``job_id`` in the next bundle for ``channel``."""
+        self._bundles.setdefault(channel, {}).setdefault(job_id, []).append(data)
+        return self._gathering()
+
+    def listening(self, channel: str) -> bool:
+        """Whether the latest bundle to reply channel ``channel`` reached its API process
+        (True before any). There are a few reply channels, one per API process; a job's own
+        channel is not tracked (an async job runs whether or not anyone follows it)."""
+        return self._listeners.get(channel, 1) > 0
+
+    def _gathering(self) -> asyncio.Future[Listeners]:
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+            # Token frames are not awaited: a failure must not be reported as never retrieved.
+            self._batch.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._ready.set()
+        return self._batch
+
+    async def _send(self, single: list[tuple[str, bytes, FrameLog | None]],
+                    bundles: dict[str, dict[str, list[bytes]]]) -> Listeners:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for channel, data, keep, _ in batch:
+            for channel, data, keep in single:
                 pipe.publish(channel, data)
                 if keep is not None:
                     keep.append(pipe, data)
-            return await pipe.execute()
+            for channel, jobs in bundles.items():
+                pipe.publish(channel, bundle(jobs))
+            replies = iter(await pipe.execute())
+        for _, _, keep in single:
+            for _ in range(1 + (keep.REPLIES if keep is not None else 0)):
+                next(replies)
+        return {channel: next(replies) for channel in bundles}
 
     async def _send_loop(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
+            single, bundles, done = self._single, self._bundles, self._batch
+            self._single, self._bundles, self._batch = [], {}, None
+            if done is None:
                 continue
             try:
-                replies = await until_redis_answers(lambda: self._send(batch), "publishing frames")
+                listeners = await until_redis_answers(lambda: self._send(single, bundles), "publishing frames")
             except asyncio.CancelledError:
-                for *_, future in batch:
-                    future.cancel()
+                done.cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - each waiting job gets the error
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                done.set_exception(exc)
                 continue
-            counts = iter(replies)
-            for _, _, keep, future in batch:
-                count = next(counts)
-                if keep is not None:
-                    for _ in range(keep.REPLIES):
-                        next(counts)
-                if not future.done():
-                    future.set_result(count)
+            self._listeners.update(listeners)
+            done.set_result(listeners)
+
+
+def bundle(jobs: dict[str, list[bytes]]) -> bytes:
+    """``{"<job id>": [frame, ...], ...}`` from frames already in JSON."""
+    return b"{" + b",".join(orjson.dumps(job_id) + b":[" + b",".join(frames) + b"]"
+                            for job_id, frames in jobs.items()) + b"}"
 
 
 class FrameLog:
@@ -95,26 +133,53 @@ class FrameLog:
         self.key = keys.job_frames(job_id)
         self.ttl_s = ttl_s
 
-    def append(self, pipe: Any, data: str) -> None:
+    def append(self, pipe: Any, data: bytes) -> None:
         pipe.rpush(self.key, data)
         pipe.expire(self.key, self.ttl_s)
 
 
 class FramePublisher:
-    """One job's frames, with consecutive sequence numbers (kept in ``keep`` too, if given)."""
+    """One job's frames, with consecutive sequence numbers: bundled on its API process's
+    reply channel (a streamed job), or on its own channel and kept in ``keep`` (an async job)."""
 
-    def __init__(self, sink: FrameSink, job_id: str, keep: FrameLog | None = None) -> None:
+    def __init__(self, sink: FrameSink, job_id: str, reply_to: str | None = None,
+                 keep: FrameLog | None = None) -> None:
         self._sink = sink
-        self.channel = keys.frames_channel(job_id)
+        self.job_id = job_id
+        self.reply_to = reply_to
+        self.channel = reply_to or keys.frames_channel(job_id)
         self.keep = keep
         self._seq = 0
 
-    def next(self, frame_type: type, **fields: Any) -> str:
+    def next(self, frame_type: type, **fields: Any) -> bytes:
         """The next frame, numbered, as JSON (for callers that publish it themselves)."""
         frame = frame_type(seq=self._seq, **fields)
         self._seq += 1
-        return frame.model_dump_json()
+        return frame.model_dump_json().encode()
 
-    async def send(self, frame_type: type, **fields: Any) -> int:
-        """Publish a frame; returns how many subscribers received it."""
-        return await self._sink.publish(self.channel, self.next(frame_type, **fields), self.keep)
+    def message(self, data: bytes) -> bytes:
+        """``data`` (a frame) as the message its channel carries."""
+        return data if self.reply_to is None else bundle({self.job_id: [data]})
+
+    def send(self, frame_type: type, **fields: Any) -> asyncio.Future[Listeners]:
+        """Publish a frame; await the result to know it was sent."""
+        return self._publish(self.next(frame_type, **fields))
+
+    def token(self, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
+        """Publish a piece of the answer: the hot path, one per engine output of each job."""
+        if logprobs:
+            self.send(TokenFrame, text=text, logprobs=logprobs)
+            return
+        data = orjson.dumps({"seq": self._seq, "type": "token", "text": text})
+        self._seq += 1
+        self._publish(data)
+
+    def listening(self) -> bool:
+        """Whether someone still reads this job's channel, as of the latest publish."""
+        return self._sink.listening(self.channel)
+
+    def _publish(self, data: bytes) -> asyncio.Future[Listeners]:
+        if self.reply_to is None:
+            return self._sink.publish(self.channel, data, self.keep)
+        return self._sink.reply(self.channel, self.job_id, data)
+

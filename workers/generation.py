@@ -27,7 +27,6 @@ from common.protocol import (
     JobResult,
     StartFrame,
     Stats,
-    TokenFrame,
     TokenLogprob,
     ToolCallsFrame,
 )
@@ -79,7 +78,7 @@ class GenerationRunner:
         keep = None if job.stream else FrameLog(job.job_id, self.keep_result_s)
         if job.stream:
             keep_no_result(ctx)
-        publisher = FramePublisher(self.sink, job.job_id, keep)
+        publisher = FramePublisher(self.sink, job.job_id, job.reply_to, keep)
         self.running.add(job.job_id)
         try:
             if await self._start(job, publisher) == 0 and job.stream:
@@ -114,12 +113,13 @@ class GenerationRunner:
         """Record the job as running and tell its listener who runs it, in one round trip
         (time to first token). Returns how many listeners the start frame reached."""
         self._started_at[job.job_id] = started_at = clock.now()
+        self.stats.queue_wait.observe(max(0.0, started_at - job.created_at))
         record = JobRecord.of(job, "running", worker_id=self.worker_id, started_at=started_at).dump()
         start = publisher.next(StartFrame, worker_id=self.worker_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
             pipe.hset(keys.RUNNING, job.job_id, self.worker_id)
-            pipe.publish(publisher.channel, start)
+            pipe.publish(publisher.channel, publisher.message(start))
             if publisher.keep is not None:
                 pipe.delete(publisher.keep.key)  # frames of an earlier attempt, if any, are void
                 publisher.keep.append(pipe, start)
@@ -174,29 +174,33 @@ class GenerationRunner:
 
         logprobs: list[TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
 
-        async def send(text: str, token_logprobs: list[TokenLogprob] | None = None) -> None:
+        def send(text: str, token_logprobs: list[TokenLogprob] | None = None) -> None:
             parts.append(text)
             if token_logprobs:
                 logprobs.extend(token_logprobs)
-            if await publisher.send(TokenFrame, text=text, logprobs=token_logprobs) == 0 and job.stream:
+            # Known from an earlier publish: the API process that asked for it has gone.
+            if job.stream and not publisher.listening():
                 raise ClientGone
+            publisher.token(text, token_logprobs)
 
         if max_tokens > 0:
             priority = BATCH_PRIORITY if job.priority == "batch" else 0
             async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, priority):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
+                    # From the request's arrival: the time in the queue is part of the wait.
+                    self.stats.ttft.observe(max(0.0, clock.now() - job.created_at))
                 output_ids.extend(delta.token_ids)
                 text = splitter.feed(delta.text, delta.token_ids) if splitter is not None else delta.text
                 if text or delta.logprobs:
-                    await send(text, delta.logprobs)
+                    send(text, delta.logprobs)
                 if delta.finish_reason is not None:
                     finish = "stop" if delta.finish_reason == "stop" else "length"
         calls = []
         if splitter is not None:
             rest, calls = splitter.finish()
             if rest:
-                await send(rest)
+                send(rest)
             if calls:
                 await publisher.send(ToolCallsFrame, calls=calls)
         ended = time.monotonic()
@@ -224,8 +228,6 @@ class GenerationRunner:
             counts = result.stats
             self.stats.prompt_tokens += counts.prompt_eval_count
             self.stats.generated_tokens += counts.eval_count
-            if counts.eval_count:
-                self.stats.ttft.observe(counts.prompt_eval_duration / 1e9)
             if counts.eval_count > 1:
                 self.stats.tpot.observe(counts.eval_duration / 1e9 / (counts.eval_count - 1))
 

@@ -62,8 +62,10 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
     if settings.engine == "fake":
         from workers.fake_engine import FakeEngine
 
-        # Answers with as many tokens as it may (num_predict or the context), 100 a second.
-        return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01)
+        # Answers with as many tokens as it may (num_predict or the context), as a GPU would: a
+        # step every 10 ms gives each of up to max_num_seqs running requests one token.
+        return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01,
+                          max_num_seqs=settings.max_num_seqs or max(settings.max_jobs, 256), stepwise=True)
     from workers.engine import VllmEngine
 
     return VllmEngine.start(

@@ -115,5 +115,13 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
 def create_app_from_env() -> FastAPI:
     """The app of each of the N processes of `vllama api --workers N`: uvicorn builds them
     from an import string in spawned processes, so their settings come from the environment,
-    where the command put its own first (cli/parts.py)."""
-    return create_app(Settings())
+    where the command put its own first (cli/parts.py). An app that cannot be built (a bad
+    setting) ends the process with uvicorn's start-up failure status, which stops the
+    manager; any other exit would have it start the process again, forever."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    try:
+        return create_app(Settings())
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it would fail the same way again
+        log.error("this API process cannot start: %s", exc, exc_info=not isinstance(exc, ValueError))
+        raise SystemExit(STARTUP_FAILURE) from None

@@ -43,10 +43,6 @@ def load_settings(**overrides: object) -> Settings:
 
 # The root logger's format in every process (cli/main.py configures this one with it).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# A spawned API process answers the manager's health pings once it has imported the
-# command's modules; on a loaded machine that can take longer than uvicorn's 5 s, and a
-# process that does not answer in time is killed and started again.
-HEALTHCHECK_S = 20
 
 
 def run_api(settings: Settings) -> None:
@@ -92,7 +88,7 @@ def _run_api_processes(settings: Settings, options: dict) -> None:
 
     export_settings(settings)
     config = Config("api.app:create_app_from_env", factory=True, workers=settings.api_workers,
-                    timeout_worker_healthcheck=HEALTHCHECK_S, log_config=_log_config(), **options)
+                    log_config=_log_config(), **options)
     sock = config.bind_socket()
     manager = Multiprocess(config, sockets=[sock])
     try:

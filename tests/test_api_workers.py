@@ -123,6 +123,9 @@ def test_two_api_processes_share_the_port_restart_and_stop_with_status_0(redis_s
     try:
         # Each is a full replica: _start saw each hold its own connections to Redis.
         processes = _api_processes(manager)
+        for process in processes:  # the C event loop and HTTP parser, not asyncio's and h11's
+            mapped = " ".join(m.path for m in process.memory_maps())
+            assert "/uvloop/" in mapped and "/httptools/" in mapped, f"API process {process.pid} maps {mapped}"
         # Fresh connections, streamed and not, until each process has served both kinds.
         served: dict[int, set[bool]] = {p.pid: set() for p in processes}
         for i in range(200):
@@ -163,6 +166,20 @@ def test_api_processes_end_with_their_manager_killed_outright(redis_server, fake
         api.kill()  # SIGKILL: the manager runs no clean-up
         _, alive = psutil.wait_procs(processes, timeout=15)
         assert not alive, f"API processes outlived their manager: {[p.pid for p in alive]}"
+    finally:
+        api.stop()
+        api.kill_tree()
+
+
+def test_api_processes_that_cannot_start_stop_the_command_with_status_1(redis_server, tmp_path):
+    # The command itself accepts the setting; the app, built in each process, refuses it.
+    api = Proc(["api", "--port", str(free_port()), "--workers", "2"],
+               {"VLLAMA_REDIS_URL": redis_server.url, "OLLAMA_HOST": "", "VLLAMA_ORIGINS": "example.com"},
+               tmp_path / "api.log")
+    try:
+        assert api.popen.wait(60) == 1, api.log_tail()
+        log = api.log_path.read_text()
+        assert "is not an origin" in log and "an API process could not start" in log, api.log_tail()
     finally:
         api.stop()
         api.kill_tree()

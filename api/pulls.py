@@ -113,11 +113,12 @@ async def _next_frames(subscriptions: dict[str, Subscription], states: dict[str,
             _apply(states, raw)
             applied = True
     for sub in subscriptions.values():  # whatever else is already there
-        while True:
-            try:
-                _apply(states, sub.get_nowait())
-            except (asyncio.QueueEmpty, Overflowed):
-                break
+        try:
+            waiting_frames = sub.take_all()
+        except Overflowed:
+            continue
+        for raw in waiting_frames:
+            _apply(states, raw)
             applied = True
     return applied
 

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 11434
 DEFAULT_STORE_PORT = 11435  # a pull worker's file server (models fetched by other machines)
+# VLLAMA_DTYPE: "auto" (workers/cpu_defaults.py decides) or one of vLLM's own names for a dtype.
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
 
 
 def _default_home() -> Path:
@@ -181,6 +183,12 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool | None = Field(default=None, description="Unset: eager on CPU (fast start), graphs on GPU.")
     kv_cache_gib: int = Field(default=2, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    dtype: str = Field(
+        default="auto",
+        description="The engine's number format: auto (on a GPU vLLM's own choice; on a CPU bfloat16 where it "
+                    "computes bfloat16 natively, avx512_bf16 or amx_bf16 on x86, bf16 on Arm, else float32), "
+                    "float32, bfloat16 or float16.",
+    )
     engine: str = Field(default="vllm", description="'vllm', or 'fake' for plumbing tests and benchmarks.")
     job_timeout_s: int = Field(default=3600, ge=1, description="Longest a single generation may run.")
     poll_delay_s: float = Field(default=0.01, gt=0, description="How often idle workers look for jobs.")
@@ -224,6 +232,14 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"\d+(?:b|k|kb|m|mb|g|gb)?", v.strip().lower()):
             raise ValueError(f"{v!r} is not a size: write a number with kb, mb or gb (4gb, 512mb), or 0 for no limit")
         return v.strip().lower()
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ENGINE_DTYPES:
+            raise ValueError(f"{v!r} is not a dtype the engine takes: write auto, float32, bfloat16 or float16")
+        return v
 
     @field_validator("redis_url")
     @classmethod

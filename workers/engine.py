@@ -127,8 +127,10 @@ class VllmEngine:
         tensor_parallel_size: int = 1,
         enforce_eager: bool | None = None,
         kv_cache_gib: int = 2,
+        dtype: str = "auto",
     ) -> VllmEngine:
-        """Build the engine; must run inside the event loop that will use it."""
+        """Build the engine; must run inside the event loop that will use it. ``dtype`` as
+        workers/cpu_defaults.py chose it ("auto": vLLM's own choice, bfloat16 on CPU)."""
         # Spawn, not fork: this process already runs an event loop and threads, which a
         # forked engine process would inherit half-copied. Spawned children also import
         # cli.main, which makes them exit if this worker is killed (see cli/parent_watch.py).
@@ -142,6 +144,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(model_path),
             served_model_name=served_name,
+            dtype=dtype,
             max_num_seqs=max_num_seqs or (256 if cuda else 64),
             max_model_len=max_model_len or None,
             # Eager on CPU: ~30 s to load instead of ~100 s, for little speed lost on 2 cores.

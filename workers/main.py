@@ -66,8 +66,11 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
         # step every 10 ms gives each of up to max_num_seqs running requests one token.
         return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01,
                           max_num_seqs=settings.max_num_seqs or max(settings.max_jobs, 256), stepwise=True)
-    from workers.engine import VllmEngine
+    from workers.cpu_defaults import engine_dtype
+    from workers.engine import VllmEngine, has_cuda
 
+    choice = engine_dtype(settings.dtype, cuda=has_cuda())
+    log.info("%s: %s", name, choice)
     return VllmEngine.start(
         path,
         served_name=name,
@@ -78,6 +81,7 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
         tensor_parallel_size=settings.tensor_parallel_size,
         enforce_eager=settings.enforce_eager,
         kv_cache_gib=settings.kv_cache_gib,
+        dtype=choice.dtype,
     )
 
 

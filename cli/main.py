@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model")
     p.add_argument("--during-batch", type=int, default=0, metavar="N",
                    help="instead: time to first token idle and behind N batch-class (then interactive) jobs")
+    p.add_argument("--peer", action="store_true",
+                   help="instead: vLLama's /v1/completions against vLLM's own OpenAI server on the same model")
+    p.add_argument("--workers", metavar="N,N,...",
+                   help="instead: the stack alone with this many workers each (e.g. 1,2,4), throughput side by side")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("key", help="API keys: `vllama key new NAME [--admin]`")

@@ -5,8 +5,11 @@ in-progress marker while a worker runs it (``arq:in-progress:<id>``), a result k
 ended (``arq:result:<id>``) and, to cancel, a member of the abort zset. Everything in vLLama
 that enqueues, withdraws, aborts or forgets a job, asks whether one is running or still
 exists, or settles a job whose worker died, does it through this module, and workers take
-jobs with its JobConsumer, so an arq upgrade is a change here and the messages a client
-reads are the same wherever the fault is found.
+jobs with common/job_consumer.py's JobConsumer, so an arq upgrade is a change in these two
+and the messages a client reads are the same wherever the fault is found.
+
+Every enqueue and abort also wakes the workers (keys.WAKEUP), which otherwise look at their
+queues only rarely.
 
 Admission and enqueue are one Lua script: checking the queue's length and then enqueueing
 would let a burst of requests all see the same short queue and all get in.
@@ -18,7 +21,6 @@ once it ended (record_ttl); async jobs and batch lines keep both for VLLAMA_KEEP
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Literal
 
@@ -34,15 +36,12 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.jobs import Job, JobResult, serialize_job
-from arq.worker import Worker
-from redis.exceptions import RedisError
 
 from common import clock, keys, registry
 from common.errors import ServerBusy, VllamaError
 from common.protocol import GenerationJob
 from common.records import JobRecord, JobStatus
 from common.redis_conn import job_deserializer, job_serializer
-from common.tasks import until_redis_answers
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def record_ttl(record: JobRecord, keep_result_s: int) -> int:
 _ENQUEUE_IF_ROOM = """
 -- KEYS: queue zset, arq job key, arq result key, our job record, the model's keep_alive
 -- ARGV: queue limit, job payload, expires ms, score, job id, job record, record TTL s,
---       keep_alive seconds ('' = the worker's default)
+--       keep_alive seconds ('' = the worker's default), wake-up channel ('' = none)
 if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return -1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 -- The record first: at maxmemory Redis refuses a script at its first write that may grow
@@ -94,9 +93,23 @@ redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
 if ARGV[8] == '' then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], ARGV[8]) end
 redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
+-- Wake the queue's workers (PUBLISH is not refused at maxmemory, and runs only once queued).
+if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[4] .. ' ' .. KEYS[1]) end
 return 1
 """
 _ENQUEUED, _QUEUE_FULL = 1, 0
+# Where a prepared job's arguments hold its queue, its score and the wake-up channel.
+_QUEUE_ARG, _SCORE_ARG, _WAKEUP_ARG = 2, 10, -1
+
+
+def wakeup_message(queue: str, score_ms: int) -> str:
+    """What keys.WAKEUP carries for jobs queued in ``queue``, the last takeable at ``score_ms``."""
+    return f"{score_ms} {queue}"
+
+
+def abort_wakeup_message(job_id: str) -> str:
+    """What keys.WAKEUP carries for an abort of ``job_id``."""
+    return f"abort {job_id}"
 
 # Take a queued job out of its queue unless a worker has started it (arq marks a job in
 # progress before running it): 1 removed, 0 already running (abort it instead).
@@ -182,17 +195,24 @@ class JobQueue:
             keys.queue_for(job.model, job.priority), job_key_prefix + job_id, result_key_prefix + job_id,
             keys.job_record(job_id), keys.keep_alive(job.model),
             limit, payload, JOB_EXPIRES_MS, now_ms, job_id, JobRecord.of(job, "queued").dump(), self.keep_result_s,
-            "" if keep_alive is None else repr(keep_alive),
+            "" if keep_alive is None else repr(keep_alive), keys.WAKEUP,
         ))
 
     async def enqueue_many(self, jobs: list[PreparedJob]) -> list[VllamaError | None]:
         """``enqueue`` for many prepared jobs (a batch's lines) in one round trip, each admitted
-        on its own: for each, None if it was queued, else why not (ServerBusy: queue full)."""
+        on its own: for each, None if it was queued, else why not (ServerBusy: queue full).
+        The workers are woken once per queue, after all of them, not once per job: a batch of
+        thousands would otherwise send every worker thousands of messages."""
         if not jobs:
             return []
+        newest: dict[str, int] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for _, args in jobs:
-                pipe.eval(*args)
+                queue, score = args[_QUEUE_ARG], args[_SCORE_ARG]
+                newest[queue] = max(score, newest.get(queue, score))
+                pipe.eval(*args[:_WAKEUP_ARG], "")
+            for queue, score in newest.items():
+                pipe.publish(keys.WAKEUP, wakeup_message(queue, score))
             outcomes = await pipe.execute()
         return [_outcome(job_id, int(outcome)) for (job_id, _), outcome in zip(jobs, outcomes)]
 
@@ -203,8 +223,11 @@ class JobQueue:
 
     async def abort(self, job_id: str) -> None:
         """Ask arq to abort the job: a queued job never starts, a running one is cancelled in
-        its worker, which aborts the engine request."""
-        await self.redis.zadd(abort_jobs_ss, {job_id: int(clock.now() * 1000)})
+        its worker, which aborts the engine request. Its worker is woken to do so at once."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(abort_jobs_ss, {job_id: int(clock.now() * 1000)})
+            pipe.publish(keys.WAKEUP, abort_wakeup_message(job_id))
+            await pipe.execute()
 
     async def cancel(self, record: JobRecord) -> bool:
         """Withdraw the job if it is still queued (recorded cancelled here: True), else abort it
@@ -308,88 +331,19 @@ class JobQueue:
 
 
 # ---------------------------------------------------------------- the consuming side
+# (JobConsumer itself is in common/job_consumer.py)
 
 # How a consumer declares the functions it runs (name, timeout, tries, result kept).
 job_function = arq.worker.func
 
 # Where a JobConsumer's job context holds the ids of running jobs whose result is not kept.
-_RESULT_UNKEPT = "vllama_result_unkept"
+RESULT_UNKEPT = "vllama_result_unkept"
 
 
 def keep_no_result(ctx: dict) -> None:
     """Called by a job function whose outcome reaches its caller another way (a streamed
     job's frames): arq keeps no result for it, whatever the consumer's keep_result. arq only
     decides per function, and one function serves both streamed and async jobs."""
-    unkept = ctx.get(_RESULT_UNKEPT)
+    unkept = ctx.get(RESULT_UNKEPT)
     if unkept is not None:
         unkept.add(ctx["job_id"])
-
-
-def _streamed(payload: bytes | None) -> bool:
-    """Whether an arq job payload is a streamed generation job (its client reads frames)."""
-    if payload is None:
-        return False
-    try:
-        args = job_deserializer(payload).get("a") or []
-    except (ValueError, AttributeError):
-        return False
-    return bool(args) and isinstance(args[0], dict) and args[0].get("stream") is True
-
-
-class JobConsumer(Worker):
-    """arq's Worker with a cheaper poll for a worker that runs many long jobs at once.
-
-    arq leaves a running job in the queue zset until it ends, and every poll (every 10 ms
-    here) re-reads the queue and checks each listed job with its own WATCH/MULTI transaction,
-    about four round trips per running job. With 32 streams in flight that was over 12,000
-    Redis commands a second and most of the worker's and Redis's CPU. Here jobs this worker
-    already runs are skipped locally and the rest are filtered with one pipelined EXISTS on
-    their in-progress markers; only jobs that look free go through arq's own (race-safe)
-    start. It also survives Redis going away for a while, where arq's worker would exit, and
-    the end of a job outlasts a Redis restart or failover."""
-
-    async def _poll_iteration(self) -> None:
-        # arq ends the worker on the first Redis error of its poll loop; a Redis restart
-        # would then cost a model reload. Keep polling until Redis is back.
-        try:
-            await super()._poll_iteration()
-        except (RedisError, OSError) as exc:
-            log.warning("Redis unreachable (%s); retrying in 1 s", exc)
-            await asyncio.sleep(1)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._result_unkept: set[str] = set()  # filled by keep_no_result
-        self.ctx[_RESULT_UNKEPT] = self._result_unkept
-
-    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None, *args: Any) -> None:
-        # arq's end of a job (result, in-progress marker, queue entry), kept through a Redis
-        # restart or failover: lost, the queue would count the job as running for an hour.
-        if job_id in self._result_unkept:
-            self._result_unkept.discard(job_id)
-            result_data = None
-        await until_redis_answers(lambda: super(JobConsumer, self).finish_job(job_id, finish, result_data, *args),
-                                  f"end of job {job_id}")
-
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        # A job that failed before it ran (aborted as it was taken, expired): its function
-        # never said whether to keep the result, so the payload tells (a rare path; one read).
-        if result_data is not None:
-            try:
-                if _streamed(await self.pool.get(job_key_prefix + job_id)):
-                    result_data = None
-            except (RedisError, OSError):
-                pass  # keep it then: a result too many, with its TTL, harms nothing
-        await until_redis_answers(lambda: super(JobConsumer, self).finish_failed_job(job_id, result_data),
-                                  f"end of job {job_id}")
-
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        candidates = [j for j in job_ids if j.decode() not in self.tasks]
-        if candidates:
-            async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id in candidates:
-                    pipe.exists(in_progress_key(job_id.decode()))
-                running = await pipe.execute()
-            candidates = [j for j, busy in zip(candidates, running) if not busy]
-        if candidates:
-            await super().start_jobs(candidates)

@@ -33,6 +33,13 @@ def queue_for(model: str, priority: str) -> str:
     return batch_queue(model) if priority == "batch" else generation_queue(model)
 
 
+# Pub/sub channel that wakes the workers (workers/wakeup.py), so they take a job or honour an
+# abort at once instead of on their next poll. Messages: "<score ms> <queue>" when jobs were
+# queued (the score: when the newest of them becomes takeable, by cluster time), and
+# "abort <job id>" when a running job is to be aborted. Nothing is stored.
+WAKEUP = f"{PREFIX}:wakeup"
+
+
 def frames_channel(job_id: str) -> str:
     """Pub/sub channel carrying one job's frames (nothing is stored)."""
     return f"{PREFIX}:frames:{job_id}"

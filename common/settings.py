@@ -191,7 +191,11 @@ class Settings(BaseSettings):
     )
     engine: str = Field(default="vllm", description="'vllm', or 'fake' for plumbing tests and benchmarks.")
     job_timeout_s: int = Field(default=3600, ge=1, description="Longest a single generation may run.")
-    poll_delay_s: float = Field(default=0.01, gt=0, description="How often idle workers look for jobs.")
+    poll_delay_s: float = Field(
+        default=1.0, gt=0,
+        description="How often a worker looks for jobs and aborts unasked. Enqueues and aborts wake workers at "
+                    "once; this is the fallback for wake-ups lost while Redis reconnects.",
+    )
 
     # --- liveness ---
     heartbeat_interval_s: float = Field(default=1.0, gt=0)

@@ -5,7 +5,9 @@ that model's requests: the interactive queue (``vllama:queue:<model>``) up to ``
 once, and the batch queue (``vllama:batch-queue:<model>``) up to a share of them
 (VLLAMA_BATCH_SHARE). The rest of the engine's slots stay free for interactive requests, and
 vLLM schedules batch requests at a lower priority, so a chat that arrives during a long batch
-starts at once instead of after it. Idle time is
+starts at once instead of after it. The consumers take a job as soon as it is queued, woken
+by the worker's wake-up listener (workers/wakeup.py), and otherwise poll only every
+VLLAMA_POLL_DELAY_S, so an idle model costs next to nothing. Idle time is
 measured from the last job ending while no job waits in its queue; ``keep_alive`` (the latest
 request's, from Redis, or the worker's default) says how long an idle model stays.
 """
@@ -20,7 +22,7 @@ from redis.asyncio import Redis
 
 from common import clock, keys
 from common.durations import FOREVER
-from common.job_queue import JobConsumer, job_function
+from common.job_consumer import JobConsumer, job_function
 from common.metrics import ModelStats
 from common.redis_conn import job_deserializer, job_serializer
 from common.registry import ModelStatus
@@ -29,6 +31,7 @@ from common.tasks import cancel_and_wait
 from workers.engine import Engine
 from workers.frames import FrameSink
 from workers.generation import GenerationRunner
+from workers.wakeup import WakeupListener
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +51,23 @@ class LoadedModel:
         self.idle_since: float | None = clock.now()
         self.expires_at: float | None = None
         self.death_handled = False  # its engine died and the worker has begun to replace it
+        self._wakeups: WakeupListener | None = None
 
-    def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings) -> None:
+    def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings, *,
+              wakeups: WakeupListener) -> None:
         self.engine = engine
         self.max_jobs = settings.max_jobs or engine.max_num_seqs
         batch_jobs = max(1, int(self.max_jobs * settings.batch_share))
         self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,
                                        load_window=(self.load_started_at, clock.now()),
                                        on_engine_dead=self.stop_taking_jobs)
-        # The batch queue is polled ten times less often: a batch job can wait 0.1 s to start,
-        # and every poll is CPU taken from the engine on a small machine.
         self.consumers = [
-            self._consumer(keys.generation_queue(self.name), self.max_jobs, settings.poll_delay_s, redis, settings),
-            self._consumer(keys.batch_queue(self.name), batch_jobs, max(10 * settings.poll_delay_s, 0.1), redis,
-                           settings),
+            self._consumer(keys.generation_queue(self.name), self.max_jobs, redis, settings),
+            self._consumer(keys.batch_queue(self.name), batch_jobs, redis, settings),
         ]
+        self._wakeups = wakeups
+        for consumer in self.consumers:
+            wakeups.add(consumer)
         self.task = asyncio.create_task(self._consume(), name=f"jobs-{self.name}")
         self.state = "ready"
         self.loaded_at = self.idle_since = clock.now()
@@ -70,14 +75,14 @@ class LoadedModel:
         log.info("serving %s with up to %d jobs at once (%d from the batch queue)", self.name, self.max_jobs,
                  batch_jobs)
 
-    def _consumer(self, queue: str, max_jobs: int, poll_delay_s: float, redis: Redis,
-                  settings: Settings) -> JobConsumer:
+    def _consumer(self, queue: str, max_jobs: int, redis: Redis, settings: Settings) -> JobConsumer:
         return JobConsumer(
             functions=[job_function(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
             queue_name=queue,
             redis_pool=redis,
             max_jobs=max_jobs,
-            poll_delay=poll_delay_s,
+            poll_delay=settings.poll_delay_s,  # only the fallback: it is woken for each job and abort
+            wake_ups=True,
             allow_abort_jobs=True,
             keep_result=settings.keep_result_s,
             job_serializer=job_serializer,
@@ -139,14 +144,17 @@ class LoadedModel:
     def idle(self) -> bool:
         return self.state == "ready" and self.idle_since is not None
 
-    async def try_stop(self, poll_delay_s: float) -> bool:
+    async def try_stop(self) -> bool:
         """Stop taking jobs; give up (and go on serving) if a job started meanwhile."""
         self.state = "unloading"
         self._pick_jobs(False)
         # A poll already under way may still start a job: let it finish its round.
-        await asyncio.sleep(max(3 * poll_delay_s, 0.05))
+        for consumer in self.consumers:
+            await consumer.between_polls()
         if self.running or any(not t.done() for t in self._job_tasks()):
             self._pick_jobs(True)
+            for consumer in self.consumers:
+                consumer.wake()  # jobs queued meanwhile were not taken
             self.state = "ready"
             return False
         await self.close()
@@ -169,6 +177,9 @@ class LoadedModel:
         await self.close()
 
     async def close(self) -> None:
+        if self._wakeups is not None:
+            for consumer in self.consumers:
+                self._wakeups.remove(consumer)
         await cancel_and_wait(self.task)
         self.task = None
         if self.engine is not None:

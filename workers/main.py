@@ -39,6 +39,7 @@ from workers.frames import FrameSink
 from workers.heartbeat import Heartbeat
 from workers.loaded import LoadedModel
 from workers.store import ModelStore
+from workers.wakeup import WakeupListener
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class GenerationWorker:
         self._heartbeat: Heartbeat | None = None
         self._redis: ArqRedis | None = None
         self._sink: FrameSink | None = None
+        self._wakeups: WakeupListener | None = None  # tells the job consumers of jobs and aborts
         self._engine_deaths: list[float] = []
         self._fatal: str | None = None  # why the worker stopped by itself; it then exits non-zero
         # Models whose engine is being started again: still advertised, so requests for them
@@ -125,6 +127,8 @@ class GenerationWorker:
         heartbeat.start()
         self._sink = FrameSink(self._redis)
         self._sink.start()
+        self._wakeups = WakeupListener(self._redis)
+        self._wakeups.start()
         try:
             if self.settings.model:
                 await self._load(canonical_name(self.settings.model), pinned=True, engine=self._first_engine)
@@ -146,6 +150,7 @@ class GenerationWorker:
             await heartbeat.stop()
             for model in list(self.models.values()):
                 await model.close()
+            await self._wakeups.stop()
             await self._sink.stop()
             await registry.remove_worker(self._redis, self.worker_id)
             await self._redis.aclose()
@@ -275,7 +280,7 @@ class GenerationWorker:
             if engine is None:
                 path = await self._resolve(model)
                 engine = await asyncio.to_thread(self._factory, name, path)
-            model.start(engine, self._redis, self._sink, self.worker_id, self.settings)
+            model.start(engine, self._redis, self._sink, self.worker_id, self.settings, wakeups=self._wakeups)
         except Exception as exc:
             self.models.pop(name, None)
             # The client hears the model's name, never where this machine keeps it.
@@ -301,7 +306,7 @@ class GenerationWorker:
         return path
 
     async def _unload(self, model: LoadedModel) -> bool:
-        stopped = await model.try_stop(self.settings.poll_delay_s)
+        stopped = await model.try_stop()
         if stopped:
             self.models.pop(model.name, None)
         self._heartbeat.poke()

@@ -22,7 +22,7 @@ from arq.connections import ArqRedis
 
 from common import catalog, clock, keys
 from common.errors import ErrorCode, VllamaError
-from common.job_queue import JobConsumer, job_function
+from common.job_consumer import JobConsumer, job_function
 from common.models import canonical_name
 from common.protocol import PullFrame, PullState
 from common.redis_conn import connect, job_deserializer, job_serializer

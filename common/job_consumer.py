@@ -1,0 +1,183 @@
+"""How a worker takes jobs from an arq queue: JobConsumer, arq's Worker made cheap to run.
+
+arq's worker polls its queue every ``poll_delay``; a worker of ours runs up to hundreds of
+long jobs at once and should cost nothing while idle, so this one polls only when woken (a
+job queued, an abort asked for, a slot freed with jobs waiting) and otherwise rarely, and
+skips the jobs it runs already without a round trip each. Where arq keeps what is described
+in common/job_queue.py, which also decides what results are kept (keep_no_result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from arq.constants import job_key_prefix
+from arq.worker import Worker
+from redis.exceptions import RedisError
+
+from common import clock
+from common.job_queue import RESULT_UNKEPT, in_progress_key, job_function
+from common.redis_conn import job_deserializer
+from common.tasks import until_redis_answers
+
+__all__ = ["JobConsumer", "job_function"]
+
+log = logging.getLogger(__name__)
+
+
+def _streamed(payload: bytes | None) -> bool:
+    """Whether an arq job payload is a streamed generation job (its client reads frames)."""
+    if payload is None:
+        return False
+    try:
+        args = job_deserializer(payload).get("a") or []
+    except (ValueError, AttributeError):
+        return False
+    return bool(args) and isinstance(args[0], dict) and args[0].get("stream") is True
+
+
+class JobConsumer(Worker):
+    """arq's Worker with a cheaper poll for a worker that runs many long jobs at once.
+
+    arq leaves a running job in the queue zset until it ends, and every poll re-reads the
+    queue and checks each listed job with its own WATCH/MULTI transaction, about four round
+    trips per running job. With 32 streams in flight and a poll every 10 ms that was over
+    12,000 Redis commands a second and most of the worker's and Redis's CPU. Here jobs this
+    worker already runs are skipped locally and the rest are filtered with one pipelined
+    EXISTS on their in-progress markers; only jobs that look free go through arq's own
+    (race-safe) start. It also survives Redis going away for a while, where arq's worker
+    would exit, and the end of a job outlasts a Redis restart or failover.
+
+    With ``wake_ups`` it polls when told to instead of every ``poll_delay``: the worker's
+    wake-up listener (workers/wakeup.py) calls ``jobs_queued`` when a job enters its queue and
+    ``abort_requested`` when one of its jobs is to be aborted, and it polls again itself when
+    a slot frees while jobs it could not take wait. ``poll_delay`` is then only the fallback,
+    for wake-ups lost while the listener reconnects. Wake-ups that come during a poll give
+    one more poll, however many they are."""
+
+    def __init__(self, *args: Any, wake_ups: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._result_unkept: set[str] = set()  # filled by keep_no_result
+        self.ctx[RESULT_UNKEPT] = self._result_unkept
+        self.wake_ups = wake_ups
+        self.fallback_poll_s = self.poll_delay_s
+        if wake_ups:
+            self.poll_delay_s = 0  # arq's loop does not pause; _poll_iteration waits to be woken
+        self.polls = 0  # polls so far (to observe how often it looks)
+        self._wake = asyncio.Event()
+        self._wake.set()  # the first poll at once
+        self._wake_timer: asyncio.TimerHandle | None = None
+        self._between_polls = asyncio.Event()
+        self._between_polls.set()
+        # The last poll left jobs it had no slot for, or had no slot to look: a job that ends
+        # polls again at once.
+        self._jobs_left = False
+
+    # ------------------------------------------------------------ being woken
+
+    def jobs_queued(self, score_ms: int | None = None) -> None:
+        """Jobs entered this consumer's queue, the last takeable from ``score_ms`` (cluster
+        time). A job scored ahead of this process's clock (the clocks of two machines agree
+        only to within a round trip) would be invisible to a poll now, so the poll waits for it."""
+        if self.job_counter >= self.max_jobs:
+            self._jobs_left = True  # no slot: the next job to end polls
+            return
+        ahead_ms = 0 if score_ms is None else score_ms - clock.now_ms()
+        if ahead_ms <= 0:  # a poll now sees it (arq takes jobs scored up to its clock's now)
+            self._wake.set()
+        else:
+            self._wake_in(min((ahead_ms + 1) / 1000, self.fallback_poll_s))
+
+    def abort_requested(self, job_id: str) -> None:
+        """An abort of ``job_id`` was asked for: poll now if this consumer has it."""
+        if job_id in self.tasks:
+            self._wake.set()
+
+    def wake(self) -> None:
+        """Poll now (the listener was away, and wake-ups may have been lost meanwhile)."""
+        self._wake.set()
+
+    async def between_polls(self) -> None:
+        """Returns once no poll is under way (a poll that has begun may still start jobs)."""
+        await self._between_polls.wait()
+
+    def _wake_in(self, delay_s: float) -> None:
+        """Poll in ``delay_s``, unless a poll is already due sooner."""
+        loop = asyncio.get_running_loop()
+        pending = self._wake_timer
+        if pending is not None and loop.time() < pending.when() <= loop.time() + delay_s:
+            return
+        if pending is not None:
+            pending.cancel()  # fired already (harmless), or later than needed
+        self._wake_timer = loop.call_later(delay_s, self._wake.set)
+
+    async def _until_woken(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.fallback_poll_s)
+        except TimeoutError:
+            pass
+        # Cleared before the poll: a wake-up during it is for jobs it may not have seen.
+        self._wake.clear()
+
+    # ------------------------------------------------------------ arq's hooks
+
+    async def _poll_iteration(self) -> None:
+        if self.wake_ups:
+            await self._until_woken()
+        if self.allow_pick_jobs and self.job_counter >= self.max_jobs:
+            self._jobs_left = True  # arq does not look while it has no slot
+        self.polls += 1
+        self._between_polls.clear()
+        try:
+            await super()._poll_iteration()
+            return
+        except (RedisError, OSError) as exc:
+            # arq ends the worker on the first Redis error of its poll loop; a Redis restart
+            # would then cost a model reload. Keep polling until Redis is back.
+            log.warning("Redis unreachable (%s); retrying in 1 s", exc)
+        finally:
+            self._between_polls.set()
+        await asyncio.sleep(1)
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        # Called as each job's task ends: its slot is free.
+        super()._release_sem_dec_counter_on_complete()
+        if self._jobs_left:
+            self._jobs_left = False
+            self._wake.set()
+
+    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None, *args: Any) -> None:
+        # arq's end of a job (result, in-progress marker, queue entry), kept through a Redis
+        # restart or failover: lost, the queue would count the job as running for an hour.
+        if job_id in self._result_unkept:
+            self._result_unkept.discard(job_id)
+            result_data = None
+        await until_redis_answers(lambda: super(JobConsumer, self).finish_job(job_id, finish, result_data, *args),
+                                  f"end of job {job_id}")
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        # A job that failed before it ran (aborted as it was taken, expired): its function
+        # never said whether to keep the result, so the payload tells (a rare path; one read).
+        if result_data is not None:
+            try:
+                if _streamed(await self.pool.get(job_key_prefix + job_id)):
+                    result_data = None
+            except (RedisError, OSError):
+                pass  # keep it then: a result too many, with its TTL, harms nothing
+        await until_redis_answers(lambda: super(JobConsumer, self).finish_failed_job(job_id, result_data),
+                                  f"end of job {job_id}")
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        candidates = [j for j in job_ids if j.decode() not in self.tasks]
+        if candidates:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for job_id in candidates:
+                    pipe.exists(in_progress_key(job_id.decode()))
+                running = await pipe.execute()
+            candidates = [j for j, busy in zip(candidates, running) if not busy]
+        if candidates:
+            await super().start_jobs(candidates)
+            if self.job_counter >= self.max_jobs and any(j.decode() not in self.tasks for j in candidates):
+                self._jobs_left = True  # the next job to end polls for them

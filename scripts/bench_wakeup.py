@@ -8,6 +8,8 @@ then, from this process:
   straight into the model's queue (interactive, then batch); the latency is from just before
   the enqueue until the job's first frame (the worker's start frame) reaches a subscriber
   here, by this process's monotonic clock, so no two clocks are compared;
+- abort latency: --jobs/6 running async jobs aborted at random moments; from just before
+  the abort until the worker's record says cancelled (read every millisecond);
 - a burst: --burst jobs enqueued in one round trip; how long until all have started.
 
     .venv/bin/python scripts/bench_wakeup.py [--jobs 300] [--idle-s 30] [--burst 64]
@@ -46,9 +48,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK_HZ
 
 
-def job(priority: str) -> GenerationJob:
+def job(priority: str, tokens: int = 1, stream: bool = True) -> GenerationJob:
     return GenerationJob(job_id=uuid.uuid4().hex, model=MODEL, kind="generate", prompt="hi", priority=priority,
-                         sampling=Sampling(max_tokens=1))
+                         stream=stream, sampling=Sampling(max_tokens=tokens))
 
 
 async def until_ended(pubsub, started: float | None = None) -> float:
@@ -76,6 +78,28 @@ async def latencies(redis, queue: JobQueue, priority: str, n: int) -> list[float
         await queue.enqueue(j, limit=10_000)
         out.append(await until_ended(pubsub) - sent)
         await pubsub.aclose()
+    return out
+
+
+async def abort_latencies(redis, queue: JobQueue, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        j = job("interactive", tokens=10**6, stream=False)  # no listener to lose: only the abort stops it
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(keys.frames_channel(j.job_id))
+        await pubsub.get_message(timeout=5)
+        await queue.enqueue(j, limit=10_000)
+        if await pubsub.get_message(ignore_subscribe_messages=True, timeout=30) is None:
+            raise RuntimeError("the job did not start within 30 s")
+        await pubsub.aclose()
+        await asyncio.sleep(random.uniform(0, 0.1))
+        sent = time.perf_counter()
+        await queue.abort(j.job_id)
+        while (record := await queue.record(j.job_id)) is None or record.status != "cancelled":
+            if time.perf_counter() - sent > 30:
+                raise RuntimeError("the job was not cancelled within 30 s")
+            await asyncio.sleep(0.001)
+        out.append(time.perf_counter() - sent)
     return out
 
 
@@ -134,6 +158,7 @@ async def main(args: argparse.Namespace) -> None:
         await latencies(redis, queue, "interactive", 10)  # warm up
         print(summary("enqueue-to-start, interactive queue", await latencies(redis, queue, "interactive", args.jobs)))
         print(summary("enqueue-to-start, batch queue", await latencies(redis, queue, "batch", args.jobs // 3)))
+        print(summary("abort-to-cancelled", await abort_latencies(redis, queue, args.jobs // 6)))
         print(f"burst of {args.burst} jobs in one round trip: all started after "
               f"{1000 * await burst(redis, queue, args.burst):.1f} ms")
     finally:

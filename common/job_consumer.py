@@ -43,12 +43,12 @@ class JobConsumer(Worker):
 
     arq leaves a running job in the queue zset until it ends, and every poll re-reads the
     queue and checks each listed job with its own WATCH/MULTI transaction, about four round
-    trips per running job. With 32 streams in flight and a poll every 10 ms that was over
-    12,000 Redis commands a second and most of the worker's and Redis's CPU. Here jobs this
-    worker already runs are skipped locally and the rest are filtered with one pipelined
-    EXISTS on their in-progress markers; only jobs that look free go through arq's own
-    (race-safe) start. It also survives Redis going away for a while, where arq's worker
-    would exit, and the end of a job outlasts a Redis restart or failover.
+    trips per job. With 32 streams in flight and a poll every 10 ms that was over 12,000
+    Redis commands a second and most of the worker's and Redis's CPU. Here jobs this worker
+    already runs are skipped locally, and the rest are claimed with one script
+    (``start_jobs``), as race-safe as arq's own start. It also survives Redis going away for
+    a while, where arq's worker would exit, and the end of a job outlasts a Redis restart or
+    failover.
 
     With ``wake_ups`` it polls when told to instead of every ``poll_delay``: the worker's
     wake-up listener (workers/wakeup.py) calls ``jobs_queued`` when a job enters its queue and
@@ -170,14 +170,50 @@ class JobConsumer(Worker):
                                   f"end of job {job_id}")
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        candidates = [j for j in job_ids if j.decode() not in self.tasks]
-        if candidates:
-            async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id in candidates:
-                    pipe.exists(in_progress_key(job_id.decode()))
-                running = await pipe.execute()
-            candidates = [j for j, busy in zip(candidates, running) if not busy]
-        if candidates:
-            await super().start_jobs(candidates)
-            if self.job_counter >= self.max_jobs and any(j.decode() not in self.tasks for j in candidates):
+        """Start as many of ``job_ids`` as there are free slots, claimed in one round trip.
+
+        arq claims each job with its own WATCH/MULTI transaction, four round trips one after
+        another: under load (hundreds of jobs a second starting on one worker) that was the
+        limit on how fast a worker could take work, and every job waited behind the others'
+        round trips. The claim script does for all of them at once what arq's transaction does
+        for one (skip a job another worker started, or one scored in the future; mark the rest
+        in progress), atomically, so two workers still never start the same job."""
+        candidates = [j.decode() for j in job_ids if j.decode() not in self.tasks]
+        free = self.max_jobs - self.job_counter
+        if not candidates or free <= 0 or not self.allow_pick_jobs:
+            if candidates and free <= 0:
                 self._jobs_left = True  # the next job to end polls for them
+            return
+        claimed = await self.pool.eval(_CLAIM, 1, self.queue_name, in_progress_key(""), clock.now_ms(),
+                                       int(self.in_progress_timeout_s * 1000), free, *candidates)
+        for job_id, score in zip(claimed[::2], claimed[1::2]):
+            job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
+            await self.sem.acquire()  # never waits: only free slots were claimed
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+        if len(claimed) // 2 == free and len(candidates) > free:
+            self._jobs_left = True  # the next job to end polls for the others
+
+
+# KEYS: the queue zset. ARGV: the in-progress key prefix, now (ms), the in-progress marker's
+# TTL (ms), how many to claim at most, then the candidate job ids in queue order.
+# Returns id, score, id, score, ... of the jobs claimed (marked in progress) for this worker.
+_CLAIM = """
+local claimed = {}
+local room = tonumber(ARGV[4])
+for i = 5, #ARGV do
+  if room == 0 then break end
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  local marker = ARGV[1] .. id
+  if score and tonumber(score) <= tonumber(ARGV[2]) and redis.call('EXISTS', marker) == 0 then
+    redis.call('PSETEX', marker, ARGV[3], '1')
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = score
+    room = room - 1
+  end
+end
+return claimed
+"""

@@ -1,12 +1,15 @@
-"""The engine's dtype: chosen from the CPU's flags, overridden by VLLAMA_DTYPE, handed to vLLM.
+"""The engine's dtype and OpenMP threads: chosen from the machine, overridden by the
+environment, handed to vLLM.
 
 bfloat16 on a CPU without native bfloat16 runs emulated and is several times slower than
-float32 under load; these tests pin the decision and that it reaches the engine.
+float32 under load, and vLLM's own thread binding leaves a 2-core machine's model one core;
+these tests pin the decisions and that they reach the engine.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 from cli.parts import load_settings
 from common.settings import Settings
 from workers import cpu_defaults, engine
-from workers.cpu_defaults import choose_dtype, native_bf16, parse_cpu_flags, read_cpu_flags
+from workers.cpu_defaults import choose_dtype, choose_threads, native_bf16, parse_cpu_flags, read_cpu_flags
 from workers.main import build_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,13 +112,20 @@ def recording_start(monkeypatch):
     calls: list[dict] = []
 
     def start(path, **kwargs):
-        calls.append({"path": path, **kwargs})
+        calls.append({"path": path, **kwargs, "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")})
         return "engine"
 
     monkeypatch.setattr(engine.VllmEngine, "start", staticmethod(start))
     monkeypatch.setattr(engine, "has_cuda", lambda: False)
     monkeypatch.setattr(cpu_defaults.platform, "machine", lambda: "x86_64")
     monkeypatch.delenv("VLLAMA_DTYPE", raising=False)
+    # Set, then removed, so that monkeypatch puts back whatever the test's build_engine writes.
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    # A 2-core machine, one thread per core, whatever runs the tests.
+    monkeypatch.setattr(cpu_defaults.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpu_defaults, "_physical_cores", lambda cpus: {0: ("0", "0"), 1: ("0", "1")})
     return calls
 
 
@@ -141,3 +151,43 @@ def test_on_cuda_the_engine_gets_auto(monkeypatch, recording_start):
     monkeypatch.setattr(engine, "has_cuda", lambda: True)
     build_engine(Settings(engine="vllm"), "smollm2:135m", Path("/models/x"))
     assert recording_start[-1]["dtype"] == "auto"
+
+
+SEPARATE_CORES = {0: ("0", "0"), 1: ("0", "1"), 2: ("0", "2"), 3: ("0", "3")}
+
+
+def test_two_cores_both_run_the_model():
+    choice = choose_threads({1, 0}, SEPARATE_CORES, {})
+    assert choice is not None and choice.bind == "0,1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" in choice.reason  # the log line says how to override it
+
+
+@pytest.mark.parametrize(
+    ("cpus", "cores", "env"),
+    [({0}, SEPARATE_CORES, {}),  # one CPU: vLLM already uses it
+     ({0, 1, 2, 3}, SEPARATE_CORES, {}),  # more cores lose less to the reserved one; unmeasured
+     ({0, 1}, {0: ("0", "0"), 1: ("0", "0")}, {}),  # two hyper-threads of one core; unmeasured
+     ({0, 1}, SEPARATE_CORES, {"VLLM_CPU_OMP_THREADS_BIND": "0"}),  # the operator's binding wins
+     ({0, 1}, SEPARATE_CORES, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})],
+)
+def test_elsewhere_vllms_own_binding_stands(cpus, cores, env):
+    assert choose_threads(cpus, cores, env) is None
+
+
+def test_the_worker_gives_a_two_core_machines_engine_both_cores(caplog, recording_start):
+    with caplog.at_level(logging.INFO, logger="workers.main"):
+        build_engine(Settings(engine="vllm"), "smollm2:135m", Path("/models/x"))
+    assert recording_start[-1]["bind"] == "0,1"  # set before vLLM starts its processes
+    assert any(r.getMessage().startswith("smollm2:135m: OpenMP threads on CPUs 0,1: ") for r in caplog.records)
+
+
+def test_the_operators_binding_reaches_the_engine_unchanged(monkeypatch, recording_start):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    build_engine(Settings(engine="vllm"), "smollm2:135m", Path("/models/x"))
+    assert recording_start[-1]["bind"] == "1"
+
+
+def test_on_cuda_the_threads_are_left_alone(monkeypatch, recording_start):
+    monkeypatch.setattr(engine, "has_cuda", lambda: True)
+    build_engine(Settings(engine="vllm"), "smollm2:135m", Path("/models/x"))
+    assert recording_start[-1]["bind"] is None

@@ -67,11 +67,16 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
         # step every 10 ms gives each of up to max_num_seqs running requests one token.
         return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01,
                           max_num_seqs=settings.max_num_seqs or max(settings.max_jobs, 256), stepwise=True)
-    from workers.cpu_defaults import engine_dtype
+    from workers.cpu_defaults import engine_dtype, engine_threads
     from workers.engine import VllmEngine, has_cuda
 
-    choice = engine_dtype(settings.dtype, cuda=has_cuda())
+    cuda = has_cuda()
+    choice = engine_dtype(settings.dtype, cuda=cuda)
     log.info("%s: %s", name, choice)
+    threads = engine_threads(cuda=cuda)
+    if threads is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads.bind  # the engine's processes inherit it
+        log.info("%s: %s", name, threads)
     return VllmEngine.start(
         path,
         served_name=name,

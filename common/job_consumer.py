@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from arq.constants import job_key_prefix
+from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.utils import to_ms
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -25,6 +27,8 @@ from common.tasks import until_redis_answers
 __all__ = ["JobConsumer", "job_function"]
 
 log = logging.getLogger(__name__)
+# Sends a job's end (commands for a pipeline) with the worker's next batch of writes.
+EndWriter = Callable[[Callable[[Any], None]], Awaitable[Any]]
 
 
 def _streamed(payload: bytes | None) -> bool:
@@ -57,8 +61,10 @@ class JobConsumer(Worker):
     for wake-ups lost while the listener reconnects. Wake-ups that come during a poll give
     one more poll, however many they are."""
 
-    def __init__(self, *args: Any, wake_ups: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, wake_ups: bool = False, end_writer: EndWriter | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._end_writer = end_writer
         self._result_unkept: set[str] = set()  # filled by keep_no_result
         self.ctx[RESULT_UNKEPT] = self._result_unkept
         self.wake_ups = wake_ups
@@ -148,14 +154,34 @@ class JobConsumer(Worker):
             self._jobs_left = False
             self._wake.set()
 
-    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None, *args: Any) -> None:
+    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None, result_timeout_s: float | None,
+                         keep_result_forever: bool, *args: Any) -> None:
         # arq's end of a job (result, in-progress marker, queue entry), kept through a Redis
         # restart or failover: lost, the queue would count the job as running for an hour.
         if job_id in self._result_unkept:
             self._result_unkept.discard(job_id)
             result_data = None
-        await until_redis_answers(lambda: super(JobConsumer, self).finish_job(job_id, finish, result_data, *args),
-                                  f"end of job {job_id}")
+        incr_score, keep_in_progress = args
+        if self._end_writer is not None and finish and keep_in_progress is None:
+            expire_ms = None if keep_result_forever else to_ms(result_timeout_s)
+            await self._end_writer(self._ended(job_id, result_data, expire_ms))
+            return
+        await until_redis_answers(lambda: super(JobConsumer, self).finish_job(
+            job_id, finish, result_data, result_timeout_s, keep_result_forever, *args), f"end of job {job_id}")
+
+    def _ended(self, job_id: str, result_data: bytes | None, expire_ms: int | None) -> Callable[[Any], None]:
+        """arq's end of a finished job as commands for the worker's next batched round trip
+        (workers/frames.py), shared with the other jobs ending now. arq sends them as one
+        transaction; here the order keeps them safe instead: the job leaves its queue before
+        its in-progress marker goes, so no claim in between can find it takeable."""
+        def end(pipe: Any) -> None:
+            if result_data:
+                pipe.set(result_key_prefix + job_id, result_data, px=expire_ms)
+            pipe.zrem(self.queue_name, job_id)
+            pipe.zrem(abort_jobs_ss, job_id)
+            pipe.delete(retry_key_prefix + job_id, job_key_prefix + job_id, in_progress_key(job_id))
+
+        return end
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         # A job that failed before it ran (aborted as it was taken, expired): its function

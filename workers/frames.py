@@ -1,7 +1,8 @@
 """Publishing frames: numbered per job, batched per worker, bundled per API process.
 
-Every job of a worker publishes through one ``FrameSink``, which sends whatever frames have
-gathered as one pipeline while the previous one is in flight. A GPU worker may stream
+Every job of a worker publishes through one ``FrameSink``, which sends whatever frames (and
+other writes: a job's record as it starts and ends, arq's end of it) have gathered as one
+pipeline while the previous one is in flight. A GPU worker may stream
 hundreds of requests, tens of thousands of tokens a second, and vLLM hands over one engine
 step's tokens for all of them at once; the sink turns that step into one message per API
 process rather than one per token:
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -40,28 +43,46 @@ from common.tasks import cancel_and_wait, until_redis_answers
 log = logging.getLogger(__name__)
 
 Listeners = dict[str, int]  # reply channel -> subscribers that received the batch's bundle
+Write = Callable[[Any], None]  # adds commands to a pipeline
 
 
 class FrameSink:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._single: list[tuple[str, bytes, FrameLog | None]] = []  # one message per frame
+        self._writes: list[Write] = []  # in order: frames of their own channel, other writes
         self._bundles: dict[str, dict[str, list[bytes]]] = {}  # reply channel -> job id -> frames
         self._batch: asyncio.Future[Listeners] | None = None  # resolves when the gathered batch is sent
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._listeners: Listeners = {}  # at the latest publish to each channel
+        self._last: asyncio.Future[Listeners] | None = None  # the latest batch, sent or not
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._send_loop(), name="frame-sink")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Send what is gathered (the ends of the last jobs), then stop."""
+        last = self._last
+        if last is not None and self._task is not None:
+            with suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(last), grace_s)
         await cancel_and_wait(self._task)
         self._task = None
 
     def publish(self, channel: str, data: bytes, keep: FrameLog | None = None) -> asyncio.Future[Listeners]:
         """Publish one frame as a message of its own (and append it to ``keep``'s list)."""
-        self._single.append((channel, data, keep))
+        def write(pipe: Any) -> None:
+            pipe.publish(channel, data)
+            if keep is not None:
+                keep.append(pipe, data)
+
+        return self.write(write)
+
+    def write(self, write: Write) -> asyncio.Future[Listeners]:
+        """Other commands for the next batch, in order with the frames of their own channel and
+        ahead of the bundles (a started job's record, then its start frame). A batch Redis did
+        not take is sent again, so they must be safe to repeat."""
+        self._writes.append(write)
         return self._gathering()
 
     def reply(self, channel: str, job_id: str, data: bytes) -> asyncio.Future[Listeners]:
@@ -77,37 +98,31 @@ class FrameSink:
 
     def _gathering(self) -> asyncio.Future[Listeners]:
         if self._batch is None:
-            self._batch = asyncio.get_running_loop().create_future()
+            self._batch = self._last = asyncio.get_running_loop().create_future()
             # Token frames are not awaited: a failure must not be reported as never retrieved.
             self._batch.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._ready.set()
         return self._batch
 
-    async def _send(self, single: list[tuple[str, bytes, FrameLog | None]],
-                    bundles: dict[str, dict[str, list[bytes]]]) -> Listeners:
+    async def _send(self, writes: list[Write], bundles: dict[str, dict[str, list[bytes]]]) -> Listeners:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for channel, data, keep in single:
-                pipe.publish(channel, data)
-                if keep is not None:
-                    keep.append(pipe, data)
+            for write in writes:
+                write(pipe)
             for channel, jobs in bundles.items():
                 pipe.publish(channel, bundle(jobs))
-            replies = iter(await pipe.execute())
-        for _, _, keep in single:
-            for _ in range(1 + (keep.REPLIES if keep is not None else 0)):
-                next(replies)
-        return {channel: next(replies) for channel in bundles}
+            replies = await pipe.execute()
+        return dict(zip(bundles, replies[len(replies) - len(bundles):]))
 
     async def _send_loop(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            single, bundles, done = self._single, self._bundles, self._batch
-            self._single, self._bundles, self._batch = [], {}, None
+            writes, bundles, done = self._writes, self._bundles, self._batch
+            self._writes, self._bundles, self._batch = [], {}, None
             if done is None:
                 continue
             try:
-                listeners = await until_redis_answers(lambda: self._send(single, bundles), "publishing frames")
+                listeners = await until_redis_answers(lambda: self._send(writes, bundles), "publishing frames")
             except asyncio.CancelledError:
                 done.cancel()
                 raise

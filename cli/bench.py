@@ -44,6 +44,16 @@ PROMPTS = [
 
 
 REPEATS = 3
+VARY_LENGTH = False  # --vary-length
+
+
+def length(num_predict: int, i: int) -> int:
+    """Tokens asked of request ``i``: ``num_predict``, or with --vary-length spread evenly over
+    0.5x to 1.5x of it (the same for every way measured). Answers of one length all start and
+    end together, in waves; real answers differ, and their requests arrive spread out."""
+    if not VARY_LENGTH:
+        return num_predict
+    return max(1, round(num_predict * (0.5 + (i * 0.6180339887) % 1.0)))
 
 
 @dataclass
@@ -148,7 +158,6 @@ async def bench_engine(settings, levels: list[int], num_predict: int, per_level)
 
     name = canonical_name(settings.model)
     engine = await asyncio.to_thread(build_engine, settings, name, await model_dir(settings))
-    sampling = Sampling(temperature=0, max_tokens=num_predict)
     counter = iter(range(10**9))
     try:
         async def one(i: int) -> Sample:
@@ -156,7 +165,9 @@ async def bench_engine(settings, levels: list[int], num_predict: int, per_level)
             start = time.perf_counter()
             first = None
             tokens = 0
-            async for delta in engine.generate(f"bench-{next(counter)}", prompt, sampling, num_predict):
+            tokens_asked = length(num_predict, i)
+            sampling = Sampling(temperature=0, max_tokens=tokens_asked)
+            async for delta in engine.generate(f"bench-{next(counter)}", prompt, sampling, tokens_asked):
                 if first is None and delta.text:
                     first = time.perf_counter() - start
                 tokens += delta.num_tokens
@@ -286,49 +297,50 @@ def _stop(procs) -> None:
 
 
 async def stream_generate(http, body: dict) -> tuple[Sample, float]:
-    """One streamed /api/generate: (time to first token and tokens, mean seconds between tokens)."""
+    """One streamed /api/generate: (time to first token and tokens, mean seconds between the
+    writes that carried tokens). The client reads every byte but parses only the final line:
+    on a small machine a client that parses each line takes CPU the server is measured on."""
     start = time.perf_counter()
     first = last = None
-    tokens = chunks = 0
+    writes = 0
+    tail = b""
     async with http.post("/api/generate", json=body) as r:
-        async for line in r.content:
-            chunk = json.loads(line)
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"])
-            if chunk.get("response"):
-                last = time.perf_counter()
-                first = first or last - start
-                chunks += 1
-            if chunk.get("done"):
-                tokens = chunk["eval_count"]
-    between = (last - start - first) / (chunks - 1) if first is not None and chunks > 1 else 0.0
-    return Sample(first or 0.0, tokens), between
+        async for data in r.content.iter_any():
+            last = time.perf_counter()
+            first = first or last - start
+            writes += 1
+            tail = (tail + data)[-4096:]
+    final = json.loads(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])
+    if "error" in final:
+        raise RuntimeError(final["error"])
+    between = (last - start - first) / (writes - 1) if first is not None and writes > 1 else 0.0
+    return Sample(first or 0.0, final["eval_count"]), between
 
 
 async def stream_completion(http, body: dict) -> Sample:
-    """One streamed OpenAI /v1/completions: time to first token, and tokens (from usage)."""
+    """One streamed OpenAI /v1/completions: time to first token, and tokens (from usage),
+    read the same way."""
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tail = b""
     async with http.post("/v1/completions", json={**body, "stream": True,
                                                   "stream_options": {"include_usage": True}}) as r:
         if r.status != 200:
             raise RuntimeError(await r.text())
-        async for line in r.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            event = json.loads(line[6:])
-            if first is None and any(c.get("text") for c in event.get("choices", [])):
-                first = time.perf_counter() - start
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return Sample(first or 0.0, tokens)
+        async for data in r.content.iter_any():
+            first = first or time.perf_counter() - start
+            tail = (tail + data)[-8192:]
+    events = [e for e in tail.split(b"\n\n") if e.startswith(b"data: {")]
+    usage = json.loads(events[-1][6:]).get("usage") if events else None
+    if not usage:
+        raise RuntimeError(f"the stream ended without usage: {tail[-300:]!r}")
+    return Sample(first or 0.0, usage["completion_tokens"])
 
 
 def _generate_one(settings, http, num_predict: int) -> One:
     async def one(i: int) -> Sample:
         body = {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
-                "options": {"temperature": 0, "num_predict": num_predict}}
+                "options": {"temperature": 0, "num_predict": length(num_predict, i)}}
         return (await stream_generate(http, body))[0]
 
     return one
@@ -336,7 +348,8 @@ def _generate_one(settings, http, num_predict: int) -> One:
 
 def _completion_one(model: str, http, num_predict: int) -> One:
     async def one(i: int) -> Sample:
-        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": num_predict, "temperature": 0}
+        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": length(num_predict, i),
+                "temperature": 0}
         return await stream_completion(http, body)
 
     return one
@@ -461,8 +474,9 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.model:
         settings.model = args.model
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    global REPEATS
+    global REPEATS, VARY_LENGTH
     REPEATS = args.repeats
+    VARY_LENGTH = args.vary_length
 
     def per_level(c: int) -> int:
         return args.requests_per_level or max(4, 2 * c)
@@ -472,7 +486,8 @@ def run_bench(args: argparse.Namespace) -> None:
               f"{args.num_predict} tokens, median of 5")
         asyncio.run(bench_during_batch(settings, args.during_batch, args.num_predict))
         return
-    header = (f"model {settings.model}, {args.num_predict} tokens per request, greedy, levels {levels}, "
+    spread = " (0.5x-1.5x, varied)" if VARY_LENGTH else ""
+    header = (f"model {settings.model}, {args.num_predict} tokens per request{spread}, greedy, levels {levels}, "
               f"median of {REPEATS} runs per level")
     if args.peer:
         print(header + "; vLLama's /v1/completions, then vLLM's own server's")

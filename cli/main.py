@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model")
     p.add_argument("--during-batch", type=int, default=0, metavar="N",
                    help="instead: time to first token idle and behind N batch-class (then interactive) jobs")
+    p.add_argument("--vary-length", action="store_true",
+                   help="ask each request for 0.5x-1.5x of --num-predict (the same for every way measured)")
     p.add_argument("--peer", action="store_true",
                    help="instead: vLLama's /v1/completions against vLLM's own OpenAI server on the same model")
     p.add_argument("--workers", metavar="N,N,...",

@@ -39,6 +39,26 @@ def line(obj: dict[str, Any]) -> bytes:
     return data
 
 
+class TokenLines:
+    """The lines of one stream's tokens without logprobs (the hot path: one per token),
+    byte for byte what ``line(generate_chunk(...))`` or ``line(chat_chunk(...))`` gives, made
+    from parts built once per stream."""
+
+    def __init__(self, model: str, kind: str) -> None:
+        self._head = b'{"model":' + orjson.dumps(model) + b',"created_at":"'
+        if kind == "generate":
+            self._middle, self._end = b'","response":', b',"done":false}\n'
+        else:
+            self._middle, self._end = b'","message":{"role":"assistant","content":', b'},"done":false}\n'
+
+    def __call__(self, text: str) -> bytes:
+        data = self._head + now_rfc3339().encode() + self._middle + orjson.dumps(text) + self._end
+        if "\u2028" in text or "\u2029" in text or "\u0085" in text:
+            for raw, escaped in _LINE_BREAKS.items():
+                data = data.replace(raw, escaped)
+        return data
+
+
 def error_line(message: str, _status: int = 500) -> bytes:
     """How an Ollama stream ends when it fails after its first line (the status is already sent)."""
     return line({"error": message})

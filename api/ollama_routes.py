@@ -74,11 +74,14 @@ async def ndjson_answer(model: str, kind: str, batches: Batches) -> AsyncIterato
     """An answer's frames as /api/generate or /api/chat stream them, up to the final chunk:
     a line per frame, and the lines of frames that arrived together in one write."""
     final = ndjson.generate_final if kind == "generate" else ndjson.chat_final
+    token_line = ndjson.TokenLines(model, kind)
     async for batch in batches:
         lines = []
         for frame in batch:
             if isinstance(frame, TokenFrame):
-                if kind == "generate":
+                if frame.logprobs is None:
+                    lines.append(token_line(frame.text))
+                elif kind == "generate":
                     lines.append(ndjson.line(ndjson.generate_chunk(model, frame.text, frame.logprobs)))
                 else:
                     lines.append(ndjson.line(ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs)))

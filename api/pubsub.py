@@ -66,12 +66,13 @@ class Subscription:
     """One reader's view of a channel (or of one job on the reply channel): its own queue of
     frames, raw JSON (bytes) from a channel of its own, parsed objects (dicts) from a bundle."""
 
-    def __init__(self, channel: str, limit: int, job_id: str | None = None) -> None:
+    def __init__(self, channel: str, limit: int, timeouts: Timeouts, job_id: str | None = None) -> None:
         self.channel = channel
         self.job_id = job_id  # set for a job's inbox on the reply channel
         self._items: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._limit = limit
+        self._timeouts = timeouts
         self.overflowed = False
 
     def _deliver(self, items: list[Any]) -> None:
@@ -82,6 +83,9 @@ class Subscription:
             self._items.clear()  # free the backlog now; the reader is told on its next read
         else:
             self._items.extend(items)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -97,13 +101,12 @@ class Subscription:
         """Until a frame waits (True) or ``timeout_s`` passed without one (False)."""
         if self._items or self.overflowed:
             return True
-        loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _wake, waiter)
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._timeouts.add(self, timeout_s)
         try:
-            await waiter
+            await self._waiter
         finally:
-            timer.cancel()
+            self._timeouts.remove(self)
             self._waiter = None
         return bool(self._items) or self.overflowed
 
@@ -116,9 +119,44 @@ class Subscription:
         return self._items.popleft()
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class Timeouts:
+    """The timeouts of every waiting subscription, on one timer that ticks while any waits.
+
+    Hundreds of streams each wait for their next frame every engine step; a timer of its
+    own for each wait (made, then cancelled as the frame comes) cost more than the rest of
+    the wait. The timeouts are the quiet-stream checks of a watchdog, for which a tenth of a
+    second either way is nothing."""
+
+    TICK_S = 0.1
+
+    def __init__(self) -> None:
+        self._deadlines: dict[Subscription, float] = {}
+        self._task: asyncio.Task | None = None
+
+    def add(self, subscription: Subscription, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadlines[subscription] = loop.time() + timeout_s
+        if self._task is None:
+            self._task = loop.create_task(self._tick(), name="subscription-timeouts")
+
+    def remove(self, subscription: Subscription) -> None:
+        self._deadlines.pop(subscription, None)
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._deadlines:
+                await asyncio.sleep(self.TICK_S)
+                now = loop.time()
+                for subscription, deadline in list(self._deadlines.items()):
+                    if now >= deadline:
+                        subscription._wake()
+        finally:
+            self._task = None
 
 
 @dataclass
@@ -142,6 +180,7 @@ class FrameMultiplexer:
         self.api_id = uuid.uuid4().hex[:12]
         self.reply_channel = keys.reply_channel(self.api_id)
         self._reply = _Channel(pending=1)
+        self._timeouts = Timeouts()
         self._inboxes: dict[str, Subscription] = {}  # job id -> its inbox on the reply channel
         self.on_orphan = on_orphan
         self._orphans: set[str] = set()
@@ -152,7 +191,8 @@ class FrameMultiplexer:
 
     async def inbox(self, job_id: str) -> Subscription:
         """A streamed job's frames from the reply channel; hand ``reply_channel`` to its worker."""
-        subscription = self._inboxes[job_id] = Subscription(self.reply_channel, self._max_backlog, job_id)
+        subscription = self._inboxes[job_id] = Subscription(self.reply_channel, self._max_backlog, self._timeouts,
+                                                            job_id)
         try:
             await asyncio.wait_for(asyncio.shield(self._reply.confirmed.wait()), SUBSCRIBE_TIMEOUT_S)
         except BaseException:
@@ -163,6 +203,7 @@ class FrameMultiplexer:
     async def stop(self) -> None:
         await cancel_and_wait(self._reader)
         self._reader = None
+        await self._timeouts.stop()
         await self._pubsub.aclose()
 
     @property
@@ -170,7 +211,7 @@ class FrameMultiplexer:
         return sum(len(c.subscriptions) for c in self._channels.values()) + len(self._inboxes)
 
     async def subscribe(self, channel: str) -> Subscription:
-        subscription = Subscription(channel, self._max_backlog)
+        subscription = Subscription(channel, self._max_backlog, self._timeouts)
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel(pending=1)

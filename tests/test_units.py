@@ -105,6 +105,15 @@ def test_ndjson_lines_never_split_inside_an_object():
     assert json.loads(line)["response"] == text
 
 
+def test_token_lines_are_the_chunks_ollama_streams_byte_for_byte(monkeypatch):
+    monkeypatch.setattr(ndjson, "now_rfc3339", lambda: "2026-01-02T03:04:05.000006Z")
+    for text in ("hello ", "", 'quo"te \\ é 😀', "a\u2028b\u2029c\u0085d\ne"):
+        assert ndjson.TokenLines("smollm2:135m", "generate")(text) == \
+            ndjson.line(ndjson.generate_chunk("smollm2:135m", text))
+        assert ndjson.TokenLines("smollm2:135m", "chat")(text) == ndjson.line(ndjson.chat_chunk("smollm2:135m", text))
+        assert len(ndjson.TokenLines("m", "chat")(text).decode().splitlines()) == 1
+
+
 def test_arq_payloads_are_json_even_for_exceptions():
     data = job_serializer({"r": ValueError("boom"), "a": [1]})
     assert job_deserializer(data) == {"r": {"error_type": "ValueError", "error": "boom"}, "a": [1]}

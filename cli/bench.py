@@ -124,9 +124,9 @@ async def measure(one: One, levels: list[int], per_level, label: str, cpu: CpuPr
 # ---------------------------------------------------------------- CPU time of processes
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and every process below it (an API with several
-    processes, vLLM's engine process), from /proc."""
+def cpu_seconds(pid: int, below: bool = True) -> float:
+    """User + system CPU time of ``pid`` and (``below``) every process below it (an API with
+    several processes, vLLM's engine process), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
     times: dict[int, float] = {}
@@ -144,7 +144,8 @@ def cpu_seconds(pid: int) -> float:
     while todo:
         p = todo.pop()
         total += times.get(p, 0.0)
-        todo.extend(children.get(p, []))
+        if below:
+            todo.extend(children.get(p, []))
     return total
 
 
@@ -200,7 +201,14 @@ class Running:
     pids: dict[str, list[int]]  # kind of process -> their pids, for cpu()
 
     def cpu(self) -> dict[str, float]:
-        return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.pids.items()}
+        """CPU seconds so far per kind of process; a worker's engine processes (vLLM's engine
+        core: the model's compute) are counted apart from the worker's own."""
+        seconds = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.pids.items()}
+        if "worker" in self.pids:
+            seconds["engine"] = seconds["worker"]
+            seconds["worker"] = sum(cpu_seconds(pid, below=False) for pid in self.pids["worker"])
+            seconds["engine"] -= seconds["worker"]
+        return seconds
 
 
 @contextlib.asynccontextmanager
@@ -258,7 +266,7 @@ async def running_vllm_server(settings, path: Path):
                "--served-model-name", settings.model, "--port", str(port), "--host", "127.0.0.1",
                "--dtype", engine_dtype(settings.dtype, cuda=cuda).dtype,
                "--max-num-seqs", str(settings.max_num_seqs or (256 if cuda else 64)),
-               "--enable-prefix-caching", "--scheduling-policy", "priority", "--disable-log-requests"]
+               "--enable-prefix-caching", "--scheduling-policy", "priority"]
     if settings.max_model_len:
         command += ["--max-model-len", str(settings.max_model_len)]
     if (not cuda) if settings.enforce_eager is None else settings.enforce_eager:

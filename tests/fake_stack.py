@@ -44,7 +44,7 @@ async def fake_stack(redis_url: str, *, worker: bool = True, engine: FakeEngine 
     # A 3 s heartbeat TTL: a worker sharing a busy 2-core machine with the test must not
     # look dead; tests about dead workers wait that much longer.
     settings = Settings(**{"redis_url": redis_url, "model": MODEL, "heartbeat_interval_s": 0.25,
-                           "heartbeat_ttl_s": 3.0, "poll_delay_s": 0.01, "engine": "fake", **overrides})
+                           "heartbeat_ttl_s": 3.0, "engine": "fake", **overrides})
     redis = await connect(redis_url)
     if flush:
         await redis.flushdb()

@@ -254,7 +254,7 @@ async def running_vllm_server(settings, path: Path):
     """vLLM's own OpenAI server on the same model directory with the engine settings a
     vLLama worker would use (workers/engine.py, workers/main.py)."""
     from cli.embedded_redis import free_port
-    from workers.cpu_defaults import engine_dtype
+    from workers.cpu_defaults import engine_dtype, engine_threads
     from workers.engine import has_cuda
 
     port = free_port()
@@ -262,6 +262,9 @@ async def running_vllm_server(settings, path: Path):
     env = dict(os.environ)
     if not cuda:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+        threads = engine_threads(cuda=cuda)  # the thread binding a worker would give its engine
+        if threads is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = threads.bind
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
                "--served-model-name", settings.model, "--port", str(port), "--host", "127.0.0.1",
                "--dtype", engine_dtype(settings.dtype, cuda=cuda).dtype,

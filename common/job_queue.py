@@ -39,6 +39,7 @@ from arq.jobs import Job, JobResult, serialize_job
 
 from common import clock, keys, registry
 from common.errors import ServerBusy, VllamaError
+from common.pipelined import Pipelined
 from common.protocol import GenerationJob
 from common.records import JobRecord, JobStatus
 from common.redis_conn import job_deserializer, job_serializer
@@ -156,6 +157,7 @@ class JobQueue:
     def __init__(self, redis: ArqRedis, keep_result_s: int) -> None:
         self.redis = redis
         self.keep_result_s = keep_result_s
+        self._enqueues = Pipelined(redis)  # the enqueues of requests handled at the same moment, together
 
     # ------------------------------------------------------------ records
 
@@ -178,7 +180,7 @@ class JobQueue:
         Also records the request's keep_alive for the model (the latest request's wins, as in
         Ollama; None restores the default)."""
         job_id, args = self.prepare(job, limit, keep_alive)
-        problem = _outcome(job_id, int(await self.redis.eval(*args)))
+        problem = _outcome(job_id, int(await self._enqueues.eval(*args)))
         if problem is not None:
             raise problem
 

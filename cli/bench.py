@@ -459,7 +459,7 @@ def print_table(engine: list[LevelResult], stack: list[LevelResult], names: tupl
           f"{a + ' TTFT ms':>14} {b + ' TTFT ms':>14} {'added ms':>8} | CPU ms per 1k tokens")
     print("-" * 110)
     for e, s in zip(engine, stack):
-        cpu = "  ".join(f"{name} {s.cpu_ms_per_1k(name):.0f}" for name in s.cpu_s)
+        cpu = "  ".join(f"{name} {s.cpu_ms_per_1k(name):.0f}" for name in s.cpu_s if s.cpu_s[name] > 0)
         print(f"{e.concurrency:>4} | {e.tokens_per_s:>14.1f} {s.tokens_per_s:>14.1f} "
               f"{s.tokens_per_s / e.tokens_per_s:>6.1%} | {e.ttft_median_ms:>14.1f} {s.ttft_median_ms:>14.1f} "
               f"{s.ttft_median_ms - e.ttft_median_ms:>8.1f} | {cpu}")

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import arq.worker
 from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.utils import to_ms
 from arq.worker import Worker
@@ -27,6 +28,16 @@ from common.tasks import until_redis_answers
 __all__ = ["JobConsumer", "job_function"]
 
 log = logging.getLogger(__name__)
+
+
+def _args_for_log(args: Any, kwargs: Any) -> str:
+    """arq formats every job's arguments (a whole chat) for its "job started" log line before
+    the logger decides to drop it; only do it when the line will be written."""
+    return _arq_args_to_string(args, kwargs) if arq.worker.logger.isEnabledFor(logging.INFO) else ""
+
+
+_arq_args_to_string = arq.worker.args_to_string
+arq.worker.args_to_string = _args_for_log
 # Sends a job's end (commands for a pipeline) with the worker's next batch of writes.
 EndWriter = Callable[[Callable[[Any], None]], Awaitable[Any]]
 

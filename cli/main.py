@@ -79,9 +79,6 @@ def _at_least_one(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    # arq logs two lines per job; at hundreds of jobs a second that is a share of the worker's
-    # CPU. Job records in Redis (and the jobs API) say what each job did.
-    logging.getLogger("arq.worker").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="vllama", description="Ollama-compatible server on vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +39,10 @@ def _args_for_log(args: Any, kwargs: Any) -> str:
 
 _arq_args_to_string = arq.worker.args_to_string
 arq.worker.args_to_string = _args_for_log
+# Before looking for a job it was told of, a worker waits up to this long at random (ties
+# between idle workers), plus up to BUSY_WAIT_S the fuller its slots are (JobConsumer._turn_s).
+TIE_BREAK_S = 0.001
+BUSY_WAIT_S = 0.002
 # Sends a job's end (commands for a pipeline) with the worker's next batch of writes.
 EndWriter = Callable[[Callable[[Any], None]], Awaitable[Any]]
 
@@ -101,11 +106,17 @@ class JobConsumer(Worker):
         if self.job_counter >= self.max_jobs:
             self._jobs_left = True  # no slot: the next job to end polls
             return
-        ahead_ms = 0 if score_ms is None else score_ms - clock.now_ms()
-        if ahead_ms <= 0:  # a poll now sees it (arq takes jobs scored up to its clock's now)
-            self._wake.set()
-        else:
-            self._wake_in(min((ahead_ms + 1) / 1000, self.fallback_poll_s))
+        # A job scored ahead of this clock is invisible to a poll until then (arq takes jobs
+        # scored up to its clock's now).
+        ahead_s = 0.0 if score_ms is None else max(0.0, (score_ms - clock.now_ms() + 1) / 1000)
+        self._wake_in(min(max(ahead_s, self._turn_s()), self.fallback_poll_s))
+
+    def _turn_s(self) -> float:
+        """How long to let other workers look first. Every worker serving the queue hears of
+        a job at the same moment, in the order they subscribed, and the first to look takes
+        all it has room for: without a wait the same worker would take every job while others
+        idle. Busier workers wait longer, and a random part of a millisecond breaks ties."""
+        return random.uniform(0.0, TIE_BREAK_S) + BUSY_WAIT_S * self.job_counter / max(self.max_jobs, 1)
 
     def abort_requested(self, job_id: str) -> None:
         """An abort of ``job_id`` was asked for: poll now if this consumer has it."""

@@ -196,6 +196,8 @@ class Settings(BaseSettings):
         description="How often a worker looks for jobs and aborts unasked. Enqueues and aborts wake workers at "
                     "once; this is the fallback for wake-ups lost while Redis reconnects.",
     )
+    job_log: bool = Field(default=False, description="Log each job's start and end in the worker (arq's lines); "
+                          "off by default: at hundreds of jobs a second they cost a share of the worker's CPU.")
 
     # --- liveness ---
     heartbeat_interval_s: float = Field(default=1.0, gt=0)

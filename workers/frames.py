@@ -69,6 +69,10 @@ class FrameSink:
         await cancel_and_wait(self._task)
         self._task = None
 
+    # Each of these returns its own future for the batch (to await, or to ignore): the batch's
+    # one future is shared by all its jobs, and a job cancelled while awaiting it directly
+    # would cancel it for all of them.
+
     def publish(self, channel: str, data: bytes, keep: FrameLog | None = None) -> asyncio.Future[Listeners]:
         """Publish one frame as a message of its own (and append it to ``keep``'s list)."""
         def write(pipe: Any) -> None:
@@ -83,10 +87,15 @@ class FrameSink:
         ahead of the bundles (a started job's record, then its start frame). A batch Redis did
         not take is sent again, so they must be safe to repeat."""
         self._writes.append(write)
-        return self._gathering()
+        return _own(self._gathering())
 
     def reply(self, channel: str, job_id: str, data: bytes) -> asyncio.Future[Listeners]:
         """Publish one frame of ``job_id`` in the next bundle for ``channel``."""
+        return _own(self.reply_unawaited(channel, job_id, data))
+
+    def reply_unawaited(self, channel: str, job_id: str, data: bytes) -> asyncio.Future[Listeners]:
+        """``reply`` for a frame nobody waits for (a token: the hot path), without a future of
+        its own. The batch's shared future it returns must not be awaited."""
         self._bundles.setdefault(channel, {}).setdefault(job_id, []).append(data)
         return self._gathering()
 
@@ -99,8 +108,7 @@ class FrameSink:
     def _gathering(self) -> asyncio.Future[Listeners]:
         if self._batch is None:
             self._batch = self._last = asyncio.get_running_loop().create_future()
-            # Token frames are not awaited: a failure must not be reported as never retrieved.
-            self._batch.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._batch.add_done_callback(_retrieved)
             self._ready.set()
         return self._batch
 
@@ -131,6 +139,19 @@ class FrameSink:
                 continue
             self._listeners.update(listeners)
             done.set_result(listeners)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Token frames are not awaited: a batch's failure must not be reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _own(batch: asyncio.Future[Listeners]) -> asyncio.Future[Listeners]:
+    """A future of the caller's own for the batch's shared one."""
+    own = asyncio.shield(batch)
+    own.add_done_callback(_retrieved)
+    return own
 
 
 def bundle(jobs: dict[str, list[bytes]]) -> bytes:
@@ -187,7 +208,10 @@ class FramePublisher:
             return
         data = orjson.dumps({"seq": self._seq, "type": "token", "text": text})
         self._seq += 1
-        self._publish(data)
+        if self.reply_to is None:
+            self._sink.publish(self.channel, data, self.keep)
+        else:
+            self._sink.reply_unawaited(self.channel, self.job_id, data)
 
     def listening(self) -> bool:
         """Whether someone still reads this job's channel, as of the latest publish."""

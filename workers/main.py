@@ -336,6 +336,9 @@ class GenerationWorker:
 
 def run_worker(settings: Settings) -> None:
     """Entry point of `vllama worker`."""
+    # arq logs two lines per job; at hundreds of jobs a second that is a share of the worker's
+    # CPU, and job records in Redis (and the jobs API) say what each job did.
+    logging.getLogger("arq.worker").setLevel(logging.INFO if settings.job_log else logging.WARNING)
 
     try:
         run_until_signalled(lambda: GenerationWorker(settings))

@@ -175,6 +175,7 @@ class Cluster:
                     write_model(self.home(host), model)
             env = {"VLLAMA_REDIS_URL": self.redis_url, "VLLAMA_HOME": str(self.home(host)),
                    "VLLAMA_ENGINE": "fake", "VLLAMA_MODEL": FAKE_MODEL, "HF_HUB_OFFLINE": "1",
+                   "VLLAMA_JOB_LOG": "1",  # clients.executions() counts each job's starts in the logs
                    **self.worker_env}
             if host in self.clocks:
                 env.update(skewed_env(self.clocks[host]))

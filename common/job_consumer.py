@@ -90,7 +90,8 @@ class JobConsumer(Worker):
         self.polls = 0  # polls so far (to observe how often it looks)
         self._wake = asyncio.Event()
         self._wake.set()  # the first poll at once
-        self._wake_timer: asyncio.TimerHandle | None = None
+        self._wake_timer: asyncio.Handle | None = None
+        self._wake_at = 0.0  # loop time the pending poll is due
         self._between_polls = asyncio.Event()
         self._between_polls.set()
         # The last poll left jobs it had no slot for, or had no slot to look: a job that ends
@@ -133,12 +134,18 @@ class JobConsumer(Worker):
 
     def _wake_in(self, delay_s: float) -> None:
         """Poll in ``delay_s``, unless a poll is already due sooner."""
-        loop = asyncio.get_running_loop()
-        pending = self._wake_timer
-        if pending is not None and loop.time() < pending.when() <= loop.time() + delay_s:
+        if delay_s <= 0:
+            self._wake.set()
             return
-        if pending is not None:
-            pending.cancel()  # fired already (harmless), or later than needed
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # When the pending poll is due, kept here: uvloop turns a delay under half a
+        # millisecond into a plain handle, which cannot say when it runs.
+        if self._wake_timer is not None and now < self._wake_at <= now + delay_s:
+            return
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()  # fired already (harmless), or later than needed
+        self._wake_at = now + delay_s
         self._wake_timer = loop.call_later(delay_s, self._wake.set)
 
     async def _until_woken(self) -> None:

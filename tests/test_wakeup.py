@@ -128,7 +128,11 @@ async def test_wakeups_coalesce_into_one_more_poll(redis_server):
 async def test_a_job_queued_while_the_wakeup_connection_is_down_still_starts(redis_server):
     async with fake_stack(redis_server.url, poll_delay_s=0.5) as stack, stack.client() as http:
         await stack.worker._wakeups.stop()
-        assert await stack.redis.pubsub_numsub(keys.WAKEUP) == [(keys.WAKEUP.encode(), 0)]
+
+        async def unsubscribed() -> bool:  # Redis drops a closed connection's subscription as it notices
+            return await stack.redis.pubsub_numsub(keys.WAKEUP) == [(keys.WAKEUP.encode(), 0)]
+
+        await async_wait_until(unsubscribed, 10, "the wake-up subscription to be gone")
         assert await generate(http) == "tok0 tok1 "
 
 

@@ -1,13 +1,14 @@
-"""From a job spec to a stream of frames: admission, subscribe-then-enqueue, watchdog, abort.
+"""From a job spec to a stream of frames: admission, inbox-then-enqueue, watchdog, abort.
 
 The API never runs a model. It checks that some live worker serves the model (or has one
 load it: api/loading.py; 404 if it cannot be had), that the model's queue is not over its
 limit (503), opens the job's inbox on this process's reply channel (api/pubsub.py), enqueues
 the job (common/job_queue.py), and then yields the worker's frames in order, in batches: all
-that arrived since the last look, so a stream that is behind catches up in one write. Nothing hangs: after every quiet heartbeat interval it
-checks on the job, and the client gets an error within seconds when the worker running it
-died, when the job vanished from Redis (a restart that lost the data), when the worker that
-took it died before starting it, or when no worker started it within VLLAMA_QUEUE_TIMEOUT_S.
+that arrived since the last look, so a stream that is behind catches up in one write.
+Nothing hangs: after every quiet heartbeat interval it checks on the job, and the client gets
+an error within seconds when the worker running it died, when the job vanished from Redis (a
+restart that lost the data), when the worker that took it died before starting it, or when no
+worker started it within VLLAMA_QUEUE_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -160,12 +161,6 @@ class JobStream:
             if batch:
                 yield batch
             raise error
-
-    async def frames(self) -> AsyncIterator[Frame]:
-        """Frames one by one, as ``batches`` gives them."""
-        async for batch in self.batches():
-            for frame in batch:
-                yield frame
 
     async def _check_progress(self) -> None:
         """Called after a quiet tick: can the job still produce frames?"""

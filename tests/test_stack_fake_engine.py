@@ -207,10 +207,10 @@ async def test_a_gap_in_the_frame_sequence_fails_loudly(redis_server):
             assert job.reply_to == mux.reply_channel  # where the worker sends its frames
             for frame in (StartFrame(seq=0, worker_id="w"), TokenFrame(seq=2, text="b")):
                 await stack.redis.publish(job.reply_to, bundle({job.job_id: [frame.model_dump_json().encode()]}))
-            frames = stream.frames()
-            assert isinstance(await anext(frames), StartFrame)
+            batches = stream.batches()
+            assert isinstance((await anext(batches))[0], StartFrame)
             with pytest.raises(StreamBroken, match="frame 1 expected, 2 received"):
-                await anext(frames)
+                await anext(batches)
             await stream.close()
         finally:
             await mux.stop()

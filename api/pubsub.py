@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from common import keys
 from common.errors import StreamBroken
 from common.keys import PREFIX
+from common.subscriptions import next_message
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class FrameMultiplexer:
     async def _read(self) -> None:
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await next_message(self._pubsub, 1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep serving; lost frames show up as seq gaps

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.job_consumer import JobConsumer
+from common.subscriptions import next_message
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class WakeupListener:
                 try:
                     if not pubsub.subscribed:  # never confirmed yet; later ones redis-py renews itself
                         await pubsub.subscribe(keys.WAKEUP)
-                    message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
+                    message = await next_message(pubsub, READ_TIMEOUT_S)
                 except Exception as exc:  # noqa: BLE001 - Redis away: consumers poll meanwhile
                     self.subscribed = False
                     if away_since is None:

@@ -21,7 +21,7 @@ from arq.utils import to_ms
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
-from common import clock
+from common import clock, keys
 from common.job_queue import RESULT_UNKEPT, in_progress_key, job_function
 from common.redis_conn import job_deserializer
 from common.tasks import until_redis_answers
@@ -78,9 +78,13 @@ class JobConsumer(Worker):
     one more poll, however many they are."""
 
     def __init__(self, *args: Any, wake_ups: bool = False, end_writer: EndWriter | None = None,
-                 **kwargs: Any) -> None:
+                 claimed_by: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._end_writer = end_writer
+        # The worker id that keys.RUNNING names for each job from the moment it is claimed to
+        # its end, so the API's sweep settles the jobs of a worker that died, even those it
+        # had taken and not started yet (arq's marker would hold them for the job timeout).
+        self.claimed_by = claimed_by
         self._result_unkept: set[str] = set()  # filled by keep_no_result
         self.ctx[RESULT_UNKEPT] = self._result_unkept
         self.wake_ups = wake_ups
@@ -197,6 +201,7 @@ class JobConsumer(Worker):
             return
         await until_redis_answers(lambda: super(JobConsumer, self).finish_job(
             job_id, finish, result_data, result_timeout_s, keep_result_forever, *args), f"end of job {job_id}")
+        await self._unclaimed(job_id)
 
     def _ended(self, job_id: str, result_data: bytes | None, expire_ms: int | None) -> Callable[[Any], None]:
         """arq's end of a finished job as commands for the worker's next batched round trip
@@ -209,8 +214,15 @@ class JobConsumer(Worker):
             pipe.zrem(self.queue_name, job_id)
             pipe.zrem(abort_jobs_ss, job_id)
             pipe.delete(retry_key_prefix + job_id, job_key_prefix + job_id, in_progress_key(job_id))
+            if self.claimed_by is not None:
+                pipe.hdel(keys.RUNNING, job_id)
 
         return end
+
+    async def _unclaimed(self, job_id: str) -> None:
+        """The job ended here, or went back to its queue: no longer ours in keys.RUNNING."""
+        if self.claimed_by is not None:
+            await until_redis_answers(lambda: self.pool.hdel(keys.RUNNING, job_id), f"end of job {job_id}")
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         # A job that failed before it ran (aborted as it was taken, expired): its function
@@ -223,6 +235,7 @@ class JobConsumer(Worker):
                 pass  # keep it then: a result too many, with its TTL, harms nothing
         await until_redis_answers(lambda: super(JobConsumer, self).finish_failed_job(job_id, result_data),
                                   f"end of job {job_id}")
+        await self._unclaimed(job_id)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start as many of ``job_ids`` as there are free slots, claimed in one round trip.
@@ -239,8 +252,9 @@ class JobConsumer(Worker):
             if candidates and free <= 0:
                 self._jobs_left = True  # the next job to end polls for them
             return
-        claimed = await self.pool.eval(_CLAIM, 1, self.queue_name, in_progress_key(""), clock.now_ms(),
-                                       int(self.in_progress_timeout_s * 1000), free, *candidates)
+        claimed = await self.pool.eval(_CLAIM, 2, self.queue_name, keys.RUNNING, in_progress_key(""), clock.now_ms(),
+                                       int(self.in_progress_timeout_s * 1000), free, self.claimed_by or "",
+                                       *candidates)
         for job_id, score in zip(claimed[::2], claimed[1::2]):
             job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
             await self.sem.acquire()  # never waits: only free slots were claimed
@@ -252,19 +266,22 @@ class JobConsumer(Worker):
             self._jobs_left = True  # the next job to end polls for the others
 
 
-# KEYS: the queue zset. ARGV: the in-progress key prefix, now (ms), the in-progress marker's
-# TTL (ms), how many to claim at most, then the candidate job ids in queue order.
+# KEYS: the queue zset, keys.RUNNING. ARGV: the in-progress key prefix, now (ms), the
+# in-progress marker's TTL (ms), how many to claim at most, the claiming worker's id ("" to
+# record none), then the candidate job ids in queue order.
 # Returns id, score, id, score, ... of the jobs claimed (marked in progress) for this worker.
 _CLAIM = """
 local claimed = {}
 local room = tonumber(ARGV[4])
-for i = 5, #ARGV do
+local claimer = ARGV[5]
+for i = 6, #ARGV do
   if room == 0 then break end
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], id)
   local marker = ARGV[1] .. id
   if score and tonumber(score) <= tonumber(ARGV[2]) and redis.call('EXISTS', marker) == 0 then
     redis.call('PSETEX', marker, ARGV[3], '1')
+    if claimer ~= '' then redis.call('HSET', KEYS[2], id, claimer) end
     claimed[#claimed + 1] = id
     claimed[#claimed + 1] = score
     room = room - 1

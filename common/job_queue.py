@@ -288,10 +288,12 @@ class JobQueue:
         return lost
 
     async def sweep_lost(self) -> int:
-        """Fail the running jobs of workers whose heartbeat lapsed (``vllama:running``), so
-        their records, the jobs list and redis-cli stop calling them running and arq stops
-        counting them; returns how many. Jobs with a listener are usually settled sooner by
-        their stream's own check; this catches the rest (async jobs, batch lines)."""
+        """Fail the jobs of workers whose heartbeat lapsed (``vllama:running``), so their
+        records, the jobs list and redis-cli stop calling them running or queued and arq stops
+        counting them; returns how many. A job the worker had taken but not started yet is
+        failed too: arq's in-progress marker would keep every other worker off it until the
+        job timeout. Jobs with a listener are usually settled sooner by their stream's own
+        check; this catches the rest (async jobs, batch lines)."""
         running = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(keys.RUNNING)).items()}
         workers = sorted(set(running.values()))
         if not workers:
@@ -303,7 +305,10 @@ class JobQueue:
         lost = [job_id for job_id, worker_id in running.items() if not alive[worker_id]]
         for job_id in lost:
             record = await self.record(job_id)
-            if record is not None:
+            if record is not None and record.status == "queued":
+                await self.write_record(record.ended("failed", JOB_LOST_MESSAGE))
+                await self.forget(keys.queue_for(record.model, record.priority), job_id)
+            elif record is not None:
                 await self.settle_lost(record)
             await self.redis.hdel(keys.RUNNING, job_id)
         return len(lost)

@@ -65,9 +65,10 @@ def job_frames(job_id: str) -> str:
     return f"{PREFIX}:job-frames:{job_id}"
 
 
-# Hash: job id -> id of the worker running it, for every running job. Written by the worker as
-# it starts a job and removed as it ends it; the API's sweep fails the jobs of workers whose
-# heartbeat lapsed and removes them. No TTL: shared, and bounded by the jobs running now.
+# Hash: job id -> id of the worker that took it, for every job taken and not ended. Written
+# by the worker's job consumer as it claims a job and removed as it ends it; the API's sweep
+# fails the jobs of workers whose heartbeat lapsed (started or not) and removes them. No TTL:
+# shared, and bounded by the jobs running now.
 RUNNING = f"{PREFIX}:running"
 
 # Lock held by the API replica sweeping RUNNING this round; TTL: one round (a few seconds).

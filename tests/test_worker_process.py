@@ -10,6 +10,9 @@ import time
 import pytest
 
 from common import keys, registry
+from common.job_consumer import JobConsumer
+from common.job_queue import JOB_LOST_MESSAGE, JobQueue, job_function
+from common.protocol import GenerationJob, Sampling
 from tests.fake_stack import MODEL, fake_stack
 from tests.harness import Proc, async_wait_until
 
@@ -82,3 +85,42 @@ async def test_two_workers_take_jobs_from_the_same_queue(redis_server, tmp_path)
         finally:
             for w in workers:
                 w.stop()
+
+
+async def test_jobs_a_dead_worker_took_but_never_started_are_failed_not_stranded(redis_server):
+    """A worker claims every job it has room for at once, then starts them one by one: one
+    that dies in between leaves jobs marked in progress that nobody runs. The claim names the
+    worker in vllama:running, so the sweep fails them as lost (instead of arq keeping every
+    other worker off them until the job timeout), and leaves a live worker's claims alone."""
+    async with fake_stack(redis_server.url, worker=False) as stack:
+        queue = JobQueue(stack.redis, keep_result_s=60)
+        jobs = [GenerationJob(job_id=f"claimed-{n}", model=MODEL, kind="generate", prompt="hi", stream=False,
+                              sampling=Sampling(max_tokens=3)) for n in range(3)]
+        for job in jobs:
+            await queue.enqueue(job, limit=100)
+
+        async def never_reached(ctx, spec):
+            raise AssertionError("the claimed jobs must not start in this test")
+
+        def consumer(worker_id: str, max_jobs: int) -> JobConsumer:
+            return JobConsumer(functions=[job_function(never_reached, name="generate")],
+                               queue_name=keys.generation_queue(MODEL), redis_pool=stack.redis, max_jobs=max_jobs,
+                               claimed_by=worker_id, handle_signals=False)
+
+        live, dead = consumer("live-worker", 1), consumer("dead-worker", 2)
+        await stack.redis.set(keys.worker_record("live-worker"), "{}", ex=60)  # its heartbeat
+        for taker in (live, dead):
+            await taker.start_jobs([job.job_id.encode() for job in jobs])
+            for task in taker.tasks.values():
+                task.cancel()  # dies before its first step: claimed, never started
+        taken = {k.decode(): v.decode() for k, v in (await stack.redis.hgetall(keys.RUNNING)).items()}
+        assert taken == {"claimed-0": "live-worker", "claimed-1": "dead-worker", "claimed-2": "dead-worker"}
+
+        assert await queue.sweep_lost() == 2
+        for job in jobs[1:]:
+            record = await queue.record(job.job_id)
+            assert record.status == "failed" and record.error == JOB_LOST_MESSAGE
+            assert await queue.whereabouts(job.job_id) == "gone"
+        assert (await queue.record("claimed-0")).status == "queued"
+        assert await queue.whereabouts("claimed-0") == "running"
+        assert await stack.redis.hgetall(keys.RUNNING) == {b"claimed-0": b"live-worker"}

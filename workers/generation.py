@@ -133,7 +133,6 @@ class GenerationRunner:
 
         def running(pipe: Any) -> None:
             pipe.set(keys.job_record(job.job_id), record, ex=self.keep_result_s)
-            pipe.hset(keys.RUNNING, job.job_id, self.worker_id)
             if publisher.keep is not None:
                 pipe.delete(publisher.keep.key)  # frames of an earlier attempt, if any, are void
 
@@ -255,7 +254,6 @@ class GenerationRunner:
             # A streamed job's record is kept only briefly once it ended (record_ttl), also
             # when this write is sent again after Redis lost its data: never for an hour.
             pipe.set(keys.job_record(job_id), record.dump(), ex=record_ttl(record, self.keep_result_s))
-            pipe.hdel(keys.RUNNING, job_id)
             if record.owner is not None and result is not None:  # usage per API key, in /metrics
                 pipe.hincrby(keys.KEY_PROMPT_TOKENS, record.owner, result.stats.prompt_eval_count)
                 pipe.hincrby(keys.KEY_GENERATED_TOKENS, record.owner, result.stats.eval_count)

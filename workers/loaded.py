@@ -84,6 +84,7 @@ class LoadedModel:
             poll_delay=settings.poll_delay_s,  # only the fallback: it is woken for each job and abort
             wake_ups=True,
             end_writer=sink.write,  # a job's end travels with the frames: one round trip for many jobs
+            claimed_by=self.runner.worker_id,  # in keys.RUNNING from its claim to its end
             allow_abort_jobs=True,
             keep_result=settings.keep_result_s,
             job_serializer=job_serializer,

@@ -42,10 +42,11 @@ async def follow_pull(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
     try:
         states = {s: await _start(redis, settings, s, model) for s in stores}
         yield dict(states)
+        suspects: set[str] = set()
         while not all(state.finished for state in states.values()):
             if await _next_frames(subscriptions, states, QUIET_CHECK_S):
                 yield dict(states)
-            elif await _recheck(redis, settings, states):
+            elif await _recheck(redis, settings, states, suspects):
                 yield dict(states)
     finally:
         for subscription in subscriptions.values():
@@ -129,9 +130,11 @@ def _apply(states: dict[str, PullState], raw: bytes) -> None:
         states[frame.state.store_id] = frame.state
 
 
-async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullState]) -> bool:
+async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullState], suspects: set[str]) -> bool:
     """After a quiet spell: read the records (a frame may have been missed) and fail the
-    pulls whose store has stopped."""
+    pulls whose store has stopped. A pull that looks orphaned may also be one its worker has
+    just taken and not yet said it runs: ``suspects`` holds those seen so at the previous
+    check, and only a second sighting in a row fails the pull."""
     alive = {s.store_id for s in await catalog.live_stores(redis)}
     changed = False
     for store_id, state in states.items():
@@ -139,7 +142,7 @@ async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullSt
             continue
         raw = await redis.get(keys.pull_record(store_id, state.model))
         latest = PullState.model_validate_json(raw) if raw else state
-        if store_id not in alive or await _orphaned(JobQueue(redis, settings.keep_result_s), store_id, state.model):
+        if not latest.finished and (store_id not in alive or await _lost(redis, settings, store_id, state, suspects)):
             latest.status, latest.code = "failed", "unavailable"
             latest.error = (f"the pull worker of store {store_id} stopped during the pull; pull again: "
                             "files already fetched are kept")
@@ -147,6 +150,16 @@ async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullSt
             states[store_id] = latest
             changed = True
     return changed
+
+
+async def _lost(redis: ArqRedis, settings: Settings, store_id: str, state: PullState, suspects: set[str]) -> bool:
+    if not await _orphaned(JobQueue(redis, settings.keep_result_s), store_id, state.model):
+        suspects.discard(store_id)
+        return False
+    if store_id in suspects:
+        return True
+    suspects.add(store_id)
+    return False
 
 
 class PullLines:

@@ -319,8 +319,12 @@ class JobQueue:
                                 ) -> str | None:
         """A job for one store's pull worker: its id, or None if a job with ``job_id`` is
         already there."""
-        job = await self.redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=keys.store_queue(store_id))
-        return None if job is None else job.job_id
+        queue = keys.store_queue(store_id)
+        job = await self.redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue)
+        if job is None:
+            return None
+        await self.redis.publish(keys.WAKEUP, wakeup_message(queue, clock.now_ms()))
+        return job.job_id
 
     async def store_job_result(self, store_id: str, job_id: str) -> JobResult | None:
         """How a store job ended, None while it has not."""

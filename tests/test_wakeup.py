@@ -199,3 +199,21 @@ async def _numsub(redis) -> bool:
 
 async def _unsubscribed(stack) -> bool:
     return not stack.worker._wakeups.subscribed
+
+
+async def test_a_store_job_wakes_the_pull_worker(redis_server, tmp_path):
+    """Pulls, copies and deletes go to a store's pull worker, which is woken for them too:
+    an idle store costs no polling, and a delete asked for is done at once."""
+    async with fake_stack(redis_server.url, worker=False, pull_worker=True, home=tmp_path,
+                          poll_delay_s=NEVER_S) as stack:
+        store_id = stack.pull_worker.store_id
+        queue = JobQueue(stack.redis, keep_result_s=60)
+        await asyncio.sleep(0.5)  # its first poll is over: from now on it looks only when woken
+        job_id = await queue.enqueue_store_job(store_id, "delete", "nothing-here:latest")
+
+        async def ended():
+            return await queue.store_job_result(store_id, job_id)
+
+        # Within a third of the fallback poll's delay: woken, not found by that poll.
+        result = await async_wait_until(ended, NEVER_S / 3, "the delete to end")
+        assert result.success and result.result == {"deleted": False, "leftovers": 0}

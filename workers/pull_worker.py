@@ -30,6 +30,7 @@ from common.settings import Settings
 from common.tasks import cancel_and_wait, run_until_signalled
 from common.redact import without_paths
 from workers.frames import FramePublisher, FrameSink
+from workers.wakeup import WakeupListener
 from workers.peer_server import StoreServer, StoreServerError
 from workers.disk_space import DiskReservations, ReservedSpace
 from workers.pull import Progress, pull
@@ -86,7 +87,8 @@ class PullWorker:
             queue_name=keys.store_queue(self.store_id),
             redis_pool=redis,
             max_jobs=8,
-            poll_delay=0.05,
+            poll_delay=self.settings.poll_delay_s,  # only the fallback: it is woken for each job and abort
+            wake_ups=True,
             keep_result=60,  # delete and copy: the API reads the outcome within seconds
             job_serializer=job_serializer,
             job_deserializer=job_deserializer,
@@ -94,6 +96,9 @@ class PullWorker:
             health_check_interval=60,
             retry_jobs=False,
         )
+        wakeups = WakeupListener(redis)
+        wakeups.add(arq)
+        wakeups.start()
         consume = asyncio.create_task(arq.async_run(), name="store-jobs")
         try:
             await asyncio.wait({consume, asyncio.create_task(self._stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -101,6 +106,7 @@ class PullWorker:
                 consume.result()
         finally:
             await cancel_and_wait(consume)
+            await wakeups.stop()
             await cancel_and_wait(beat)
             await self._sink.stop()
             await catalog.remove_store(redis, self.store_id)

@@ -19,6 +19,7 @@ from api.batches import router as batches_router
 from api.files import router as files_router
 from api.housekeeping import Housekeeping
 from api import metrics
+from api.replica_counts import ReplicaCounts
 from api.jobs_routes import router as jobs_router
 from api.limits import install_body_limit
 from api.model_routes import router as model_router
@@ -49,10 +50,14 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
         app.state.dispatcher = dispatcher = Dispatcher(conn, mux, settings)
         housekeeping = Housekeeping(conn, dispatcher.queue, settings)
         await housekeeping.start()
+        app.state.replica_counts = counts = ReplicaCounts(conn, mux.api_id, app.state.request_counts,
+                                                          app.state.key_requests)
+        counts.start()
         heap.settle()  # the app is built: nothing made so far is garbage
         try:
             yield
         finally:
+            await counts.stop()
             await housekeeping.stop()
             await mux.stop()
             if redis is None:

@@ -3,8 +3,8 @@
 Everything but the HTTP counters comes from Redis, so every API replica shows the same
 cluster-wide picture: queue lengths per model and class, and each live worker's numbers per
 model from its heartbeat (jobs, tokens, time to first token and per output token, and vLLM's
-own running/waiting/KV-cache figures). The HTTP counters are this replica's; Prometheus
-sums them across replicas.
+own running/waiting/KV-cache figures). The HTTP counters are this replica's (all processes of
+`vllama api --workers N`, api/replica_counts.py); Prometheus sums them across replicas.
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def install(app: FastAPI) -> None:
 async def metrics(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     out = Exposition()
-    counts: Counter[tuple[str, str, int]] = request.app.state.request_counts
+    counts, key_requests = await request.app.state.replica_counts.totals()
     out.family("vllama_http_requests_total", "counter", "HTTP requests answered by this API replica",
                [({"method": m, "endpoint": e, "status": str(s)}, n) for (m, e, s), n in sorted(counts.items())])
 
-    await _per_key(request, out)
+    await _per_key(request, out, key_requests)
 
     workers = await d.live_workers(fresh=True)
     out.family("vllama_workers_alive", "gauge", "generation workers with a live heartbeat", [({}, len(workers))])
@@ -100,7 +100,7 @@ async def metrics(request: Request) -> Response:
     return Response(out.text(), media_type=Exposition.CONTENT_TYPE)
 
 
-async def _per_key(request: Request, out: Exposition) -> None:
+async def _per_key(request: Request, out: Exposition, key_requests: Counter[str]) -> None:
     """Usage per API key: requests (this replica's, like the HTTP counters) and tokens (the
     whole cluster's, added by workers as jobs end). Labelled by key name only, so the series
     are bounded by the keys file. An admin key sees every key's; another key its own."""
@@ -118,7 +118,7 @@ async def _per_key(request: Request, out: Exposition) -> None:
         return [({"key": name}, n) for name, n in sorted(named.items()) if ownership.can_see(principal, name)]
 
     out.family("vllama_key_requests_total", "counter", "HTTP requests made with each API key, on this API replica",
-               samples(request.app.state.key_requests))
+               samples(key_requests))
     out.family("vllama_key_prompt_tokens_total", "counter",
                "prompt tokens processed for each API key (per job: each of n choices reads its prompt)", samples(prompt))
     out.family("vllama_key_generated_tokens_total", "counter", "tokens generated for each API key", samples(generated))

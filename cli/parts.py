@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import sys
+import uuid
 
 from pydantic import ValidationError
 
@@ -86,7 +87,11 @@ def _run_api_processes(settings: Settings, options: dict) -> None:
     from uvicorn.config import STARTUP_FAILURE, Config
     from uvicorn.supervisors import Multiprocess
 
+    from api.replica_counts import GROUP_ENV
+
     export_settings(settings)
+    # The processes' HTTP counters are summed across this group (api/replica_counts.py).
+    os.environ[GROUP_ENV] = uuid.uuid4().hex[:12]
     config = Config("api.app:create_app_from_env", factory=True, workers=settings.api_workers,
                     log_config=_log_config(), **options)
     sock = config.bind_socket()

@@ -71,6 +71,13 @@ def job_frames(job_id: str) -> str:
 # shared, and bounded by the jobs running now.
 RUNNING = f"{PREFIX}:running"
 
+def api_http_counts(group: str) -> str:
+    """Hash: API process id -> its HTTP request counts (JSON), for the processes of one
+    `vllama api --workers N` (api/replica_counts.py). TTL: 10 minutes, renewed by every write
+    (each process writes every 2 s)."""
+    return f"{PREFIX}:api-http-counts:{group}"
+
+
 # Lock held by the API replica sweeping RUNNING this round; TTL: one round (a few seconds).
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 

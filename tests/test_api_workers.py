@@ -210,3 +210,40 @@ def test_serve_with_two_api_processes_answers_and_stops_with_status_0(tmp_path):
     finally:
         serve.stop()
         serve.kill_tree()
+
+
+def _get(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # a fresh connection: any process
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read().decode()
+        assert response.status == 200, body
+        return body
+    finally:
+        conn.close()
+
+
+def _version_requests(metrics_text: str) -> int:
+    wanted = 'vllama_http_requests_total{method="GET",endpoint="/api/version",status="200"} '
+    return sum(int(float(line[len(wanted):])) for line in metrics_text.splitlines() if line.startswith(wanted))
+
+
+def test_metrics_count_the_requests_of_every_api_process(redis_server, fake_worker, tmp_path):
+    """A scrape reaches one of the N processes at random; each must show the requests all of
+    them answered, not its own share."""
+    api, port, _ = _start(redis_server, tmp_path)
+    try:
+        for _ in range(40):
+            _get(port, "/api/version")
+        wait_until(lambda: all(_version_requests(_get(port, "/metrics")) == 40 for _ in range(6)), 30,
+                   "every scrape to count the 40 requests")
+        # Each process answered a share of them (as it wrote to Redis): none had 40 of its own.
+        client = redis.Redis.from_url(redis_server.url)
+        [group_key] = client.keys("vllama:api-http-counts:*")
+        shares = [sum(n for method, endpoint, status, n in json.loads(raw)["requests"] if endpoint == "/api/version")
+                  for raw in client.hgetall(group_key).values()]
+        assert len(shares) == 2 and sum(shares) == 40 and 0 < min(shares), shares
+    finally:
+        api.stop()
+        api.kill_tree()

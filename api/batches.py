@@ -33,7 +33,7 @@ from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, Conflict, ErrorCode, NotFound, ServerBusy, VllamaError
 from common.protocol import BatchRef, DoneFrame, GenerationJob
-from common.job_queue import PreparedJob, worker_lost_message
+from common.job_queue import JOB_LOST_MESSAGE, PreparedJob, worker_lost_message
 from common.records import BATCH_LINES, BatchLine, BatchRecord, JobRecord
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
@@ -341,9 +341,10 @@ async def _settle_stray_lines(d: Dispatcher, batch_id: str) -> bool:
 
 
 def _lost_already(record: JobRecord) -> JobRecord | None:
-    """A line's job that the API's sweep already failed for its dead worker (the worker never
-    recorded the line's outcome)."""
-    return record if record.status == "failed" and record.error == worker_lost_message(record.worker_id) else None
+    """A line's job that the API's sweep already failed for its dead worker, which had started
+    it or only taken it (the worker never recorded the line's outcome)."""
+    lost = (worker_lost_message(record.worker_id), JOB_LOST_MESSAGE)
+    return record if record.status == "failed" and record.error in lost else None
 
 
 async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:

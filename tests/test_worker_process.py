@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from api.batches import _lost_already
 from common import keys, registry
 from common.job_consumer import JobConsumer
 from common.job_queue import JOB_LOST_MESSAGE, JobQueue, job_function
@@ -121,6 +122,7 @@ async def test_jobs_a_dead_worker_took_but_never_started_are_failed_not_stranded
             record = await queue.record(job.job_id)
             assert record.status == "failed" and record.error == JOB_LOST_MESSAGE
             assert await queue.whereabouts(job.job_id) == "gone"
+            assert _lost_already(record) is record  # a batch line of it is settled as lost, not awaited forever
         assert (await queue.record("claimed-0")).status == "queued"
         assert await queue.whereabouts("claimed-0") == "running"
         assert await stack.redis.hgetall(keys.RUNNING) == {b"claimed-0": b"live-worker"}

@@ -27,6 +27,7 @@ from common.settings import Settings
 _frame = TypeAdapter(Frame)
 _PHASES = ["queued", "manifest", "downloading", "verifying", "converting", "writing", "success"]
 QUIET_CHECK_S = 1.0
+ORPHAN_RECHECK_S = 1.0  # far longer than a pull worker takes from taking a pull to saying it runs it
 
 NO_STORE = ("no pull worker is running, so models cannot be pulled; start `vllama pull-worker` on each "
             "machine that runs workers (`vllama serve` starts one)")
@@ -42,11 +43,10 @@ async def follow_pull(redis: ArqRedis, mux: FrameMultiplexer, settings: Settings
     try:
         states = {s: await _start(redis, settings, s, model) for s in stores}
         yield dict(states)
-        suspects: set[str] = set()
         while not all(state.finished for state in states.values()):
             if await _next_frames(subscriptions, states, QUIET_CHECK_S):
                 yield dict(states)
-            elif await _recheck(redis, settings, states, suspects):
+            elif await _recheck(redis, settings, states):
                 yield dict(states)
     finally:
         for subscription in subscriptions.values():
@@ -94,8 +94,14 @@ async def _start(redis: ArqRedis, settings: Settings, store_id: str, model: str)
 
 async def _orphaned(queue: JobQueue, store_id: str, model: str) -> bool:
     """arq still counts the pull as running, but no pull worker says it runs it: its worker
-    was killed. arq would keep it "in progress" for a day."""
-    return await queue.store_job_orphaned(keys.pull_job_id(store_id, model), keys.pull_alive(store_id, model))
+    was killed. arq would keep it "in progress" for a day. A worker marks a job in progress
+    as it takes it and says it runs it a moment later, so one sighting may be that moment:
+    it must still look orphaned a little later."""
+    job_id, alive = keys.pull_job_id(store_id, model), keys.pull_alive(store_id, model)
+    if not await queue.store_job_orphaned(job_id, alive):
+        return False
+    await asyncio.sleep(ORPHAN_RECHECK_S)
+    return await queue.store_job_orphaned(job_id, alive)
 
 
 async def _next_frames(subscriptions: dict[str, Subscription], states: dict[str, PullState],
@@ -130,11 +136,9 @@ def _apply(states: dict[str, PullState], raw: bytes) -> None:
         states[frame.state.store_id] = frame.state
 
 
-async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullState], suspects: set[str]) -> bool:
+async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullState]) -> bool:
     """After a quiet spell: read the records (a frame may have been missed) and fail the
-    pulls whose store has stopped. A pull that looks orphaned may also be one its worker has
-    just taken and not yet said it runs: ``suspects`` holds those seen so at the previous
-    check, and only a second sighting in a row fails the pull."""
+    pulls whose store has stopped. A finished record is final."""
     alive = {s.store_id for s in await catalog.live_stores(redis)}
     changed = False
     for store_id, state in states.items():
@@ -142,7 +146,8 @@ async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullSt
             continue
         raw = await redis.get(keys.pull_record(store_id, state.model))
         latest = PullState.model_validate_json(raw) if raw else state
-        if not latest.finished and (store_id not in alive or await _lost(redis, settings, store_id, state, suspects)):
+        if not latest.finished and (store_id not in alive or await _orphaned(
+                JobQueue(redis, settings.keep_result_s), store_id, state.model)):
             latest.status, latest.code = "failed", "unavailable"
             latest.error = (f"the pull worker of store {store_id} stopped during the pull; pull again: "
                             "files already fetched are kept")
@@ -150,16 +155,6 @@ async def _recheck(redis: ArqRedis, settings: Settings, states: dict[str, PullSt
             states[store_id] = latest
             changed = True
     return changed
-
-
-async def _lost(redis: ArqRedis, settings: Settings, store_id: str, state: PullState, suspects: set[str]) -> bool:
-    if not await _orphaned(JobQueue(redis, settings.keep_result_s), store_id, state.model):
-        suspects.discard(store_id)
-        return False
-    if store_id in suspects:
-        return True
-    suspects.add(store_id)
-    return False
 
 
 class PullLines:

@@ -44,7 +44,7 @@ class Loader:
         if await catalog.lookup(self.redis, model) is not None:
             return True
         source = source_for(model)
-        return source is not None and source.bundled_gguf is not None
+        return source is not None and source.bundled is not None
 
     def may_auto_pull(self, model: str) -> bool:
         """Whether a request naming ``model``, which no store has, may start its download."""

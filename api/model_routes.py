@@ -119,7 +119,7 @@ async def delete(request: Request) -> Response:
         # Listed nowhere; but a pull from the Hub that failed or was interrupted may have left
         # files on a store, and this is how they are removed: every live store looks for them.
         source = source_for(model)
-        if source is None or source.bundled_gguf:
+        if source is None or source.bundled:
             raise ModelNotFound(model, f"model '{model}' not found")
         stores = sorted(s.store_id for s in await catalog.live_stores(d.redis))
         results = await _on_stores(d, stores, "delete", model)

@@ -38,7 +38,7 @@ class Manifest(BaseModel):
     name: str
     repo: str | None = None  # Hugging Face repo it was pulled from
     commit: str | None = None  # the repo commit pulled (a revision is resolved at pull time)
-    gguf: str | None = None  # the GGUF file it was made from, for imported models
+    gguf: str | None = None  # the file it was made from (a GGUF, or a bundled zip), for imported models
     path: str  # model directory, relative to the store root (what vLLM loads)
     files: list[ManifestFile]
     size: int

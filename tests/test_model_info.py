@@ -301,3 +301,21 @@ def test_broken_files_are_named(tmp_path, name, text, message):
     (model / name).write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         describe(model)
+
+
+def test_embedding_models_are_told_apart_from_generative_ones(tmp_path):
+    """A causal LM with a sentence-transformers pooling step embeds (Qwen3-Embedding is one);
+    so does an encoder-only architecture; a plain causal LM completes."""
+    plain = describe(_llama_dir(tmp_path / "plain"))
+    assert "completion" in plain.capabilities and "embedding" not in plain.capabilities
+
+    pooled = _llama_dir(tmp_path / "pooled")
+    _write_json(pooled / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                                          {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    _write_json(pooled / "sentence_bert_config.json", {"max_seq_length": 512})
+    described = describe(pooled)
+    assert described.capabilities == ["embedding"] and described.context_length == 512
+
+    bert = _llama_dir(tmp_path / "bert", _llama_config(architectures=["BertModel"], model_type="bert"))
+    assert describe(bert).capabilities == ["embedding"]
+    assert describe(bert).context_length == 4096  # no sentence-transformers config: the model's own

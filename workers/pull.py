@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ from common.catalog import CatalogEntry, Manifest, ManifestFile
 from common.errors import ErrorCode, Forbidden, InsufficientStorage, ModelNotFound, Upstream, VllamaError
 from common.model_info import describe
 from common.model_paths import model_dir_problems, path_problem
-from common.models import is_repo_id, source_for, with_repo_spelling
+from common.models import ModelSource, is_repo_id, source_for, with_repo_spelling
 from common.protocol import PullFile, PullState, PullStatus
 from common.redact import without_paths
 from workers.disk_space import FreeSpace, Space
@@ -86,8 +87,8 @@ def pull(store: ModelStore, name: str, progress: Progress, entry: CatalogEntry |
     source = source_for(name)
     if entry is not None:
         name = entry.manifest.name if is_repo_id(name) and is_repo_id(entry.manifest.name) else name
-    if source is not None and source.bundled_gguf:
-        return import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), progress, source.chat_template)
+    if source is not None and source.bundled:
+        return import_bundled(store, name, source, progress)
     if entry is not None and not entry.manifest.repo:
         from workers.peer_fetch import fetch_from_peers
 
@@ -111,8 +112,8 @@ def ensure_local(store: ModelStore, name: str, entry: CatalogEntry | None, space
         silent = Progress(PullState(model=name, store_id="local"))
         space = space or FreeSpace(store.free_bytes)
         source = source_for(name)
-        if source is not None and source.bundled_gguf:
-            manifest = import_gguf(store, name, bundled_gguf_path(source.bundled_gguf), silent, source.chat_template)
+        if source is not None and source.bundled:
+            manifest = import_bundled(store, name, source, silent)
         elif entry is not None and entry.manifest.repo:
             log.info("%s is not on this machine yet; fetching %s", name, entry.manifest.repo)
             manifest = pull_from_hub(store, name, entry.manifest.repo, entry.manifest.commit or "main", silent, space)
@@ -351,10 +352,11 @@ def _hub_errors(name: str, repo: str, revision: str) -> Iterator[None]:
 # ---------------------------------------------------------------- from a GGUF file
 
 
-def bundled_gguf_path(bundled: str) -> Path:
-    """``package:file`` of a GGUF shipped inside a Python package."""
+def bundled_path(bundled: str) -> Path:
+    """``package:file`` of a model file shipped inside a Python package."""
     package, filename = bundled.split(":", 1)
-    # find_spec locates the package without importing it: its __init__ needs a plugin host.
+    # find_spec locates the package without importing it: its __init__ may need more than we
+    # install (a plugin host, sentence-transformers).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(package, f"package {package} is not installed; run scripts/install.sh")
@@ -364,30 +366,72 @@ def bundled_gguf_path(bundled: str) -> Path:
     return path
 
 
+def import_bundled(store: ModelStore, name: str, source: ModelSource, progress: Progress) -> Manifest:
+    """A model shipped in a package: a GGUF file (converted) or a zipped model directory."""
+    path = bundled_path(source.bundled)
+    if path.suffix == ".zip":
+        return import_zip(store, name, path, progress)
+    return import_gguf(store, name, path, progress, source.chat_template)
+
+
+def import_zip(store: ModelStore, name: str, archive: Path, progress: Progress) -> Manifest:
+    """Make a model from a zip of a Hugging Face model directory, unpacked once into
+    ``local/<digest>`` (importing the same file under another name reuses it)."""
+    def unpack(tmp: Path) -> None:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.infolist():
+                # Names come from a package we install, but a bad one must still not write
+                # outside the directory.
+                if member.is_dir():
+                    continue
+                if path_problem(member.filename) is not None:
+                    raise ValueError(f"{archive.name}: unsafe member name {member.filename!r}")
+                target = tmp / member.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, target.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+    return _import_file(store, name, archive, progress, "", unpack)
+
+
 def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress,
                 chat_template: str | None = None) -> Manifest:
     """Make a model from a GGUF file: converted once to safetensors (vLLM on CPU loads those)
     in ``local/<digest>``, so importing the same file under another name reuses it.
     ``chat_template`` (a file in common/chat_templates/) replaces the GGUF's template."""
-    progress.phase("manifest")
-    size = gguf.stat().st_size
-    progress.add_files([PullFile(path=gguf.name, digest="sha256:" + "0" * 64, total=size)])
-    progress.phase("verifying")
-    sha = file_sha256(gguf)
-    progress.add_files([PullFile(path=gguf.name, digest=f"sha256:{sha}", total=size, completed=size)])
     template = None
-    target = store.local / sha[:16]
+    suffix = ""
     if chat_template is not None:
         template = (TEMPLATES / chat_template).read_text(encoding="utf-8")
-        target = target.with_name(f"{target.name}-{hashlib.sha256(template.encode()).hexdigest()[:8]}")
+        suffix = f"-{hashlib.sha256(template.encode()).hexdigest()[:8]}"
+    return _import_file(store, name, gguf, progress, suffix, lambda tmp: _convert_gguf(gguf, tmp, template))
+
+
+def _import_file(store: ModelStore, name: str, source: Path, progress: Progress, suffix: str,
+                 make: Callable[[Path], None]) -> Manifest:
+    """The model made from one local file by ``make`` (which fills a fresh directory), kept in
+    ``local/<digest of the file><suffix>``: made once, under a lock, in a temporary directory
+    renamed into place, so a crash never leaves half a model."""
+    progress.phase("manifest")
+    size = source.stat().st_size
+    progress.add_files([PullFile(path=source.name, digest="sha256:" + "0" * 64, total=size)])
+    progress.phase("verifying")
+    sha = file_sha256(source)
+    progress.add_files([PullFile(path=source.name, digest=f"sha256:{sha}", total=size, completed=size)])
+    target = store.local / f"{sha[:16]}{suffix}"
     with store.lock(f"gguf-{target.name}"):
         if not (target / "config.json").exists():
             progress.phase("converting")
-            _convert_gguf(gguf, target, template)
+            log.info("making %s from %s in %s (once)", name, source, target)
+            tmp = target.with_name(target.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            make(tmp)
+            tmp.rename(target)
     progress.phase("writing")
     files = describe_files(target)
     manifest = Manifest(
-        name=name, gguf=str(gguf), path=str(target.relative_to(store.root)), files=files,
+        name=name, gguf=str(source), path=str(target.relative_to(store.root)), files=files,
         size=sum(f.size for f in files), digest=Manifest.digest_of(files), modified_at=clock.now(),
         description=describe(target),
     )
@@ -395,13 +439,9 @@ def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress,
     return manifest
 
 
-def _convert_gguf(gguf: Path, target: Path, chat_template: str | None) -> None:
-    """Into a temporary directory renamed into place: a crash never leaves a half model."""
+def _convert_gguf(gguf: Path, tmp: Path, chat_template: str | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf, target)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantized on load; the GGUF quantization config would make
@@ -413,4 +453,3 @@ def _convert_gguf(gguf: Path, target: Path, chat_template: str | None) -> None:
     tokenizer.save_pretrained(tmp)
     if chat_template is not None:
         (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    tmp.rename(target)

@@ -161,7 +161,7 @@ class ModelStore:
         name = canonical_name(name)
         source = ALIASES.get(name)
         repo = source.hf_repo if source is not None else (name.split("@", 1)[0] if is_repo_id(name) else None)
-        if repo is None or source is not None and source.bundled_gguf:
+        if repo is None or source is not None and source.bundled:
             return 0
         with self.repo_lock(repo):
             return self.prune_repo(repo)

@@ -19,7 +19,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api.disconnect import unless_disconnected
 from api.dispatch import Dispatcher, JobStream
 from common.errors import VllamaError
-from common.protocol import DoneFrame, Frame, GenerationJob, StartFrame, TokenFrame, TokenLogprob, ToolCallsFrame
+from common.protocol import (
+    DoneFrame,
+    EmbeddingsFrame,
+    Frame,
+    GenerationJob,
+    StartFrame,
+    TokenFrame,
+    TokenLogprob,
+    ToolCallsFrame,
+)
 from common.tool_calls import ToolCall
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,7 @@ class Answer:
     done: DoneFrame
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    vectors: list[EmbeddingsFrame] = field(default_factory=list)  # an embedding job's
 
 
 def logprobs_json(logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -67,10 +77,7 @@ async def respond(request: Request, streams: list[JobStream], *,
     """The whole answers as one JSON object (``whole``), or else the ``relay``'s stream, which
     ends with an ``error`` chunk if an answer fails once streaming has begun."""
     try:
-        outputs: list[Output] = []
-        for stream in streams:
-            batches = stream.batches()
-            outputs.append((await unless_disconnected(request, first_output(batches)), batches))
+        outputs = [await _first_output_of(request, stream) for stream in streams]
         if whole is not None:
             answers = [await unless_disconnected(request, collect(*output)) for output in outputs]
             await close_streams(streams)
@@ -79,6 +86,19 @@ async def respond(request: Request, streams: list[JobStream], *,
         await close_streams(streams)
         raise
     return StreamingResponse(_relayed(relay(outputs), streams, error), media_type=media_type, headers=headers)
+
+
+async def whole_answer(request: Request, stream: JobStream) -> Answer:
+    """One job's whole answer (its stream closed however this ends)."""
+    try:
+        return await unless_disconnected(request, collect(*await _first_output_of(request, stream)))
+    finally:
+        await close_streams([stream])
+
+
+async def _first_output_of(request: Request, stream: JobStream) -> Output:
+    batches = stream.batches()
+    return await unless_disconnected(request, first_output(batches)), batches
 
 
 async def batches_of(output: Output) -> Batches:
@@ -142,9 +162,12 @@ async def collect(head: list[Frame], rest: Batches) -> Answer:
     parts: list[str] = []
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] | None = None
+    vectors: list[EmbeddingsFrame] = []
     async for batch in batches_of((head, rest)):
         for frame in batch:
-            if isinstance(frame, TokenFrame):
+            if isinstance(frame, EmbeddingsFrame):
+                vectors.append(frame)
+            elif isinstance(frame, TokenFrame):
                 parts.append(frame.text)
                 if frame.logprobs is not None:
                     logprobs = logprobs if logprobs is not None else []
@@ -152,7 +175,7 @@ async def collect(head: list[Frame], rest: Batches) -> Answer:
             elif isinstance(frame, ToolCallsFrame):
                 calls.extend(frame.calls)
             elif isinstance(frame, DoneFrame):
-                return Answer("".join(parts), frame, calls, logprobs)
+                return Answer("".join(parts), frame, calls, logprobs, vectors)
     raise VllamaError("the answer ended before it was done; retry the request")
 
 

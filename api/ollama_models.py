@@ -112,7 +112,9 @@ def _apply_format(s: Sampling, fmt: Format) -> None:
         raise BadRequest(f'invalid format {shown}: use "json" or a JSON schema object')
 
 
-class _Request(WireModel):
+class OllamaRequest(WireModel):
+    """What every Ollama request body has: the model, its options, how long it stays loaded."""
+
     model: str = ""
     stream: bool = True
     format: Format = None
@@ -160,7 +162,7 @@ class _Request(WireModel):
         return s
 
 
-class GenerateRequest(_Request):
+class GenerateRequest(OllamaRequest):
     prompt: str = ""
     suffix: str | None = None
     system: str | None = None
@@ -234,7 +236,7 @@ class Message(WireModel):
         return role
 
 
-class ChatRequest(_Request):
+class ChatRequest(OllamaRequest):
     messages: list[Message] = Field(default_factory=list)
     tools: list[JsonObject] | None = None
 

@@ -53,15 +53,21 @@ async def _serve(request: Request, body: GenerateRequest | ChatRequest, kind: Ki
 async def _load_only(request: Request, dispatcher: Dispatcher, model: str, keep_alive: float | None,
                      kind: Kind, shown: str) -> dict:
     """An empty prompt (or no messages): load the model, or with keep_alive 0 unload it."""
+    return ndjson.load_response(kind, shown, await load_or_unload(request, dispatcher, model, keep_alive))
+
+
+async def load_or_unload(request: Request, dispatcher: Dispatcher, model: str, keep_alive: float | None
+                         ) -> Literal["load", "unload"]:
+    """What a request with nothing to run does: load the model, or with keep_alive 0 unload it."""
     loader = dispatcher.loader
     if keep_alive == 0:
         await unless_disconnected(request, loader.unload(model))
-        return ndjson.load_response(kind, shown, "unload")
+        return "unload"
     since = clock.now()
     await dispatcher.ensure_served(model)  # 404 before anything is written for an unknown model
     await loader.set_keep_alive(model, keep_alive)
     await unless_disconnected(request, loader.wait_loaded(model, since))
-    return ndjson.load_response(kind, shown, "load")
+    return "load"
 
 
 def _whole(model: str, kind: Kind, answer: Answer) -> dict:

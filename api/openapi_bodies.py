@@ -26,6 +26,7 @@ from pydantic.json_schema import models_json_schema
 
 from api import openapi_responses as r
 from api.batches import CreateBatch
+from api.embed_models import EmbedRequest, LegacyEmbeddingsRequest, OpenAIEmbeddingsRequest
 from api.files import PURPOSES
 from api.jobs_routes import AsyncChatRequest, AsyncGenerateRequest
 from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest
@@ -87,6 +88,10 @@ UPLOAD = {
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/api/generate"): Operation(GenerateRequest, answers={"200": _generation(r.GenerateResponse)}),
     ("post", "/api/chat"): Operation(ChatRequest, answers={"200": _generation(r.ChatResponse)}),
+    ("post", "/api/embed"): Operation(EmbedRequest, answers={"200": Answer(
+        "The inputs' vectors, in order.", json=(r.EmbedResponse,))}),
+    ("post", "/api/embeddings"): Operation(LegacyEmbeddingsRequest, answers={"200": Answer(
+        "The prompt's vector, not normalized.", json=(r.EmbeddingsResponse,))}),
     ("post", "/api/pull"): Operation(PullRequest, answers={"200": Answer(
         'Progress lines while streaming (the default); {"status": "success"} with "stream": false.',
         json=(r.PullStatus,), ndjson=(r.PullStatus, r.OllamaError))}),
@@ -105,6 +110,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/chat/completions"): Operation(ChatCompletionRequest,
                                                 answers={"200": _openai(r.ChatCompletion)}),
     ("post", "/v1/completions"): Operation(CompletionRequest, answers={"200": _openai(r.TextCompletion)}),
+    ("post", "/v1/embeddings"): Operation(OpenAIEmbeddingsRequest, answers={"200": Answer(
+        "The inputs' vectors, in order.", json=(r.EmbeddingList,))}),
     ("get", "/v1/models"): Operation(answers={"200": Answer("Models served.", json=(r.ModelList,))}),
     ("get", "/v1/models/{model}"): Operation(answers={"200": Answer("The model.", json=(r.ModelObject,))}),
     ("post", "/api/jobs/generate"): Operation(AsyncGenerateRequest, answers=_JOB),
@@ -135,6 +142,9 @@ _CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 EXAMPLES: dict[str, dict[str, Any]] = {
     "/api/generate": {"model": "smollm2:135m", "prompt": "Why is the sky blue?", "stream": False},
     "/api/chat": {"model": "smollm2:135m", "messages": _CHAT, "stream": False},
+    "/api/embed": {"model": "all-minilm", "input": ["Why is the sky blue?", "Why is grass green?"]},
+    "/api/embeddings": {"model": "all-minilm", "prompt": "Why is the sky blue?"},
+    "/v1/embeddings": {"model": "all-minilm", "input": ["Why is the sky blue?", "Why is grass green?"]},
     "/api/pull": {"model": "smollm2:135m", "stream": False},
     "/api/show": {"model": "smollm2:135m"},
     "/api/delete": {"model": "my-copy"},

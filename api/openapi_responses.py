@@ -98,6 +98,19 @@ class ChatResponse(_Final):
     logprobs: list[TokenLogprobOut] | None = None
 
 
+class EmbedResponse(_Open):
+    """/api/embed: one L2-normalized vector per input."""
+
+    model: str
+    embeddings: list[list[float]]
+
+
+class EmbeddingsResponse(_Open):
+    """/api/embeddings: the prompt's vector (empty for an empty prompt)."""
+
+    embedding: list[float]
+
+
 class PullStatus(_Open):
     """/api/pull: each progress line, or {"status": "success"} with "stream": false."""
 
@@ -215,6 +228,24 @@ class ModelObject(_Open):
     object: Literal["model"]
     created: int
     owned_by: str
+
+
+class EmbeddingUsage(_Open):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingObject(_Open):
+    object: Literal["embedding"]
+    embedding: list[float] | str  # a string: encoding_format "base64" (float32, little-endian)
+    index: int
+
+
+class EmbeddingList(_Open):
+    object: Literal["list"]
+    model: str
+    data: list[EmbeddingObject]
+    usage: EmbeddingUsage
 
 
 class ModelList(_Open):

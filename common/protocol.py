@@ -66,6 +66,18 @@ class BatchRef(BaseModel):
     ttl_s: int  # how long the batch's keys live
 
 
+class EmbedInput(BaseModel):
+    """The inputs of an embedding job: texts, or token ids (OpenAI's token arrays)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(default_factory=list)
+    token_ids: list[list[int]] = Field(default_factory=list)
+    truncate: bool = True  # an input longer than the context is cut to fit; False: 400
+    dimensions: int | None = None  # keep the first this many numbers of each vector
+    normalize: bool = True  # L2-normalize (after cutting to ``dimensions``)
+
+
 class GenerationJob(BaseModel):
     """One generation request as the worker runs it."""
 
@@ -73,13 +85,14 @@ class GenerationJob(BaseModel):
 
     job_id: str
     model: str
-    kind: Literal["generate", "chat"]
+    kind: Literal["generate", "chat", "embed"]
     prompt: str = ""  # generate: user prompt (or the whole text when raw)
     system: str | None = None  # generate: system message
     raw: bool = False  # generate: no chat template
     context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer
     messages: list[ChatMessage] = Field(default_factory=list)  # chat
     tool_use: ToolUse | None = None  # chat: the tools the model may call
+    embed: EmbedInput | None = None  # embed: what to embed, and how
     sampling: Sampling = Field(default_factory=Sampling)
     # False for async jobs: they run whether or not anyone listens, and their frames are also
     # kept in vllama:job-frames:<id> for the jobs API.
@@ -151,6 +164,17 @@ class ToolCallsFrame(_Frame):
     calls: list[ToolCall]
 
 
+class EmbeddingsFrame(_Frame):
+    """Vectors of consecutive inputs, from input ``first`` on: ``count`` vectors of ``dim``
+    float32 numbers, little-endian, base64: a quarter of the size of JSON numbers, and exact."""
+
+    type: Literal["embeddings"] = "embeddings"
+    first: int
+    count: int
+    dim: int
+    data: str
+
+
 class ErrorFrame(_Frame):
     type: Literal["error"] = "error"
     code: str  # an ErrorCode value (common/errors.py)
@@ -189,7 +213,7 @@ class PullFrame(_Frame):
     state: PullState
 
 
-Frame = Annotated[StartFrame | TokenFrame | ToolCallsFrame | DoneFrame | ErrorFrame | PullFrame,
+Frame = Annotated[StartFrame | TokenFrame | ToolCallsFrame | EmbeddingsFrame | DoneFrame | ErrorFrame | PullFrame,
                   Field(discriminator="type")]
 
 

@@ -29,7 +29,7 @@ class JobRecord(BaseModel):
 
     job_id: str
     model: str
-    kind: Literal["generate", "chat", "pull"]
+    kind: Literal["generate", "chat", "embed", "pull"]
     priority: Literal["interactive", "batch"] = "interactive"
     is_async: bool = Field(default=False, alias="async")
     status: JobStatus

@@ -196,6 +196,10 @@ async def test_json_under_a_form_content_type_still_works(stack):
             ("POST", "/api/copy", {"source": MODEL, "destination": "copied:1b"}, 200),
             ("DELETE", "/api/delete", {"model": "copied:1b"}, 200),
             ("POST", "/api/pull", {"model": "no-such-model-anywhere", "stream": False}, 404),
+            ("POST", "/api/embed", {"model": MODEL, "input": []}, 200),
+            ("POST", "/api/embeddings", {"model": MODEL, "prompt": ""}, 200),
+            # Parsed, and refused for what it asks: the fake model generates, it does not embed.
+            ("POST", "/v1/embeddings", {"model": MODEL, "input": "hi"}, 400),
             ("POST", "/v1/chat/completions", {"model": MODEL, "messages": chat}, 200),
             ("POST", "/v1/chat/completions", {"model": MODEL, "messages": chat, "stream": True}, 200),
             ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}, 200),

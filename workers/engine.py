@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.errors import BadRequest
+from common.model_info import is_embedding_model
 from common.protocol import ChatMessage, Sampling, TokenLogprob, TopLogprob
 from common.redact import without_paths
 
@@ -66,6 +68,7 @@ class Engine(Protocol):
     max_num_seqs: int
     vocab_size: int  # token ids are 0 .. vocab_size - 1; clients' context ids are checked against it
     tokenizer: Any  # what vLLM's tool parsers are built with
+    embedding: bool  # an embedding (pooling) model: it embeds inputs and generates nothing
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt tokens for a conversation (and the tools it may call), rendered by the
@@ -73,6 +76,14 @@ class Engine(Protocol):
 
     def encode_raw(self, text: str) -> list[int]:
         """Prompt tokens for text used as is (Ollama's raw mode)."""
+
+    def encode_inputs(self, texts: list[str], truncate_to: int | None) -> list[list[int]]:
+        """Token ids of each text to embed, with the special tokens the model expects, cut to
+        ``truncate_to`` tokens where longer (None: never cut)."""
+
+    async def embed(self, request_id: str, prompts: list[list[int]], priority: int = 0) -> Any:
+        """The model's pooled vector of each prompt, not normalized: a float32 array of shape
+        (len(prompts), dimensions). Cancelling the call aborts every request it made."""
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
@@ -106,8 +117,10 @@ class VllmEngine:
     """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
 
     def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
-                 on_gpu: bool = False, scheduler: SchedulerView | None = None, vocab_size: int = 0) -> None:
+                 on_gpu: bool = False, scheduler: SchedulerView | None = None, vocab_size: int = 0,
+                 embedding: bool = False) -> None:
         self._llm = llm
+        self.embedding = embedding
         self._scheduler = scheduler or SchedulerView()
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
@@ -141,8 +154,10 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        embedding = is_embedding_model(Path(model_path))
         args = AsyncEngineArgs(
             model=str(model_path),
+            runner="pooling" if embedding else "auto",
             served_model_name=served_name,
             dtype=dtype,
             max_num_seqs=max_num_seqs or (256 if cuda else 64),
@@ -150,7 +165,7 @@ class VllmEngine:
             # Eager on CPU: ~30 s to load instead of ~100 s, for little speed lost on 2 cores.
             enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True,
+            enable_prefix_caching=not embedding,  # vLLM warns that encoders may break with it
             # Batch-class jobs run at a lower priority: waiting interactive requests go first,
             # and when the KV cache runs short a batch request is preempted, not a chat.
             scheduling_policy="priority",
@@ -166,7 +181,7 @@ class VllmEngine:
         # As vLLM judges prompt ids: in range of the tokenizer or of the model, whichever is larger.
         vocab_size = max(config.get_vocab_size(), getattr(tokenizer, "max_token_id", len(tokenizer) - 1) + 1)
         return cls(llm, tokenizer, config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
-                   on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size)
+                   on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size, embedding=config.runner_type == "pooling")
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -177,6 +192,38 @@ class VllmEngine:
 
     def encode_raw(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_inputs(self, texts: list[str], truncate_to: int | None) -> list[list[int]]:
+        cut = {"truncation": True, "max_length": truncate_to} if truncate_to is not None else {}
+        return [list(ids) for ids in self.tokenizer(texts, **cut)["input_ids"]]
+
+    async def embed(self, request_id: str, prompts: list[list[int]], priority: int = 0) -> Any:
+        import torch
+        from vllm import PoolingParams
+        from vllm.exceptions import VLLMClientError
+
+        # The model's pooling as its files configure it, without its normalization: the
+        # worker cuts vectors to the dimensions asked for before normalizing them.
+        params = PoolingParams(task="embed", use_activation=False)
+
+        async def one(i: int, ids: list[int]) -> Any:
+            output = None
+            async for output in self._llm.encode({"prompt_token_ids": ids}, params, f"{request_id}-{i}",
+                                                 priority=priority):
+                pass
+            return output.outputs.data
+
+        try:
+            # One engine request per input, all at once: vLLM batches them. A failure cancels
+            # the rest (TaskGroup), which aborts their requests.
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, ids)) for i, ids in enumerate(prompts)]
+        except ExceptionGroup as failed:
+            first = failed.exceptions[0]  # the one that failed: the others were cancelled
+            if isinstance(first, (ValueError, VLLMClientError)):
+                raise BadRequest(f"the inputs cannot be embedded: {without_paths(str(first))}") from first
+            raise first from None
+        return torch.stack([t.result() for t in tasks]).to(torch.float32).numpy()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0

@@ -6,6 +6,9 @@ so tests can reason about counts and timing without loading a model; or, given `
 answers that canned text a few characters per token (to feed the tool-call parsers).
 Features are always also tested through real vLLM.
 
+With ``embedding=True`` it is an embedding model instead: a vector of ``EMBED_DIM`` numbers
+per input, made from its "tokens" (equal inputs, equal vectors), after ``step_s``.
+
 Two paces:
 - per request (the default): each request sleeps ``step_s`` before each of its tokens;
 - stepwise (``stepwise=True``), as a GPU runs vLLM: one engine step every ``step_s`` gives one
@@ -28,6 +31,7 @@ from workers.engine import Delta
 
 
 REPLY_CHARS_PER_TOKEN = 4
+EMBED_DIM = 16
 VOCAB_SIZE = 50_000  # "tokens" are characters modulo this
 _LABEL = re.compile(r"label:(\w+)")
 
@@ -42,9 +46,10 @@ class FakeTokenizer:
 class FakeEngine:
     def __init__(
         self, *, max_model_len: int = 2048, max_num_seqs: int = 64, answer_tokens: int = 16, step_s: float = 0.0,
-        reply: str | None = None, stepwise: bool = False,
+        reply: str | None = None, stepwise: bool = False, embedding: bool = False,
     ) -> None:
         self.tokenizer = FakeTokenizer()
+        self.embedding = embedding
         self.reply = reply
         # The latest chat's messages as a template reads them, and its tools.
         self.last_chat: tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
@@ -67,6 +72,22 @@ class FakeEngine:
 
     def encode_raw(self, text: str) -> list[int]:
         return [ord(c) % VOCAB_SIZE for c in text]
+
+    def encode_inputs(self, texts: list[str], truncate_to: int | None) -> list[list[int]]:
+        return [self.encode_raw(text)[:truncate_to] for text in texts]
+
+    async def embed(self, request_id: str, prompts: list[list[int]], priority: int = 0) -> Any:
+        self.started.append(request_id)
+        self._in_flight.add(request_id)
+        try:
+            await asyncio.sleep(self.step_s)
+            self._check_alive()
+            return fake_vectors(prompts)
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)
+            raise
+        finally:
+            self._in_flight.discard(request_id)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
@@ -137,6 +158,18 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+
+def fake_vectors(prompts: list[list[int]]) -> Any:
+    """The fake model's vectors: made from each prompt's tokens and its length."""
+    import numpy as np
+
+    vectors = np.zeros((len(prompts), EMBED_DIM), dtype=np.float32)
+    for row, ids in zip(vectors, prompts):
+        row[0] = len(ids)
+        for i, token in enumerate(ids):
+            row[1 + (i + token) % (EMBED_DIM - 1)] += token % 7 - 3
+    return vectors
 
 
 def _logprobs(piece: str, top: int | None) -> list[TokenLogprob] | None:

@@ -23,6 +23,7 @@ from common.metrics import ModelStats
 from common.protocol import (
     ChatMessage,
     DoneFrame,
+    EmbeddingsFrame,
     ErrorFrame,
     GenerationJob,
     JobResult,
@@ -34,6 +35,8 @@ from common.protocol import (
 from common.records import JobRecord, JobStatus
 from common.redact import without_paths
 from common.tasks import until_redis_answers
+from common.vectors import frames_of
+from workers import embedding
 from workers.engine import Engine
 from workers.frames import FrameLog, FramePublisher, FrameSink, Write
 from workers.tool_parsing import ToolCallSplitter
@@ -100,7 +103,7 @@ class GenerationRunner:
                 self.on_engine_dead()
                 raise Unavailable(f"the engine of worker {self.worker_id} stopped working; retry the request "
                                   "(other workers serve it meanwhile)")
-            result = await self._generate(job, publisher)
+            result = await (self._embed(job, publisher) if job.kind == "embed" else self._generate(job, publisher))
         except ClientGone:
             log.info("job %s: no listener left, stopped", job.job_id)
             # Shielded: the abort its client's API sends as it leaves may cancel this task
@@ -165,7 +168,37 @@ class GenerationRunner:
                                  f"has {vocab}); send back the context of an earlier answer of this model "
                                  "unchanged, or leave it out")
 
+    def _check_capability(self, job: GenerationJob) -> None:
+        """Ollama's 400 for a generation asked of an embedding model, or the reverse."""
+        if self.engine.embedding != (job.kind == "embed"):
+            what = "embeddings" if job.kind == "embed" else job.kind
+            raise BadRequest(f'"{job.model.removesuffix(":latest")}" does not support {what}')
+
+    async def _embed(self, job: GenerationJob, publisher: FramePublisher) -> JobResult:
+        self._check_capability(job)
+        started = time.monotonic()
+        spec = job.embed
+        if sum(map(len, spec.texts)) <= INLINE_PROMPT_CHARS:
+            prompts = embedding.prompts_of(self.engine, spec, job.model)
+        else:  # a thousand inputs take a while to tokenize: not on the event loop
+            prompts = await asyncio.to_thread(embedding.prompts_of, self.engine, spec, job.model)
+        if prompts:
+            vectors = embedding.shaped(await self.engine.embed(job.job_id, prompts, self._priority(job)), spec)
+            for fields in frames_of(vectors):
+                await publisher.send(EmbeddingsFrame, **fields)
+        ended = time.monotonic()
+        stats = Stats(total_duration=_ns(clock.now() - job.created_at), load_duration=_ns(self.load_duration(job)),
+                      prompt_eval_count=sum(map(len, prompts)), prompt_eval_duration=_ns(ended - started),
+                      eval_count=0, eval_duration=0)
+        await publisher.send(DoneFrame, done_reason="stop", stats=stats)
+        return JobResult(text="", done_reason="stop", stats=stats)
+
+    @staticmethod
+    def _priority(job: GenerationJob) -> int:
+        return BATCH_PRIORITY if job.priority == "batch" else 0
+
     async def _generate(self, job: GenerationJob, publisher: FramePublisher) -> JobResult:
+        self._check_capability(job)
         started = time.monotonic()
         if _quick_to_tokenize(job):
             prompt = self.prompt_tokens(job)
@@ -202,8 +235,7 @@ class GenerationRunner:
             publisher.token(text, token_logprobs)
 
         if max_tokens > 0:
-            priority = BATCH_PRIORITY if job.priority == "batch" else 0
-            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, priority):
+            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, self._priority(job)):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     # From the request's arrival: the time in the queue is part of the wait.

@@ -64,9 +64,11 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
         from workers.fake_engine import FakeEngine
 
         # Answers with as many tokens as it may (num_predict or the context), as a GPU would: a
-        # step every 10 ms gives each of up to max_num_seqs running requests one token.
+        # step every 10 ms gives each of up to max_num_seqs running requests one token. A model
+        # whose name says "embed" is an embedding model.
         return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01,
-                          max_num_seqs=settings.max_num_seqs or max(settings.max_jobs, 256), stepwise=True)
+                          max_num_seqs=settings.max_num_seqs or max(settings.max_jobs, 256), stepwise=True,
+                          embedding="embed" in name)
     from workers.cpu_defaults import engine_dtype, engine_threads
     from workers.engine import VllmEngine, has_cuda
 

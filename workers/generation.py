@@ -184,8 +184,8 @@ class GenerationRunner:
             prompts = await asyncio.to_thread(embedding.prompts_of, self.engine, spec, job.model)
         if prompts:
             vectors = embedding.shaped(await self.engine.embed(job.job_id, prompts, self._priority(job)), spec)
-            for fields in frames_of(vectors):
-                await publisher.send(EmbeddingsFrame, **fields)
+            for fields in frames_of(vectors):  # not awaited: they go in one round trip with the done frame
+                publisher.send(EmbeddingsFrame, **fields)
         ended = time.monotonic()
         stats = Stats(total_duration=_ns(clock.now() - job.created_at), load_duration=_ns(self.load_duration(job)),
                       prompt_eval_count=sum(map(len, prompts)), prompt_eval_duration=_ns(ended - started),

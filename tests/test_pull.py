@@ -304,3 +304,32 @@ async def test_cli_pull_shows_progress_bars(redis_server, tmp_path, hub, model_d
         assert REPO in {m["name"] for m in (await http.get("/api/tags")).json()["models"]}
         code, out = await run_cli(stack.base_url, "pull", "no-org/no-model")
         assert code == 1 and "error:" in out
+
+
+async def test_a_sentence_transformers_repo_keeps_its_pooling_steps(redis_server, tmp_path, monkeypatch):
+    """An embedding model's 1_Pooling/config.json says how vLLM pools its vectors: without it
+    the vectors would be the wrong ones. The bundled all-minilm, served as a Hub repo."""
+    import zipfile
+
+    from common.models import ALIASES
+    from workers.pull import bundled_path
+
+    source = tmp_path / "minilm"
+    with zipfile.ZipFile(bundled_path(ALIASES["all-minilm:latest"].bundled)) as zf:
+        zf.extractall(source)
+    (source / "onnx").mkdir()
+    (source / "onnx" / "model.onnx").write_bytes(b"not wanted")
+    isolate_hf_client(monkeypatch, tmp_path / "hf_home")
+    with HubStandin() as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        standin.add_repo("sentence-transformers/minilm", source)
+        async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path / "home") as stack, \
+                stack.client() as http:
+            assert (await pull(http, "sentence-transformers/minilm"))[-1] == {"status": "success"}
+            store = stack.pull_worker.store
+            manifest = store.get("sentence-transformers/minilm")
+            directory = store.model_dir(manifest)
+            assert (directory / "1_Pooling" / "config.json").read_bytes() == \
+                (source / "1_Pooling" / "config.json").read_bytes()
+            assert not (directory / "onnx").exists()
+            assert manifest.description.capabilities == ["embedding"]

@@ -1,10 +1,12 @@
-"""Getting a model into a store: pulled from the Hugging Face Hub, or made from a GGUF file.
+"""Getting a model into a store: pulled from the Hugging Face Hub, or made from a GGUF file
+or a zipped model directory (the bundled models).
 
-Both run in a thread (huggingface_hub and transformers block) and report through a
+All run in a thread (huggingface_hub and transformers block) and report through a
 ``Progress``, which the pull worker turns into pull frames. Only what vLLM needs is fetched:
 the repo's top-level safetensors weights (or .bin weights when there are none), configs,
-tokenizer files, chat templates and the license; not the ``original/`` checkpoints or GGUF,
-ONNX and other copies that many repos also carry.
+tokenizer files, chat templates and the license, and a sentence-transformers model's pooling
+steps (``1_Pooling/config.json``, ...); not the ``original/`` checkpoints or GGUF, ONNX and
+other copies that many repos also carry.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 PARALLEL_FILES = 4
 _SUPPORT_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")
 _LICENSE_NAMES = {"LICENSE", "LICENSE.md", "LICENSE.txt"}
+_SENTENCE_STEP = re.compile(r"\d+_[A-Za-z]+/[^/]+\.(?:json|safetensors)")
 
 
 class Progress:
@@ -251,7 +255,9 @@ def select_files(tree: list, repo: str = "the repository") -> list:
             raise Upstream(f"{repo} lists a file named {e.path[:100]!r} ({why}); vLLama refuses to fetch it")
     top = [e for e in tree if "/" not in e.path]
     has_safetensors = any(e.path.endswith(".safetensors") for e in top)
-    chosen = []
+    # A sentence-transformers model's steps after the transformer (1_Pooling, 2_Dense, ...):
+    # how its vectors are pooled, which vLLM reads to embed as the model was trained to.
+    chosen = [e for e in tree if _SENTENCE_STEP.fullmatch(e.path)]
     for e in top:
         if e.path.endswith(".safetensors"):
             chosen.append(e)

@@ -56,6 +56,7 @@ class ModelSource:
     context_length: int | None = None
     family: str | None = None  # the config's model_type: llama, qwen2, gemma3, ...
     gated: bool = False  # the repo asks for a license agreement: pulling needs HF_TOKEN
+    embedding: bool = False  # an embedding model (before its files say so)
 
 
 def _invalid(name: str, why: str = "") -> BadRequest:
@@ -128,6 +129,7 @@ def _load_table() -> tuple[dict[str, ModelSource], dict[str, ModelSource]]:
             context_length=entry["context_length"],
             family=entry["family"],
             gated=entry.get("gated", False),
+            embedding=entry.get("embedding", False),
         )
     aliases = dict(models)
     for name, target in data["aliases"].items():

@@ -149,7 +149,8 @@ class Settings(BaseSettings):
         default="*", description="Models a worker may load on demand: comma-separated names or patterns (qwen2.5:*).",
     )
     max_loaded_models: int = Field(
-        default=1, ge=1, description="Models one worker holds at once; loading another unloads an idle one.",
+        default=1, ge=1, description="Generation models one worker holds at once, and as many embedding models besides; "
+        "loading another unloads an idle one of its kind.",
     )
     keep_alive: str = Field(
         default="5m", description="How long a model loaded on demand stays loaded when idle (Ollama's OLLAMA_KEEP_ALIVE).",

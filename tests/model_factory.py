@@ -141,15 +141,16 @@ def make_tiny_llama(
     return target
 
 
-def write_model(home: Path, name: str, hidden: int = 8, chat_template: str | None = None) -> Manifest:
+def write_model(home: Path, name: str, hidden: int = 8, chat_template: str | None = None,
+                architecture: str = "LlamaForCausalLM") -> Manifest:
     """A small but real model directory (config + safetensors, and ``chat_template.jinja``
     when given) in the store under ``home``, and its manifest: enough for the catalog and the
-    fake engine, not for vLLM."""
+    fake engine, not for vLLM. ``architecture`` "BertModel" makes an embedding model."""
     store = ModelStore(home / "models")
     target = store.local / name.replace(":", "-").replace("/", "-")
     target.mkdir(parents=True)
     (target / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "model_type": "llama", "architectures": [architecture], "hidden_size": hidden,
         "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 512, "vocab_size": 16,
     }))
     save_file({"model.embed_tokens.weight": np.zeros((16, hidden), np.float32)}, str(target / "model.safetensors"))

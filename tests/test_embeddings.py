@@ -201,3 +201,17 @@ def test_a_zip_member_that_climbs_out_is_refused(tmp_path):
         import_zip(store, "bad:latest", archive, Progress(PullState(model="bad:latest", store_id="local")))
     assert not (tmp_path / "models" / "escaped.txt").exists() and not list(store.local.glob("*/escaped.txt"))
     assert store.get("bad:latest") is None
+
+
+def test_an_embedding_model_takes_a_small_share_of_the_gpu(tmp_path):
+    from common.settings import Settings
+    from tests.model_factory import write_model
+    from workers.main import EMBEDDING_GPU_SHARE, gpu_share
+    from workers.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    chat = store.model_dir(write_model(tmp_path, "chat:1"))
+    embedder = store.model_dir(write_model(tmp_path, "embedder:1", architecture="BertModel"))
+    settings = Settings(gpu_memory_utilization=0.9, max_loaded_models=2)
+    assert gpu_share(settings, chat) == pytest.approx(0.45)
+    assert gpu_share(settings, embedder) == EMBEDDING_GPU_SHARE

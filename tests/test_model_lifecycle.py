@@ -229,3 +229,26 @@ async def test_request_waits_for_a_worker_that_starts_later(redis_server, tmp_pa
         record = json.loads(await stack.redis.get(keys.load_record(OTHER)))
         assert record["status"] == "ready" and record["worker_id"] == stack.worker.worker_id
         assert await stack.redis.zcard(keys.LOADS) == 0
+
+
+async def test_an_embedding_model_loads_beside_the_chat_model_not_instead(redis_server, tmp_path):
+    """A retrieval app asks for embeddings and chat in turn: with one model per worker
+    (VLLAMA_MAX_LOADED_MODELS=1) an embedding model still loads beside the chat model, and a
+    second embedding model replaces the first, not the chat model."""
+    from common.model_info import is_embedding_model
+
+    write_model(tmp_path, MODEL)
+    for name in ("embedder:1", "embedder:2"):
+        write_model(tmp_path, name, architecture="BertModel")
+    factory = lambda name, path: FakeEngine(embedding=is_embedding_model(path))  # noqa: E731
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path, max_loaded_models=1,
+                          engine_factory=factory) as stack, stack.client() as http:
+        await wait_listed(http, "embedder:2")
+        r = await http.post("/api/embed", json={"model": "embedder:1", "input": "x"})
+        assert r.status_code == 200, r.text
+        assert set(await ps(http)) == {MODEL, "embedder:1"}
+        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False})
+        assert r.status_code == 200 and r.json()["load_duration"] == 0  # never unloaded
+        r = await http.post("/api/embed", json={"model": "embedder:2", "input": "x"})
+        assert r.status_code == 200, r.text
+        assert set(await ps(http)) == {MODEL, "embedder:2"}

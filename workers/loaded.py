@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class LoadedModel:
-    def __init__(self, name: str, *, default_keep_alive: float, size: int = 0) -> None:
+    def __init__(self, name: str, *, default_keep_alive: float, size: int = 0, embedding: bool = False) -> None:
         self.name = name
+        # An embedding model: counted apart from generation models (VLLAMA_MAX_LOADED_MODELS
+        # each). Foreseen from the model's description until its engine says.
+        self.embedding = embedding
         self.state = "loading"
         self.default_keep_alive = default_keep_alive  # FOREVER for the worker's own model
         self.size = size
@@ -56,6 +59,7 @@ class LoadedModel:
     def start(self, engine: Engine, redis: Redis, sink: FrameSink, worker_id: str, settings: Settings, *,
               wakeups: WakeupListener) -> None:
         self.engine = engine
+        self.embedding = engine.embedding
         self.max_jobs = settings.max_jobs or engine.max_num_seqs
         batch_jobs = max(1, int(self.max_jobs * settings.batch_share))
         self.runner = GenerationRunner(engine, redis, sink, worker_id, settings.keep_result_s,

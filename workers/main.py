@@ -1,5 +1,7 @@
 """A generation worker process: holds up to ``max_loaded_models`` models, each with its own
-engine and job consumer, and loads and unloads them as requests and keep_alive ask.
+engine and job consumer, and loads and unloads them as requests and keep_alive ask. Embedding
+models are counted apart (as many again): a chat model and the embedding model of the same
+retrieval app stay loaded side by side rather than evicting each other on every switch.
 
 Start-up: the worker's own model (``VLLAMA_MODEL``; none if empty) loads first and stays
 loaded unless a request says otherwise; meanwhile the worker advertises it as "loading", so
@@ -28,7 +30,8 @@ from redis.exceptions import RedisError
 from common import catalog, clock, heap, keys, registry
 from common.durations import FOREVER, parse_keep_alive
 from common.errors import ErrorCode, VllamaError
-from common.models import canonical_name
+from common.model_info import is_embedding_model
+from common.models import canonical_name, source_for
 from common.records import LoadRecord
 from common.redact import without_paths
 from common.redis_conn import connect
@@ -64,11 +67,11 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
         from workers.fake_engine import FakeEngine
 
         # Answers with as many tokens as it may (num_predict or the context), as a GPU would: a
-        # step every 10 ms gives each of up to max_num_seqs running requests one token. A model
-        # whose name says "embed" is an embedding model.
+        # step every 10 ms gives each of up to max_num_seqs running requests one token. An
+        # embedding model's files (or, with none, a name that says "embed") make it embed.
         return FakeEngine(max_model_len=settings.max_model_len or 2048, answer_tokens=10**9, step_s=0.01,
                           max_num_seqs=settings.max_num_seqs or max(settings.max_jobs, 256), stepwise=True,
-                          embedding="embed" in name)
+                          embedding=is_embedding_model(path) if path is not None else "embed" in name)
     from workers.cpu_defaults import engine_dtype, engine_threads
     from workers.engine import VllmEngine, has_cuda
 
@@ -84,13 +87,25 @@ def build_engine(settings: Settings, name: str, path: Path | None) -> Engine:
         served_name=name,
         max_num_seqs=settings.max_num_seqs,
         max_model_len=settings.max_model_len,
-        # Models loaded side by side on one GPU share it.
-        gpu_memory_utilization=settings.gpu_memory_utilization / settings.max_loaded_models,
+        gpu_memory_utilization=gpu_share(settings, path),
         tensor_parallel_size=settings.tensor_parallel_size,
         enforce_eager=settings.enforce_eager,
         kv_cache_gib=settings.kv_cache_gib,
         dtype=choice.dtype,
     )
+
+
+# What an embedding model takes of a GPU: its weights are small and it keeps no KV cache
+# between requests; it loads beside the generation models, whose shares stay whole.
+EMBEDDING_GPU_SHARE = 0.05
+
+
+def gpu_share(settings: Settings, path: Path) -> float:
+    """The fraction of the GPU an engine may take: generation models loaded side by side
+    share VLLAMA_GPU_MEMORY_UTILIZATION; an embedding model takes a small share besides."""
+    if is_embedding_model(path):
+        return EMBEDDING_GPU_SHARE
+    return settings.gpu_memory_utilization / settings.max_loaded_models
 
 
 class GenerationWorker:
@@ -209,8 +224,9 @@ class GenerationWorker:
             if not self.info.allows(name):
                 continue
             victim = None
-            if len(self.models) >= self.settings.max_loaded_models:
-                victim = self._evictable()
+            embedding = await self._embeds(name)
+            if sum(m.embedding == embedding for m in self.models.values()) >= self.settings.max_loaded_models:
+                victim = self._evictable(embedding)
                 if victim is None or now - self._loads_seen[name] < EVICT_DEFER_S:
                     continue
             if not await self._redis.zrem(keys.LOADS, name):
@@ -220,7 +236,7 @@ class GenerationWorker:
                 if not await self._unload(victim):
                     await self._redis.zadd(keys.LOADS, {name: score}, nx=True)  # give it back
                     return
-            self._loading = asyncio.create_task(self._load_requested(name))
+            self._loading = asyncio.create_task(self._load_requested(name, embedding))
             return
 
     def _engine_died(self, model: LoadedModel) -> None:
@@ -264,21 +280,32 @@ class GenerationWorker:
         finally:
             self._restarting.discard(model.name)
 
-    def _evictable(self) -> LoadedModel | None:
-        """The idle model closest to expiring (models kept forever last)."""
-        idle = [m for m in self.models.values() if m.idle()]
+    async def _embeds(self, name: str) -> bool:
+        """Whether ``name`` is an embedding model, as its description (a store has it) or the
+        alias table (a bundled model not yet made) says."""
+        entry = await catalog.lookup(self._redis, name)
+        if entry is not None:
+            return "embedding" in entry.manifest.description.capabilities
+        source = source_for(name)
+        return source is not None and source.embedding
+
+    def _evictable(self, embedding: bool) -> LoadedModel | None:
+        """The idle model of the kind (embedding or generation) closest to expiring (models
+        kept forever last)."""
+        idle = [m for m in self.models.values() if m.idle() and m.embedding == embedding]
         return min(idle, key=lambda m: m.expires_at if m.expires_at is not None else float("inf"), default=None)
 
     # ------------------------------------------------------------ load and unload
 
-    async def _load_requested(self, name: str) -> None:
+    async def _load_requested(self, name: str, embedding: bool) -> None:
         try:
-            await self._load(name, pinned=False)
+            await self._load(name, pinned=False, embedding=embedding)
         except Exception:  # noqa: BLE001 - recorded for the waiting requests; the worker goes on
             pass
 
-    async def _load(self, name: str, *, pinned: bool, engine: Engine | None = None) -> None:
-        model = LoadedModel(name, default_keep_alive=FOREVER if pinned else self.default_keep_alive)
+    async def _load(self, name: str, *, pinned: bool, engine: Engine | None = None, embedding: bool = False) -> None:
+        model = LoadedModel(name, default_keep_alive=FOREVER if pinned else self.default_keep_alive,
+                            embedding=embedding)
         self.models[name] = model
         await self._record_load(name, "loading")
         started = time.monotonic()

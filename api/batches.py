@@ -13,17 +13,19 @@ aborts the running ones; their outcomes are "cancelled" lines in the error file.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from api import files, ownership
 from api.answers import Answer
 from api.dispatch import Dispatcher
+from api.embed_models import OpenAIEmbeddingsRequest
+from api.embed_routes import embedding_list
 from api.errors import describe_validation_error, openai_error
 from api.limits import RequestLimits
 from api.openai_models import ChatCompletionRequest, CompletionRequest
@@ -35,9 +37,11 @@ from common.errors import BadRequest, Conflict, ErrorCode, NotFound, ServerBusy,
 from common.protocol import BatchRef, DoneFrame, GenerationJob
 from common.job_queue import JOB_LOST_MESSAGE, PreparedJob, worker_lost_message
 from common.records import BATCH_LINES, BatchLine, BatchRecord, JobRecord
+from common.vectors import vectors_of
 
 router = APIRouter(prefix="/v1", tags=["openai batch"])
-ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+             "/v1/embeddings": OpenAIEmbeddingsRequest}
 WINDOW_S = 24 * 3600
 FINALIZE_LOCK_S = 60
 LOST_CHECK_S = 5  # how often a batch's running lines are checked for a dead worker
@@ -197,7 +201,8 @@ async def _queue_lines(d: Dispatcher, batch: BatchRecord, lines: list[str]) -> N
         line = InputLine.model_validate_json(text)  # checked by _parse
         ref = BatchRef(batch_id=batch.id, index=index, ttl_s=d.settings.file_ttl_s)
         shown = line.body.get("model")
-        entry = BatchLine(custom_id=line.custom_id, shown_model=shown if isinstance(shown, str) else None)
+        entry = BatchLine(custom_id=line.custom_id, shown_model=shown if isinstance(shown, str) else None,
+                          base64=line.body.get("encoding_format") == "base64")
         try:
             job = await _job(d, batch.endpoint, line, ref, models)
         except VllamaError as exc:
@@ -250,9 +255,11 @@ async def _job(d: Dispatcher, endpoint: str, line: InputLine, ref: BatchRef,
         request = ENDPOINTS[endpoint].model_validate(line.body)
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc)) from None
-    if request.choices_per_prompt() != 1:
+    if isinstance(request, OpenAIEmbeddingsRequest):
+        job = request.to_job(RequestLimits.of(d.settings))
+    elif request.choices_per_prompt() != 1:
         raise BadRequest("n must be 1 in a batch; repeat the line with other custom_ids for more choices")
-    if isinstance(request, ChatCompletionRequest):
+    elif isinstance(request, ChatCompletionRequest):
         job = request.to_job(RequestLimits.of(d.settings))
         await attach_tools(d, job, request.model, request.tools, request.tool_choice, request.parallel_tool_calls)
     else:
@@ -354,6 +361,7 @@ async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
     raw = await d.redis.hgetall(keys.batch_results(batch.id))
     outcomes = {int(k): LineOutcome.model_validate_json(v) for k, v in raw.items()}
     kind = "chat" if batch.endpoint == "/v1/chat/completions" else "completion"
+    embeddings = batch.endpoint == "/v1/embeddings"
     output, error = [], []
     for index, entry in enumerate(await _lines(d, batch.id)):
         outcome = outcomes[index]
@@ -361,8 +369,13 @@ async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
                 "error": None}
         if outcome.status == "done" and outcome.result is not None:
             r = outcome.result
-            answer = Answer(r.text, DoneFrame(seq=0, done_reason=r.done_reason, stats=r.stats), r.tool_calls, r.logprobs)
-            body = Shape(kind, outcome.job_id or "", entry.shown_model or "", 1).whole([answer])
+            if embeddings:
+                body = embedding_list(vectors_of(r.vectors), entry.shown_model or "", r.stats.prompt_eval_count,
+                                      entry.base64)
+            else:
+                answer = Answer(r.text, DoneFrame(seq=0, done_reason=r.done_reason, stats=r.stats), r.tool_calls,
+                                r.logprobs)
+                body = Shape(kind, outcome.job_id or "", entry.shown_model or "", 1).whole([answer])
             line["response"] = {"status_code": 200, "request_id": outcome.job_id, "body": body}
             output.append(line)
         elif outcome.status == "cancelled" and batch.expiring:
@@ -394,7 +407,8 @@ async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
 
 
 def _jsonl(lines: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    # orjson: UTF-8 as is, and embeddings' float32 numbers as short as they need.
+    return b"".join(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for line in lines)
 
 
 async def cancel(d: Dispatcher, batch_id: str) -> dict[str, Any]:

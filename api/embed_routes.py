@@ -71,11 +71,16 @@ async def openai_embeddings(request: Request) -> Response:
     body = await parse_body(request, OpenAIEmbeddingsRequest)
     dispatcher: Dispatcher = request.app.state.dispatcher
     vectors, answer = await _embedded(request, body.to_job(RequestLimits.of(dispatcher.settings)))
-    if body.encoding_format == "base64":
+    return _json(embedding_list(vectors, body.model, answer.done.stats.prompt_eval_count,
+                                body.encoding_format == "base64"))
+
+
+def embedding_list(vectors: np.ndarray, model: str, tokens: int, as_base64: bool) -> dict:
+    """OpenAI's answer to /v1/embeddings (also a batch line's), numbers as numpy floats."""
+    if as_base64:
         data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
         data = list(vectors)
-    tokens = answer.done.stats.prompt_eval_count
-    return _json({"object": "list", "model": body.model,
-                  "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
-                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -164,15 +164,18 @@ class ToolCallsFrame(_Frame):
     calls: list[ToolCall]
 
 
-class EmbeddingsFrame(_Frame):
+class Vectors(BaseModel):
     """Vectors of consecutive inputs, from input ``first`` on: ``count`` vectors of ``dim``
     float32 numbers, little-endian, base64: a quarter of the size of JSON numbers, and exact."""
 
-    type: Literal["embeddings"] = "embeddings"
     first: int
     count: int
     dim: int
     data: str
+
+
+class EmbeddingsFrame(_Frame, Vectors):
+    type: Literal["embeddings"] = "embeddings"
 
 
 class ErrorFrame(_Frame):
@@ -226,3 +229,4 @@ class JobResult(BaseModel):
     context: list[int] | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    vectors: list[Vectors] = Field(default_factory=list)  # an embedding job's (a batch line's)

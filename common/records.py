@@ -121,6 +121,7 @@ class BatchLine(BaseModel):
     shown_model: str | None = None  # the model as the line named it, for its output line
     model: str | None = None
     job_id: str | None = None
+    base64: bool = False  # an embeddings line asking for encoding_format "base64"
 
 
 BATCH_LINES = TypeAdapter(list[BatchLine])

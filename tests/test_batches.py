@@ -120,7 +120,7 @@ async def test_lines_that_cannot_run_go_to_the_error_file(redis_server):
             await client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions",
                                         completion_window="24h")
         with pytest.raises(openai.BadRequestError):
-            await client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+            await client.batches.create(input_file_id=f.id, endpoint="/v1/moderations", completion_window="24h")
         await client.close()
 
 

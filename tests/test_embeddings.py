@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.protocol import EmbeddingsFrame, EmbedInput
-from common.vectors import frames_of, vectors_of
+from common.vectors import runs_of, vectors_of
 from tests.fake_stack import fake_stack
 from workers.embedding import shaped
 from workers.fake_engine import EMBED_DIM, FakeEngine, fake_vectors
@@ -33,9 +33,9 @@ def _expected(texts: list[str], normalize: bool = True, dimensions: int | None =
 
 def test_frames_carry_every_vector_exactly_and_in_order():
     vectors = np.random.default_rng(1).standard_normal((3000, 384)).astype(np.float32)
-    fields = list(frames_of(vectors))
-    assert len(fields) > 1  # more than one frame's worth
-    frames = [EmbeddingsFrame(seq=i, **f) for i, f in enumerate(reversed(fields))]  # any order
+    runs = list(runs_of(vectors))
+    assert len(runs) > 1  # more than one frame's worth
+    frames = [EmbeddingsFrame(seq=i, **run.model_dump()) for i, run in enumerate(reversed(runs))]  # any order
     assert np.array_equal(vectors_of(frames), vectors)
 
 
@@ -215,3 +215,38 @@ def test_an_embedding_model_takes_a_small_share_of_the_gpu(tmp_path):
     settings = Settings(gpu_memory_utilization=0.9, max_loaded_models=2)
     assert gpu_share(settings, chat) == pytest.approx(0.45)
     assert gpu_share(settings, embedder) == EMBEDDING_GPU_SHARE
+
+
+# ------------------------------------------------------------------------- the Batch API
+
+
+async def test_a_batch_of_embedding_lines(redis_server):
+    import io
+    import json
+
+    import openai
+
+    from tests.test_batches import finished
+
+    rows = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+             "body": {"model": MODEL, "input": [f"text {i}", f"more {i}"],
+                      **({"encoding_format": "base64"} if i % 2 else {})}} for i in range(6)]
+    rows.append({"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": []}})
+    async with _stack(redis_server) as s:
+        client = openai.AsyncOpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0)
+        f = await client.files.create(file=("in.jsonl", io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())),
+                                      purpose="batch")
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        done = (await finished(client, batch.id))[-1]
+        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 6, 1)
+        output = [json.loads(line) for line in (await client.files.content(done.output_file_id)).text.splitlines()]
+        errors = [json.loads(line) for line in (await client.files.content(done.error_file_id)).text.splitlines()]
+    assert [line["custom_id"] for line in errors] == ["bad"]
+    assert "invalid input" in errors[0]["response"]["body"]["error"]["message"]
+    for line in output:
+        i = int(line["custom_id"][1:])
+        body = line["response"]["body"]
+        assert body["object"] == "list" and body["model"] == MODEL and body["usage"]["prompt_tokens"] > 0
+        vectors = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") if i % 2 else d["embedding"]
+                   for d in body["data"]]
+        assert np.allclose(vectors, _expected([f"text {i}", f"more {i}"]), atol=1e-6)

@@ -35,7 +35,7 @@ from common.protocol import (
 from common.records import JobRecord, JobStatus
 from common.redact import without_paths
 from common.tasks import until_redis_answers
-from common.vectors import frames_of
+from common.vectors import runs_of
 from workers import embedding
 from workers.engine import Engine
 from workers.frames import FrameLog, FramePublisher, FrameSink, Write
@@ -182,16 +182,19 @@ class GenerationRunner:
             prompts = embedding.prompts_of(self.engine, spec, job.model)
         else:  # a thousand inputs take a while to tokenize: not on the event loop
             prompts = await asyncio.to_thread(embedding.prompts_of, self.engine, spec, job.model)
+        runs = []
         if prompts:
             vectors = embedding.shaped(await self.engine.embed(job.job_id, prompts, self._priority(job)), spec)
-            for fields in frames_of(vectors):  # not awaited: they go in one round trip with the done frame
-                publisher.send(EmbeddingsFrame, **fields)
+            runs = list(runs_of(vectors))
+            for run in runs:  # not awaited: they go in one round trip with the done frame
+                publisher.send(EmbeddingsFrame, **run.model_dump())
         ended = time.monotonic()
         stats = Stats(total_duration=_ns(clock.now() - job.created_at), load_duration=_ns(self.load_duration(job)),
                       prompt_eval_count=sum(map(len, prompts)), prompt_eval_duration=_ns(ended - started),
                       eval_count=0, eval_duration=0)
         await publisher.send(DoneFrame, done_reason="stop", stats=stats)
-        return JobResult(text="", done_reason="stop", stats=stats)
+        # Kept whole only for a job nobody streams (a batch line's outcome).
+        return JobResult(text="", done_reason="stop", stats=stats, vectors=[] if job.stream else runs)
 
     @staticmethod
     def _priority(job: GenerationJob) -> int:

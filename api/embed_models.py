@@ -91,7 +91,8 @@ class OpenAIEmbeddingsRequest(WireModel):
 
 
 def _is_ids(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    """A non-empty list of integers (a JSON true is not a token id)."""
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
 def _openai_input(value: object) -> dict[str, list]:

@@ -124,6 +124,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("batch", help="run a JSONL file of requests as an OpenAI batch, with a progress bar")
     p.add_argument("file", help="JSONL: one {custom_id, method, url, body} request per line")
-    p.add_argument("--endpoint", default="/v1/chat/completions", choices=["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+    p.add_argument("--endpoint", default="/v1/chat/completions",
+                   choices=["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
     p.add_argument("--no-wait", action="store_true", help="print the batch id and return")
     p.set_defaults(func=cmd_batch)

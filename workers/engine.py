@@ -223,7 +223,7 @@ class VllmEngine:
             if isinstance(first, (ValueError, VLLMClientError)):
                 raise BadRequest(f"the inputs cannot be embedded: {without_paths(str(first))}") from first
             raise first from None
-        return torch.stack([t.result() for t in tasks]).to(torch.float32).numpy()
+        return torch.stack([t.result() for t in tasks]).to("cpu", torch.float32).numpy()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0

@@ -333,3 +333,29 @@ async def test_a_sentence_transformers_repo_keeps_its_pooling_steps(redis_server
                 (source / "1_Pooling" / "config.json").read_bytes()
             assert not (directory / "onnx").exists()
             assert manifest.description.capabilities == ["embedding"]
+
+
+async def test_a_pull_worker_starting_while_redis_restarts_waits_for_it(redis_server, tmp_path, monkeypatch):
+    """Its first write of the store's catalog meets a dropped connection (Redis restarting as
+    the process starts): it tries again, instead of the process dying."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tests.model_factory import write_model
+    from workers import pull_worker
+
+    write_model(tmp_path, "stored:one")
+    real_reset, failures = pull_worker.catalog.reset, []
+
+    async def reset_failing_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RedisConnectionError("Error while reading from redis: (104, 'Connection reset by peer')")
+        return await real_reset(*args, **kwargs)
+
+    monkeypatch.setattr(pull_worker.catalog, "reset", reset_failing_once)
+    async with fake_stack(redis_server.url, pull_worker=True, home=tmp_path) as stack, stack.client() as http:
+        async def listed() -> bool:
+            return any(m["name"] == "stored:one" for m in (await http.get("/api/tags")).json()["models"])
+
+        await async_wait_until(listed, 30, "the store's model to be listed")
+        assert failures == [1] and not stack.pull_worker._stop.is_set()

@@ -46,6 +46,7 @@ from starlette.routing import Route
 from common.model_paths import path_problem
 from common.models import canonical_name
 from common.settings import Settings
+from common.tasks import until_redis_answers
 from workers.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class StoreServer:
 
     async def start(self, settings: Settings, redis: Redis) -> str:
         """Bind, serve, and return the URL to advertise; StoreServerError if it cannot."""
-        detected = await local_address(redis) if not settings.store_advertise else None
+        detected = None
+        if not settings.store_advertise:
+            detected = await until_redis_answers(lambda: local_address(redis), "finding this machine's address")
         bind = settings.store_bind or detected or "0.0.0.0"
         sock = _bind(bind, settings.store_port, explicit="store_port" in settings.model_fields_set)
         port = sock.getsockname()[1]

@@ -27,7 +27,7 @@ from common.models import canonical_name
 from common.protocol import PullFrame, PullState
 from common.redis_conn import connect, job_deserializer, job_serializer
 from common.settings import Settings
-from common.tasks import cancel_and_wait, run_until_signalled
+from common.tasks import cancel_and_wait, run_until_signalled, until_redis_answers
 from common.redact import without_paths
 from workers.frames import FramePublisher, FrameSink
 from workers.wakeup import WakeupListener
@@ -73,7 +73,9 @@ class PullWorker:
         except StoreServerError as exc:
             await redis.aclose()
             raise VllamaError(f"store {self.store_id}: {exc}", ErrorCode.UNAVAILABLE) from exc
-        await self._resync()
+        # Redis may restart while this process starts (on a busy machine that takes seconds):
+        # the first catalog write waits for it, as every later one does.
+        await until_redis_answers(self._resync, f"store {self.store_id}: listing its models")
         log.info("store %s: %d models in %s", self.store_id, len(self.store.list()), self.store.root)
         self._sink = FrameSink(redis)
         self._sink.start()

@@ -25,6 +25,7 @@ from common.protocol import (
     Frame,
     GenerationJob,
     StartFrame,
+    ThinkingFrame,
     TokenFrame,
     TokenLogprob,
     ToolCallsFrame,
@@ -46,6 +47,7 @@ class Answer:
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
     vectors: list[EmbeddingsFrame] = field(default_factory=list)  # an embedding job's
+    thinking: str = ""  # the model's reasoning, apart from its answer
 
 
 def logprobs_json(logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -160,6 +162,7 @@ async def first_output(batches: Batches) -> list[Frame]:
 
 async def collect(head: list[Frame], rest: Batches) -> Answer:
     parts: list[str] = []
+    thoughts: list[str] = []
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] | None = None
     vectors: list[EmbeddingsFrame] = []
@@ -172,10 +175,12 @@ async def collect(head: list[Frame], rest: Batches) -> Answer:
                 if frame.logprobs is not None:
                     logprobs = logprobs if logprobs is not None else []
                     logprobs.extend(frame.logprobs)
+            elif isinstance(frame, ThinkingFrame):
+                thoughts.append(frame.text)
             elif isinstance(frame, ToolCallsFrame):
                 calls.extend(frame.calls)
             elif isinstance(frame, DoneFrame):
-                return Answer("".join(parts), frame, calls, logprobs, vectors)
+                return Answer("".join(parts), frame, calls, logprobs, vectors, "".join(thoughts))
     raise VllamaError("the answer ended before it was done; retry the request")
 
 

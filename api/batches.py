@@ -374,7 +374,7 @@ async def _finish(d: Dispatcher, batch: BatchRecord) -> BatchRecord:
                                       entry.base64)
             else:
                 answer = Answer(r.text, DoneFrame(seq=0, done_reason=r.done_reason, stats=r.stats), r.tool_calls,
-                                r.logprobs)
+                                r.logprobs, thinking=r.thinking)
                 body = Shape(kind, outcome.job_id or "", entry.shown_model or "", 1).whole([answer])
             line["response"] = {"status_code": 200, "request_id": outcome.job_id, "body": body}
             output.append(line)

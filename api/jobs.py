@@ -30,6 +30,7 @@ from common.protocol import (
     Frame,
     GenerationJob,
     StartFrame,
+    ThinkingFrame,
     TokenFrame,
     TokenLogprob,
     ToolCallsFrame,
@@ -102,6 +103,7 @@ class JobState:
     record: JobRecord
     pull: PullProgress | None = None
     text: str = ""
+    thinking: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     done: DoneFrame | None = None
@@ -151,6 +153,8 @@ def _apply(state: JobState, frame: Frame) -> None:
         state.text += frame.text
         if frame.logprobs is not None:
             state.logprobs = (state.logprobs or []) + frame.logprobs
+    elif isinstance(frame, ThinkingFrame):
+        state.thinking += frame.text
     elif isinstance(frame, ToolCallsFrame):
         state.tool_calls.extend(frame.calls)
     elif isinstance(frame, DoneFrame):

@@ -147,12 +147,14 @@ def _job_json(state: jobs.JobState, full: bool = False) -> dict[str, Any]:
         return body
     if full:
         body["output"] = state.text
+        if state.thinking:
+            body["thinking"] = state.thinking
         if state.tool_calls:
             body["tool_calls"] = ndjson.tool_calls_json(state.tool_calls)
         if state.done is not None:
-            body["result"] = ndjson.generate_final(r.model, state.done, state.text, state.logprobs) \
+            body["result"] = ndjson.generate_final(r.model, state.done, state.text, state.logprobs, state.thinking) \
                 if r.kind == "generate" else \
-                ndjson.chat_final(r.model, state.done, state.text, state.tool_calls, state.logprobs)
+                ndjson.chat_final(r.model, state.done, state.text, state.tool_calls, state.logprobs, state.thinking)
     return body
 
 

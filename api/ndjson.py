@@ -64,14 +64,19 @@ def error_line(message: str, _status: int = 500) -> bytes:
     return line({"error": message})
 
 
-def generate_chunk(model: str, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+def generate_chunk(model: str, text: str, logprobs: list[TokenLogprob] | None = None,
+                   thinking: str = "") -> dict[str, Any]:
     body = {"model": model, "created_at": now_rfc3339(), "response": text, "done": False}
+    if thinking:
+        body["thinking"] = thinking
     return _with_logprobs(body, logprobs)
 
 
 def chat_chunk(model: str, text: str, tool_calls: list[ToolCall] | None = None,
-               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+               logprobs: list[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        message["thinking"] = thinking
     if tool_calls:
         message["tool_calls"] = tool_calls_json(tool_calls)
     return _with_logprobs({"model": model, "created_at": now_rfc3339(), "message": message, "done": False}, logprobs)
@@ -93,17 +98,23 @@ def final_fields(done: DoneFrame) -> dict[str, Any]:
     return {"done": True, "done_reason": done.done_reason, **done.stats.model_dump()}
 
 
+def thinking_chunk(model: str, kind: str, thinking: str) -> dict[str, Any]:
+    """A piece of the model's reasoning, in a chunk of its own with empty content."""
+    return generate_chunk(model, "", thinking=thinking) if kind == "generate" else \
+        chat_chunk(model, "", thinking=thinking)
+
+
 def generate_final(model: str, done: DoneFrame, text: str = "",
-                   logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-    body = {**generate_chunk(model, text, logprobs), **final_fields(done)}
+                   logprobs: list[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
+    body = {**generate_chunk(model, text, logprobs, thinking), **final_fields(done)}
     if done.context is not None:
         body["context"] = done.context
     return body
 
 
 def chat_final(model: str, done: DoneFrame, text: str = "", tool_calls: list[ToolCall] | None = None,
-               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-    return {**chat_chunk(model, text, tool_calls, logprobs), **final_fields(done)}
+               logprobs: list[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
+    return {**chat_chunk(model, text, tool_calls, logprobs, thinking), **final_fields(done)}
 
 
 def load_response(kind: str, model: str, reason: str) -> dict[str, Any]:

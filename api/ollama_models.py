@@ -26,6 +26,7 @@ from common.durations import parse_keep_alive
 from common.errors import BadRequest
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
+from common.thinking import ollama_think
 from common.tool_calls import ToolCall
 
 if TYPE_CHECKING:
@@ -124,6 +125,12 @@ class OllamaRequest(WireModel):
     logprobs: bool = False
     top_logprobs: int = 0
 
+    @field_validator("think", mode="before")
+    @classmethod
+    def _think(cls, v: object) -> object:
+        """A bool or a level (common/thinking.py); whether the model thinks, the worker knows."""
+        return None if v == "" else ollama_think(v)
+
     @field_validator("options", mode="before")
     @classmethod
     def _null_options(cls, v: object) -> object:
@@ -148,10 +155,6 @@ class OllamaRequest(WireModel):
         if self.keep_alive is None or self.keep_alive == "":
             return None
         return parse_keep_alive(self.keep_alive)
-
-    def _check_think(self) -> None:
-        if self.think not in (None, False, "", "false"):
-            raise BadRequest(f'"{self.model}" does not support thinking')
 
     def sampling(self) -> Sampling:
         s = self.options.to_sampling(self.format)
@@ -185,7 +188,6 @@ class GenerateRequest(OllamaRequest):
             raise BadRequest(f"{self.model} does not support insert")
         if self.images:
             raise BadRequest(f"{self.model} does not support images")
-        self._check_think()
         check_token_ids("context", self.context or [])
         if limits is not None:
             limits.check_prompt([self.prompt, self.system or "", self.suffix or ""])
@@ -197,6 +199,7 @@ class GenerateRequest(OllamaRequest):
             system=self.system,
             raw=self.raw,
             context=self.context or [],
+            think=self.think,
             sampling=self.sampling(),
             stream=True,
             created_at=clock.now(),
@@ -216,6 +219,7 @@ class ToolCallIn(WireModel):
 class Message(WireModel):
     role: str
     content: str | None = ""
+    thinking: str | None = None
     images: list[str] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_name: str | None = None
@@ -224,7 +228,7 @@ class Message(WireModel):
     def to_chat_message(self) -> ChatMessage:
         calls = [ToolCall(name=c.function.name, arguments=c.function.arguments, **({"id": c.id} if c.id else {}))
                  for c in self.tool_calls or []]
-        return ChatMessage(role=self.role, content=self.content or "", tool_calls=calls,
+        return ChatMessage(role=self.role, content=self.content or "", thinking=self.thinking or "", tool_calls=calls,
                            tool_name=self.tool_name, tool_call_id=self.tool_call_id)
 
     @field_validator("role")
@@ -245,10 +249,9 @@ class ChatRequest(OllamaRequest):
 
     def to_job(self, limits: RequestLimits | None = None) -> GenerationJob:
         """The job spec; ``limits`` (from the settings) bound the messages and their size."""
-        self._check_think()
         if limits is not None:
             limits.check_messages(len(self.messages))
-            limits.check_prompt([m.content or "" for m in self.messages], self.tools,
+            limits.check_prompt([(m.content or "") + (m.thinking or "") for m in self.messages], self.tools,
                                 [c.function.arguments for m in self.messages for c in m.tool_calls or []])
         if any(m.images for m in self.messages):
             raise BadRequest(f"{self.model} does not support images")
@@ -257,6 +260,7 @@ class ChatRequest(OllamaRequest):
             model=self.canonical_model(),
             kind="chat",
             messages=[m.to_chat_message() for m in self.messages],
+            think=self.think,
             sampling=self.sampling(),
             stream=True,
             created_at=clock.now(),

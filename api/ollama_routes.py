@@ -17,7 +17,7 @@ from api.limits import RequestLimits
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.tools import attach_tools
 from common import clock
-from common.protocol import DoneFrame, TokenFrame, ToolCallsFrame
+from common.protocol import DoneFrame, ThinkingFrame, TokenFrame, ToolCallsFrame
 
 router = APIRouter()
 Kind = Literal["generate", "chat"]
@@ -72,8 +72,8 @@ async def load_or_unload(request: Request, dispatcher: Dispatcher, model: str, k
 
 def _whole(model: str, kind: Kind, answer: Answer) -> dict:
     if kind == "generate":
-        return ndjson.generate_final(model, answer.done, answer.text, answer.logprobs)
-    return ndjson.chat_final(model, answer.done, answer.text, answer.tool_calls, answer.logprobs)
+        return ndjson.generate_final(model, answer.done, answer.text, answer.logprobs, answer.thinking)
+    return ndjson.chat_final(model, answer.done, answer.text, answer.tool_calls, answer.logprobs, answer.thinking)
 
 
 async def ndjson_answer(model: str, kind: str, batches: Batches) -> AsyncIterator[bytes]:
@@ -91,6 +91,8 @@ async def ndjson_answer(model: str, kind: str, batches: Batches) -> AsyncIterato
                     lines.append(ndjson.line(ndjson.generate_chunk(model, frame.text, frame.logprobs)))
                 else:
                     lines.append(ndjson.line(ndjson.chat_chunk(model, frame.text, logprobs=frame.logprobs)))
+            elif isinstance(frame, ThinkingFrame):
+                lines.append(ndjson.line(ndjson.thinking_chunk(model, kind, frame.text)))
             elif isinstance(frame, ToolCallsFrame):
                 # As Ollama: the calls in a chunk of their own, with empty content.
                 lines.append(ndjson.line(ndjson.chat_chunk(model, "", frame.calls)))

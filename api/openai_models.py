@@ -16,6 +16,7 @@ from common import clock
 from common.errors import BadRequest
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
+from common.thinking import Think, openai_effort
 from common.tool_calls import ToolCall
 
 if TYPE_CHECKING:
@@ -156,9 +157,12 @@ class ChatMessageIn(WireModel):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an assistant's reasoning, as answered (or "reasoning")
+    reasoning: str | None = None
 
     def to_chat_message(self) -> ChatMessage:
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text(),
+                           thinking=self.reasoning_content or self.reasoning or "",
                            tool_calls=[c.to_tool_call() for c in self.tool_calls or []],
                            tool_call_id=self.tool_call_id, tool_name=self.name if self.role == "tool" else None)
 
@@ -226,6 +230,8 @@ class ChatCompletionRequest(_OpenAIRequest):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    reasoning_effort: str | None = None
+    reasoning: JsonObject | None = None  # {"effort": ...}, the Responses API's form, taken here too
 
     @field_validator("tool_choice", mode="wrap")
     @classmethod
@@ -242,7 +248,8 @@ class ChatCompletionRequest(_OpenAIRequest):
             raise BadRequest("messages must contain at least one message")
         if limits is not None:
             limits.check_messages(len(self.messages))
-            limits.check_prompt([m.text() for m in self.messages], self.tools,
+            limits.check_prompt([m.text() + (m.reasoning_content or m.reasoning or "") for m in self.messages],
+                                self.tools,
                                 [c.function.arguments for m in self.messages for c in m.tool_calls or []])
         if self.max_completion_tokens is not None:
             sampling = self._sampling(self.max_completion_tokens, "max_completion_tokens")
@@ -259,7 +266,16 @@ class ChatCompletionRequest(_OpenAIRequest):
             self.response_format.apply(sampling)
         messages = [m.to_chat_message() for m in self.messages]
         return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="chat", messages=messages,
-                             sampling=sampling, created_at=clock.now())
+                             think=self._think(), sampling=sampling, created_at=clock.now())
+
+    def _think(self) -> Think:
+        effort = self.reasoning_effort
+        if effort is None and self.reasoning is not None:
+            effort = self.reasoning.get("effort")
+        try:
+            return openai_effort(effort)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
 
 
 class CompletionRequest(_OpenAIRequest):

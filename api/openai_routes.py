@@ -27,7 +27,7 @@ from api.tools import attach_tools
 from common import catalog, clock
 from common.errors import ModelNotFound
 from common.models import canonical_name
-from common.protocol import DoneFrame, TokenFrame, TokenLogprob, ToolCallsFrame
+from common.protocol import DoneFrame, ThinkingFrame, TokenFrame, TokenLogprob, ToolCallsFrame
 from common.tool_calls import ToolCall
 
 router = APIRouter(prefix="/v1")
@@ -93,6 +93,8 @@ class Shape:
         choice: dict[str, Any] = {"index": index}
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+            if answer.thinking:
+                message.update(reasoning_fields(answer.thinking))
             if answer.tool_calls:
                 message["content"] = answer.text or None
                 message["tool_calls"] = tool_calls_json(answer.tool_calls)
@@ -138,6 +140,12 @@ class Shape:
         return {**self._base(True), "choices": [], "usage": self.usage(dones)}
 
 
+def reasoning_fields(thinking: str) -> dict[str, str]:
+    """The reasoning under both names clients read: ``reasoning_content`` (vLLM's server,
+    DeepSeek's API) and ``reasoning`` (Ollama's)."""
+    return {"reasoning_content": thinking, "reasoning": thinking}
+
+
 def finish_reason(done: DoneFrame, called_tools: bool) -> str:
     return "tool_calls" if called_tools and done.done_reason == "stop" else done.done_reason
 
@@ -166,6 +174,9 @@ async def _relay(shape: Shape, outputs: list[Output], include_usage: bool) -> As
             if isinstance(frame, TokenFrame):
                 events.append(sse(shape.chunk(index, {"content": frame.text}, text=frame.text,
                                               logprobs=frame.logprobs)))
+            elif isinstance(frame, ThinkingFrame):
+                if shape.kind == "chat":  # completions have no template to think by
+                    events.append(sse(shape.chunk(index, reasoning_fields(frame.text))))
             elif isinstance(frame, ToolCallsFrame):
                 called_tools.add(index)
                 events.append(sse(shape.chunk(index, {"tool_calls": tool_calls_json(frame.calls, streamed=True)})))

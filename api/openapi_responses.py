@@ -63,6 +63,7 @@ class ToolCallOut(_Open):
 class AssistantMessage(_Open):
     role: Literal["assistant"]
     content: str
+    thinking: str | None = None  # a model that thinks: its reasoning, apart from the content
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -85,6 +86,7 @@ class GenerateResponse(_Final):
     model: str
     created_at: str
     response: str
+    thinking: str | None = None  # a model that thinks: its reasoning, apart from the response
     context: list[int] | None = None
     logprobs: list[TokenLogprobOut] | None = None
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from common.thinking import reasoning_parser_for
 from common.tool_calls import tool_parser_for
 
 LICENSE_LIMIT = 64 * 1024
@@ -225,7 +226,7 @@ def _capabilities(config: dict[str, Any], templates: str, embedding: bool) -> li
         caps.append("tools")
     if isinstance(config.get("vision_config"), dict):
         caps.append("vision")
-    if "<think>" in templates or "enable_thinking" in templates:
+    if reasoning_parser_for(templates):  # as the worker decides it (workers/generation.py)
         caps.append("thinking")
     return caps
 

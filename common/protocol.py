@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import clock
+from common.thinking import Think
 from common.tool_calls import ToolCall, ToolUse
 
 
@@ -40,6 +41,7 @@ class Sampling(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    thinking: str = ""  # assistant: its reasoning before the answer
     tool_calls: list[ToolCall] = Field(default_factory=list)  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this answers (OpenAI)
     tool_name: str | None = None  # tool: the function that answered (Ollama)
@@ -47,6 +49,8 @@ class ChatMessage(BaseModel):
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it (Hugging Face's convention)."""
         message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:
+            message["reasoning_content"] = self.thinking  # what Qwen3's and kin's templates read
         if self.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
@@ -92,6 +96,7 @@ class GenerationJob(BaseModel):
     context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer
     messages: list[ChatMessage] = Field(default_factory=list)  # chat
     tool_use: ToolUse | None = None  # chat: the tools the model may call
+    think: Think = None  # whether to think, or how hard (common/thinking.py); None: the model's default
     embed: EmbedInput | None = None  # embed: what to embed, and how
     sampling: Sampling = Field(default_factory=Sampling)
     # False for async jobs: they run whether or not anyone listens, and their frames are also
@@ -137,6 +142,13 @@ class TokenFrame(_Frame):
     type: Literal["token"] = "token"
     text: str
     logprobs: list[TokenLogprob] | None = None  # the tokens of this piece, when asked for
+
+
+class ThinkingFrame(_Frame):
+    """A piece of the model's reasoning, kept apart from the answer."""
+
+    type: Literal["thinking"] = "thinking"
+    text: str
 
 
 class Stats(BaseModel):
@@ -216,14 +228,15 @@ class PullFrame(_Frame):
     state: PullState
 
 
-Frame = Annotated[StartFrame | TokenFrame | ToolCallsFrame | EmbeddingsFrame | DoneFrame | ErrorFrame | PullFrame,
-                  Field(discriminator="type")]
+Frame = Annotated[StartFrame | TokenFrame | ThinkingFrame | ToolCallsFrame | EmbeddingsFrame | DoneFrame | ErrorFrame
+                  | PullFrame, Field(discriminator="type")]
 
 
 class JobResult(BaseModel):
     """What a worker returns for arq to store (arq:result:<id>): the whole answer."""
 
     text: str  # the content: tool calls the model wrote are in tool_calls, not here
+    thinking: str = ""  # the reasoning, apart from the content
     done_reason: Literal["stop", "length"]
     stats: Stats
     context: list[int] | None = None

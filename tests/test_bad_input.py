@@ -49,9 +49,9 @@ class SlowTokenizer(FakeEngine):
             self.release.wait(60)  # a blocked loop would stall the test until this gives up
             self.returned.set()
 
-    def encode_chat(self, messages, tools=None):
+    def encode_chat(self, messages, tools=None, template_kwargs=None):
         self._slow("".join(m.content for m in messages))
-        return super().encode_chat(messages, tools)
+        return super().encode_chat(messages, tools, template_kwargs)
 
     def encode_raw(self, text: str) -> list[int]:
         self._slow(text)

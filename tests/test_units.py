@@ -93,9 +93,19 @@ def test_chat_roles_are_lowercased_and_checked():
 
 
 def test_requests_that_need_missing_capabilities_are_refused():
-    for body in ({"think": True}, {"suffix": "end"}, {"images": ["aGk="]}, {"template": "{{ .Prompt }}"}):
+    for body in ({"suffix": "end"}, {"images": ["aGk="]}, {"template": "{{ .Prompt }}"}):
         with pytest.raises(BadRequest):
             GenerateRequest.model_validate({"model": "m", "prompt": "p", **body}).to_job()
+
+
+def test_think_takes_ollamas_values_and_refuses_others():
+    for sent, meant in ((True, True), (False, False), ("high", "high"), ("max", "max"), ("false", False), (None, None),
+                        ("", None)):
+        job = GenerateRequest.model_validate({"model": "m", "prompt": "p", "think": sent}).to_job()
+        assert job.think == meant
+    for bad in ("extreme", 1, ["low"]):
+        with pytest.raises(ValueError, match="think"):
+            ChatRequest.model_validate({"model": "m", "messages": [], "think": bad})
 
 
 def test_ndjson_lines_never_split_inside_an_object():

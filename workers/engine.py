@@ -67,12 +67,14 @@ class Engine(Protocol):
     max_model_len: int
     max_num_seqs: int
     vocab_size: int  # token ids are 0 .. vocab_size - 1; clients' context ids are checked against it
-    tokenizer: Any  # what vLLM's tool parsers are built with
+    tokenizer: Any  # what vLLM's tool and reasoning parsers are built with
+    chat_template: str  # the model's chat template (it says whether and how the model thinks)
     embedding: bool  # an embedding (pooling) model: it embeds inputs and generates nothing
 
-    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Prompt tokens for a conversation (and the tools it may call), rendered by the
-        model's own chat template."""
+        model's own chat template, given ``template_kwargs`` too (whether to think)."""
 
     def encode_raw(self, text: str) -> list[int]:
         """Prompt tokens for text used as is (Ollama's raw mode)."""
@@ -123,6 +125,9 @@ class VllmEngine:
         self.embedding = embedding
         self._scheduler = scheduler or SchedulerView()
         self.tokenizer = tokenizer
+        template = getattr(tokenizer, "chat_template", None) or ""
+        # Some models keep several templates by name (one for tools, say): all of them count.
+        self.chat_template = " ".join(template.values()) if isinstance(template, dict) else str(template)
         self.vocab_size = vocab_size or len(tokenizer)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -183,9 +188,11 @@ class VllmEngine:
         return cls(llm, tokenizer, config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
                    on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size, embedding=config.runner_type == "pooling")
 
-    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            [m.for_template() for m in messages], tools=tools or None, tokenize=False, add_generation_prompt=True
+            [m.for_template() for m in messages], tools=tools or None, tokenize=False, add_generation_prompt=True,
+            **(template_kwargs or {}),
         )
         # The template already wrote the special tokens it wants.
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -3,7 +3,9 @@
 It "tokenizes" one token per character and answers ``tok0 tok1 ...`` (or, when the prompt
 says ``label:NAME``, ``NAME:0 NAME:1 ...``, so that concurrent streams have distinct answers),
 so tests can reason about counts and timing without loading a model; or, given ``reply``, it
-answers that canned text a few characters per token (to feed the tool-call parsers).
+answers that canned text a few characters per token, each think marker a token of its own (to
+feed the tool-call and reasoning parsers). ``chat_template`` is what a real model's template
+would say about it (whether it thinks, and how).
 Features are always also tested through real vLLM.
 
 With ``embedding=True`` it is an embedding model instead: a vector of ``EMBED_DIM`` numbers
@@ -36,24 +38,56 @@ VOCAB_SIZE = 50_000  # "tokens" are characters modulo this
 _LABEL = re.compile(r"label:(\w+)")
 
 
+THINK_MARKERS = ("<think>", "</think>")
+_MARKERS = re.compile("(" + "|".join(map(re.escape, THINK_MARKERS)) + ")")
+
+
 class FakeTokenizer:
-    """Enough of a tokenizer for vLLM's tool parsers, which read only its vocabulary."""
+    """Enough of a tokenizer for vLLM's tool and reasoning parsers: a vocabulary (the think
+    markers, one token each) and the text of each token the fake engine made."""
+
+    def __init__(self) -> None:
+        self._text: dict[int, str] = {i + 1: marker for i, marker in enumerate(THINK_MARKERS)}
+        self._ids = {text: i for i, text in self._text.items()}
 
     def get_vocab(self) -> dict[str, int]:
-        return {}
+        return {marker: self._ids[marker] for marker in THINK_MARKERS}
+
+    def id_of(self, piece: str) -> int:
+        """The token id of ``piece``, made up on first sight."""
+        if piece not in self._ids:
+            self._ids[piece] = token_id = 40_000 + len(self._ids)  # apart from the counting answer's
+            self._text[token_id] = piece
+        return self._ids[piece]
+
+    def tokens(self, text: str) -> list[tuple[str, int]]:
+        """``text`` as (piece, id) tokens: each marker one, the rest a few characters each."""
+        pieces = []
+        for part in _MARKERS.split(text):
+            if part in THINK_MARKERS:
+                pieces.append(part)
+            else:
+                pieces += [part[i:i + REPLY_CHARS_PER_TOKEN] for i in range(0, len(part), REPLY_CHARS_PER_TOKEN)]
+        return [(piece, self.id_of(piece)) for piece in pieces]
+
+    def decode(self, token_ids: list[int], **_: Any) -> str:
+        return "".join(self._text.get(i, "") for i in token_ids)
 
 
 class FakeEngine:
     def __init__(
         self, *, max_model_len: int = 2048, max_num_seqs: int = 64, answer_tokens: int = 16, step_s: float = 0.0,
-        reply: str | None = None, stepwise: bool = False, embedding: bool = False,
+        reply: str | None = None, stepwise: bool = False, embedding: bool = False, chat_template: str = "",
     ) -> None:
         self.tokenizer = FakeTokenizer()
         self.embedding = embedding
+        self.chat_template = chat_template
         self.reply = reply
+        self._reply_tokens = self.tokenizer.tokens(reply) if reply is not None else []
         # The latest chat's messages as a template reads them, and its tools.
         self.last_chat: tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
         self.last_sampling: Sampling | None = None
+        self.last_template_kwargs: dict[str, Any] = {}
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.vocab_size = VOCAB_SIZE
@@ -65,8 +99,10 @@ class FakeEngine:
         self._dead = False
         self._steps = _Stepper(step_s, max_num_seqs) if stepwise else None
 
-    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         self.last_chat = ([m.for_template() for m in messages], tools)
+        self.last_template_kwargs = template_kwargs or {}
         text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
         return [ord(c) % VOCAB_SIZE for c in text]
 
@@ -95,7 +131,7 @@ class FakeEngine:
         self.started.append(request_id)
         self.last_sampling = sampling
         self._in_flight.add(request_id)
-        size = self.answer_tokens if self.reply is None else -(-len(self.reply) // REPLY_CHARS_PER_TOKEN)
+        size = self.answer_tokens if self.reply is None else len(self._reply_tokens)
         n = min(size, max_tokens)
         # The counting answer says "length" also when max_tokens is exactly its size.
         finish = "length" if max_tokens < size + (self.reply is None) else "stop"
@@ -124,22 +160,23 @@ class FakeEngine:
 
     def _delta(self, label: str, start: int, end: int, n: int, finish: str, sampling: Sampling) -> Delta:
         """Tokens ``start`` to ``end`` (excluded) of an answer of ``n``, as one output."""
-        pieces = [self._piece(label, i) for i in range(start, end)]
+        tokens = [self._token(label, i) for i in range(start, end)]
         logprobs = None
         if sampling.logprobs is not None:
-            logprobs = [lp for piece in pieces for lp in _logprobs(piece, sampling.logprobs)]
-        return Delta(text="".join(pieces), num_tokens=end - start, token_ids=[1000 + i for i in range(start, end)],
-                     finish_reason=finish if end == n else None, logprobs=logprobs)
+            logprobs = [lp for piece, _ in tokens for lp in _logprobs(piece, sampling.logprobs)]
+        return Delta(text="".join(piece for piece, _ in tokens), num_tokens=end - start,
+                     token_ids=[token_id for _, token_id in tokens], finish_reason=finish if end == n else None,
+                     logprobs=logprobs)
 
     @staticmethod
     def _label(prompt_token_ids: list[int]) -> str:
         match = _LABEL.search("".join(map(chr, prompt_token_ids)))
         return f"{match.group(1)}:" if match else "tok"
 
-    def _piece(self, label: str, i: int) -> str:
+    def _token(self, label: str, i: int) -> tuple[str, int]:
         if self.reply is None:
-            return f"{label}{i} "
-        return self.reply[i * REPLY_CHARS_PER_TOKEN:(i + 1) * REPLY_CHARS_PER_TOKEN]
+            return f"{label}{i} ", 1000 + i
+        return self._reply_tokens[i]
 
     def in_flight(self) -> int:
         return len(self._in_flight)

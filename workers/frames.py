@@ -206,7 +206,14 @@ class FramePublisher:
         if logprobs:
             self.send(TokenFrame, text=text, logprobs=logprobs)
             return
-        data = orjson.dumps({"seq": self._seq, "type": "token", "text": text})
+        self._piece("token", text)
+
+    def thinking(self, text: str) -> None:
+        """Publish a piece of the model's reasoning (a ThinkingFrame), as ``token`` does."""
+        self._piece("thinking", text)
+
+    def _piece(self, frame_type: str, text: str) -> None:
+        data = orjson.dumps({"seq": self._seq, "type": frame_type, "text": text})
         self._seq += 1
         if self.reply_to is None:
             self._sink.publish(self.channel, data, self.keep)

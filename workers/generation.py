@@ -35,10 +35,12 @@ from common.protocol import (
 from common.records import JobRecord, JobStatus
 from common.redact import without_paths
 from common.tasks import until_redis_answers
+from common.thinking import reasoning_parser_for, takes_levels, template_kwargs
 from common.vectors import runs_of
 from workers import embedding
 from workers.engine import Engine
 from workers.frames import FrameLog, FramePublisher, FrameSink, Write
+from workers.reasoning import ThinkingSplitter
 from workers.tool_parsing import ToolCallSplitter
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ INLINE_PROMPT_CHARS = 4096
 
 def _quick_to_tokenize(job: GenerationJob) -> bool:
     """A short prompt without tools (whose schemas a chat template renders at length)."""
-    size = len(job.prompt) + len(job.system or "") + len(job.context) + sum(len(m.content) for m in job.messages)
+    size = len(job.prompt) + len(job.system or "") + len(job.context) + \
+        sum(len(m.content) + len(m.thinking) for m in job.messages)
     return job.tool_use is None and size <= INLINE_PROMPT_CHARS
 
 
@@ -81,6 +84,9 @@ class GenerationRunner:
         self.running: set[str] = set()
         self._started_at: dict[str, float] = {}  # job id -> when it started here
         self.stats = ModelStats()  # for /metrics, through the heartbeat
+        # Whether (and how) the model thinks, as its chat template says (common/thinking.py).
+        self.reasoning_parser = None if engine.embedding else reasoning_parser_for(engine.chat_template)
+        self.think_levels = takes_levels(engine.chat_template)
 
     def load_duration(self, job: GenerationJob) -> float:
         """How long this job waited for its model to load (Ollama's load_duration)."""
@@ -148,15 +154,16 @@ class GenerationRunner:
         tokenizing one takes seconds, during which the event loop must go on serving the other
         jobs."""
         self.check_context(job)
-        if job.kind == "chat":
-            return self.engine.encode_chat(job.messages, job.tool_use.tools if job.tool_use else None)
         if job.raw:
             return self.engine.encode_raw(job.prompt)
+        thinking = template_kwargs(job.think, self.think_levels) if self.reasoning_parser else {}
+        if job.kind == "chat":
+            return self.engine.encode_chat(job.messages, job.tool_use.tools if job.tool_use else None, thinking)
         messages = []
         if job.system:
             messages.append(ChatMessage(role="system", content=job.system))
         messages.append(ChatMessage(role="user", content=job.prompt))
-        return list(job.context) + self.engine.encode_chat(messages)
+        return list(job.context) + self.engine.encode_chat(messages, template_kwargs=thinking)
 
     def check_context(self, job: GenerationJob) -> None:
         """Token ids from the client (an earlier answer's context) must be in this model's
@@ -169,10 +176,28 @@ class GenerationRunner:
                                  "unchanged, or leave it out")
 
     def _check_capability(self, job: GenerationJob) -> None:
-        """Ollama's 400 for a generation asked of an embedding model, or the reverse."""
+        """Ollama's 400 for a generation asked of an embedding model, or the reverse, and for
+        thinking asked of a model that does not think."""
+        what = None
         if self.engine.embedding != (job.kind == "embed"):
             what = "embeddings" if job.kind == "embed" else job.kind
+        elif job.think not in (None, False) and self.reasoning_parser is None:
+            what = "thinking"
+        if what is not None:
             raise BadRequest(f'"{job.model.removesuffix(":latest")}" does not support {what}')
+
+    def _thinking_splitter(self, job: GenerationJob, prompt: list[int]) -> ThinkingSplitter | None:
+        """What keeps the reasoning apart from the answer, for a model that thinks (a raw
+        prompt has no template to think by)."""
+        if self.reasoning_parser is None or job.raw:
+            return None
+        try:
+            return ThinkingSplitter(self.reasoning_parser, job.think, self.think_levels, self.engine.tokenizer, prompt)
+        except Exception:  # noqa: BLE001 - e.g. markers missing from the vocabulary: answer as a plain model
+            log.warning("the %s reasoning parser does not fit %s; its answers are not split", self.reasoning_parser,
+                        job.model, exc_info=True)
+            self.reasoning_parser = None
+            return None
 
     async def _embed(self, job: GenerationJob, publisher: FramePublisher) -> JobResult:
         self._check_capability(job)
@@ -218,24 +243,34 @@ class GenerationRunner:
         max_tokens = room if job.sampling.max_tokens is None else min(job.sampling.max_tokens, room)
 
         parts: list[str] = []
+        thoughts: list[str] = []
         output_ids: list[int] = []
         first_token_at: float | None = None
         finish = "length"
+        thinker = self._thinking_splitter(job, prompt)
         splitter = ToolCallSplitter(job.tool_use, self.engine.tokenizer) if job.tool_use else None
         sampling = job.sampling
-        if splitter is not None and not splitter.skip_special_tokens:
+        if any(s is not None and not s.skip_special_tokens for s in (thinker, splitter)):
             sampling = sampling.model_copy(update={"skip_special_tokens": False})
 
         logprobs: list[TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
+
+        def still_listened() -> None:
+            # Known from an earlier publish: the API process that asked for it has gone.
+            if job.stream and not publisher.listening():
+                raise ClientGone
 
         def send(text: str, token_logprobs: list[TokenLogprob] | None = None) -> None:
             parts.append(text)
             if token_logprobs:
                 logprobs.extend(token_logprobs)
-            # Known from an earlier publish: the API process that asked for it has gone.
-            if job.stream and not publisher.listening():
-                raise ClientGone
+            still_listened()
             publisher.token(text, token_logprobs)
+
+        def think(text: str) -> None:
+            thoughts.append(text)
+            still_listened()
+            publisher.thinking(text)
 
         if max_tokens > 0:
             async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, self._priority(job)):
@@ -244,7 +279,13 @@ class GenerationRunner:
                     # From the request's arrival: the time in the queue is part of the wait.
                     self.stats.ttft.observe(max(0.0, clock.now() - job.created_at))
                 output_ids.extend(delta.token_ids)
-                text = splitter.feed(delta.text, delta.token_ids) if splitter is not None else delta.text
+                text, token_ids = delta.text, delta.token_ids
+                if thinker is not None:
+                    reasoning, text, token_ids = thinker.feed(text, token_ids)
+                    if reasoning:
+                        think(reasoning)
+                if splitter is not None:
+                    text = splitter.feed(text, token_ids)
                 if text or delta.logprobs:
                     send(text, delta.logprobs)
                 if delta.finish_reason is not None:
@@ -268,8 +309,8 @@ class GenerationRunner:
         )
         context = prompt + output_ids if job.kind == "generate" and not job.raw else None
         await publisher.send(DoneFrame, done_reason=finish, stats=stats, context=context)
-        return JobResult(text="".join(parts), done_reason=finish, stats=stats, context=context, tool_calls=calls,
-                         logprobs=logprobs)
+        return JobResult(text="".join(parts), thinking="".join(thoughts), done_reason=finish, stats=stats,
+                         context=context, tool_calls=calls, logprobs=logprobs)
 
     async def _fail(self, job: GenerationJob, publisher: FramePublisher, code: str, message: str) -> None:
         await asyncio.shield(publisher.send(ErrorFrame, code=code, message=message))

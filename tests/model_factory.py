@@ -162,3 +162,60 @@ def write_model(home: Path, name: str, hidden: int = 8, chat_template: str | Non
                         modified_at=time.time(), description=describe(target))
     store.save(manifest)
     return manifest
+
+
+# The bundled model's template, made to think as Qwen3-Thinking's does: the answer opens a
+# think block (an empty one when thinking is off) and an assistant's earlier reasoning is
+# rendered back in one.
+_ANSWER_PROMPT = '{{- "<|im_start|>assistant\\n" -}}\n{%- endif -%}'
+_THINKING_ANSWER_PROMPT = '''{{- "<|im_start|>assistant\\n" -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}
+        {{- "<think>\\n\\n</think>\\n" -}}
+    {%- else -%}
+        {{- "<think>\\n" -}}
+    {%- endif -%}
+{%- endif -%}'''
+_PLAIN_MESSAGE = '{{- "<|im_start|>" + message.role + "\\n" + (message.content or "") + "<|im_end|>\\n" -}}'
+_MESSAGE_WITH_THOUGHT = '''{%- set thought = message.reasoning_content if message.reasoning_content else "" -%}
+        {{- "<|im_start|>" + message.role + "\\n" + ("<think>\\n" + thought + "\\n</think>\\n" if thought else "")
+            + (message.content or "") + "<|im_end|>\\n" -}}'''
+# Two of SmolLM2's unused special tokens, renamed to be the think markers (as plain text).
+THINK_TOKENS = {"<jupyter_text>": "<think>", "<jupyter_code>": "</think>"}
+NEWLINE = "\u010a"  # "\n" as a byte-level BPE vocabulary spells it
+
+
+def thinking_template(template: str) -> str:
+    """``template`` (the bundled smollm2-tools.jinja) as a thinking model's."""
+    assert _ANSWER_PROMPT in template and _PLAIN_MESSAGE in template, "the bundled template changed"
+    return template.replace(_ANSWER_PROMPT, _THINKING_ANSWER_PROMPT).replace(_PLAIN_MESSAGE, _MESSAGE_WITH_THOUGHT)
+
+
+def make_thinking_smollm2(source: Path, target: Path) -> Path:
+    """The converted bundled model (``source``) as a model that thinks, for tests through real
+    vLLM: its template opens a think block, and two unused special tokens become ``<think>``
+    and ``</think>``. The 135M model never learned to close a thought, so ``</think>`` gets the
+    newline's embedding made 1% longer: where the model would end a line of its thought, it
+    ends the thought instead (the logit is 1% higher than the newline's whenever that one is
+    positive, as it is whenever the newline wins). Everything else is the model's own."""
+    from safetensors.torch import load_file, save_file as save_torch
+
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name not in ("tokenizer.json", "model.safetensors", "chat_template.jinja"):
+            (target / path.name).write_bytes(path.read_bytes())
+    tok = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    for token in tok["added_tokens"]:
+        if token["content"] in THINK_TOKENS:
+            new = THINK_TOKENS[token["content"]]
+            vocab[new] = vocab.pop(token["content"])
+            token["content"], token["special"] = new, False  # in the text, where the parser reads it
+    (target / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    (target / "chat_template.jinja").write_text(thinking_template((source / "chat_template.jinja").read_text()),
+                                                encoding="utf-8")
+    tensors = load_file(source / "model.safetensors")
+    embeddings = tensors["model.embed_tokens.weight"]  # tied: also the output layer
+    embeddings[vocab["</think>"]] = embeddings[vocab[NEWLINE]] * 1.01
+    save_torch({name: t.contiguous() for name, t in tensors.items()}, str(target / "model.safetensors"),
+               metadata={"format": "pt"})
+    return target

@@ -101,10 +101,22 @@ class RequestLimits:
     prompt_bytes: int
     messages: int
     n: int
+    image_bytes: int = 20 * 2**20
+    images: int = 16
 
     @classmethod
     def of(cls, settings: Settings) -> RequestLimits:
-        return cls(settings.max_prompt_bytes, settings.max_messages, settings.max_n)
+        return cls(settings.max_prompt_bytes, settings.max_messages, settings.max_n, settings.max_image_bytes,
+                   settings.max_images)
+
+    def check_images(self, sizes: list[int]) -> None:
+        """The request's images, by their decoded sizes."""
+        if len(sizes) > self.images:
+            raise TooLarge(f"the request has {len(sizes)} images, more than the {self.images} allowed; send fewer, "
+                           "or raise VLLAMA_MAX_IMAGES on the server")
+        if sum(sizes) > self.image_bytes:
+            raise TooLarge(f"the request's images are {sum(sizes)} bytes together, more than the {self.image_bytes} "
+                           "allowed; send smaller images, or raise VLLAMA_MAX_IMAGE_BYTES on the server")
 
     def check_messages(self, count: int) -> None:
         if count > self.messages:

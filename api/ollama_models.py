@@ -24,6 +24,7 @@ from api.bounds import (
 from common import clock
 from common.durations import parse_keep_alive
 from common.errors import BadRequest
+from common.images import checked as checked_image
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.thinking import ollama_think
@@ -186,11 +187,11 @@ class GenerateRequest(OllamaRequest):
                              "send the full text with \"raw\": true instead")
         if self.suffix:
             raise BadRequest(f"{self.model} does not support insert")
-        if self.images:
-            raise BadRequest(f"{self.model} does not support images")
+        images, sizes = checked_images(self.images or [], "images")
         check_token_ids("context", self.context or [])
         if limits is not None:
             limits.check_prompt([self.prompt, self.system or "", self.suffix or ""])
+            limits.check_images(sizes)
         return GenerationJob(
             job_id=new_job_id(),
             model=self.canonical_model(),
@@ -199,6 +200,7 @@ class GenerateRequest(OllamaRequest):
             system=self.system,
             raw=self.raw,
             context=self.context or [],
+            images=images,
             think=self.think,
             sampling=self.sampling(),
             stream=True,
@@ -225,11 +227,11 @@ class Message(WireModel):
     tool_name: str | None = None
     tool_call_id: str | None = None
 
-    def to_chat_message(self) -> ChatMessage:
+    def to_chat_message(self, images: list[str]) -> ChatMessage:
         calls = [ToolCall(name=c.function.name, arguments=c.function.arguments, **({"id": c.id} if c.id else {}))
                  for c in self.tool_calls or []]
         return ChatMessage(role=self.role, content=self.content or "", thinking=self.thinking or "", tool_calls=calls,
-                           tool_name=self.tool_name, tool_call_id=self.tool_call_id)
+                           images=images, tool_name=self.tool_name, tool_call_id=self.tool_call_id)
 
     @field_validator("role")
     @classmethod
@@ -249,22 +251,29 @@ class ChatRequest(OllamaRequest):
 
     def to_job(self, limits: RequestLimits | None = None) -> GenerationJob:
         """The job spec; ``limits`` (from the settings) bound the messages and their size."""
+        checked = [checked_images(m.images or [], f"messages[{i}].images") for i, m in enumerate(self.messages)]
+        sizes = [size for _, message_sizes in checked for size in message_sizes]
         if limits is not None:
             limits.check_messages(len(self.messages))
             limits.check_prompt([(m.content or "") + (m.thinking or "") for m in self.messages], self.tools,
                                 [c.function.arguments for m in self.messages for c in m.tool_calls or []])
-        if any(m.images for m in self.messages):
-            raise BadRequest(f"{self.model} does not support images")
+            limits.check_images(sizes)
         return GenerationJob(
             job_id=new_job_id(),
             model=self.canonical_model(),
             kind="chat",
-            messages=[m.to_chat_message() for m in self.messages],
+            messages=[m.to_chat_message(images) for m, (images, _) in zip(self.messages, checked)],
             think=self.think,
             sampling=self.sampling(),
             stream=True,
             created_at=clock.now(),
         )
+
+
+def checked_images(images: list[str], where: str) -> tuple[list[str], list[int]]:
+    """Images as Ollama takes them (base64), each checked to be one: their base64, their sizes."""
+    pairs = [checked_image(image, f"{where}[{i}]") for i, image in enumerate(images)]
+    return [text for text, _ in pairs], [size for _, size in pairs]
 
 
 def new_job_id() -> str:

@@ -14,6 +14,8 @@ from api.bounds import INT32_MAX, MAX_OPENAI_STOPS, SEED_MAX, SEED_MIN, JsonObje
 from api.ollama_models import new_job_id
 from common import clock
 from common.errors import BadRequest
+from common.images import checked as checked_image
+from common.images import is_data_url
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.thinking import Think, openai_effort
@@ -160,29 +162,47 @@ class ChatMessageIn(WireModel):
     reasoning_content: str | None = None  # an assistant's reasoning, as answered (or "reasoning")
     reasoning: str | None = None
 
-    def to_chat_message(self) -> ChatMessage:
+    def to_chat_message(self, images: list[str]) -> ChatMessage:
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text(),
-                           thinking=self.reasoning_content or self.reasoning or "",
+                           thinking=self.reasoning_content or self.reasoning or "", images=images,
                            tool_calls=[c.to_tool_call() for c in self.tool_calls or []],
                            tool_call_id=self.tool_call_id, tool_name=self.name if self.role == "tool" else None)
 
     def text(self) -> str:
-        """Plain text content; parts of type "text" (and an assistant's "refusal") are joined
-        (images, audio and files are not supported)."""
+        """Plain text content; parts of type "text" (and an assistant's "refusal") are joined;
+        images are taken apart (``image_urls``); audio and files are not supported."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         texts = []
         for part in self.content:
             kind = part.get("type")
+            if kind == "image_url":
+                continue
             field = "refusal" if kind == "refusal" and self.role == "assistant" else "text" if kind == "text" else None
             if field is None:
                 shown = repr(kind) if isinstance(kind, str) and len(kind) <= 40 else "that type"
-                raise BadRequest(f"content parts of type {shown} are not supported; send text "
-                                 '(a string, or parts {"type": "text", "text": "..."})')
+                raise BadRequest(f"content parts of type {shown} are not supported; send text and images "
+                                 '(a string, or parts {"type": "text", "text": "..."} and '
+                                 '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}})')
             if not isinstance(part.get(field), str):
                 raise BadRequest(f'a content part of type "{kind}" needs "{field}": a string')
             texts.append(part[field])
         return "".join(texts)
+
+    def image_parts(self) -> list[tuple[int, dict]]:
+        """The message's image_url parts, with their places in its content."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, part) for i, part in enumerate(self.content) if part.get("type") == "image_url"]
+
+
+def image_url_of(part: dict, where: str) -> str:
+    """An image part's URL: ``image_url.url``, or ``image_url`` itself (a string, as Ollama takes it)."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise BadRequest(f'{where} needs "image_url": {{"url": "data:image/png;base64,..."}}')
+    return url
 
 
 class FunctionName(WireModel):
@@ -264,9 +284,26 @@ class ChatCompletionRequest(_OpenAIRequest):
             sampling.logprobs = self.top_logprobs or 0
         if self.response_format is not None:
             self.response_format.apply(sampling)
-        messages = [m.to_chat_message() for m in self.messages]
+        images = [self._images(i, m) for i, m in enumerate(self.messages)]
+        if limits is not None:
+            limits.check_images([size for message in images for _, size in message])
+        messages = [m.to_chat_message([text for text, _ in found]) for m, found in zip(self.messages, images)]
         return GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="chat", messages=messages,
                              think=self._think(), sampling=sampling, created_at=clock.now())
+
+    @staticmethod
+    def _images(index: int, message: ChatMessageIn) -> list[tuple[str, int]]:
+        """(base64, size) of each of the message's images: data: URLs here, remote ones already
+        fetched and inlined by api/images.py."""
+        found = []
+        for j, part in message.image_parts():
+            where = f"messages[{index}].content[{j}]"
+            url = image_url_of(part, where)
+            if not is_data_url(url):
+                raise BadRequest(f"{where}: the image_url must be a data: URL (data:image/png;base64,...); this "
+                                 "server fetches http(s) image URLs only when VLLAMA_FETCH_IMAGES is set")
+            found.append(checked_image(url, where))
+        return found
 
     def _think(self) -> Think:
         effort = self.reasoning_effort

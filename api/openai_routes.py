@@ -21,6 +21,7 @@ from api import ownership
 from api.answers import Answer, Output, logprobs_json, merged, respond, submit_all
 from api.dispatch import Dispatcher
 from api.errors import openai_error, parse_body
+from api.images import inline_remote_images
 from api.limits import RequestLimits
 from api.openai_models import ChatCompletionRequest, CompletionRequest, fan_out
 from api.tools import attach_tools
@@ -51,6 +52,7 @@ async def _serve(request: Request, body: ChatCompletionRequest | CompletionReque
     limits = RequestLimits.of(dispatcher.settings)
     n = body.choices_per_prompt(limits)
     if isinstance(body, ChatCompletionRequest):
+        await inline_remote_images(body, dispatcher.settings)
         job = body.to_job(limits)
         headers = await attach_tools(dispatcher, job, body.model, body.tools, body.tool_choice,
                                      body.parallel_tool_calls)

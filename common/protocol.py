@@ -42,6 +42,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     thinking: str = ""  # assistant: its reasoning before the answer
+    images: list[str] = Field(default_factory=list)  # base64, checked by the API (common/images.py)
     tool_calls: list[ToolCall] = Field(default_factory=list)  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this answers (OpenAI)
     tool_name: str | None = None  # tool: the function that answered (Ollama)
@@ -49,6 +50,8 @@ class ChatMessage(BaseModel):
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it (Hugging Face's convention)."""
         message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.images:  # as vision models' templates take them: a placeholder per image, then the text
+            message["content"] = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.content}]
         if self.thinking:
             message["reasoning_content"] = self.thinking  # what Qwen3's and kin's templates read
         if self.tool_calls:
@@ -94,6 +97,7 @@ class GenerationJob(BaseModel):
     system: str | None = None  # generate: system message
     raw: bool = False  # generate: no chat template
     context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer
+    images: list[str] = Field(default_factory=list)  # generate: base64, with the prompt
     messages: list[ChatMessage] = Field(default_factory=list)  # chat
     tool_use: ToolUse | None = None  # chat: the tools the model may call
     think: Think = None  # whether to think, or how hard (common/thinking.py); None: the model's default

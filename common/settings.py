@@ -125,6 +125,16 @@ class Settings(BaseSettings):
         description="Largest prompt text (all messages together), in bytes, checked before tokenizing; larger: 413.",
     )
     max_messages: int = Field(default=4096, ge=1, description="Most messages in one chat request; more: 413.")
+    max_image_bytes: int = Field(
+        default=20 * 2**20, ge=1024,
+        description="Largest total size of the images of one request (decoded), in bytes; larger: 413.",
+    )
+    max_images: int = Field(default=16, ge=1, description="Most images in one request; more: 413.")
+    fetch_images: bool = Field(
+        default=False,
+        description="Fetch the http(s) image_url of OpenAI requests (the server then reaches any address a "
+                    "client names); off: only inline data: URLs are taken.",
+    )
     max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per OpenAI request); larger: 413.")
 
     auto_pull: Literal["off", "aliases", "any"] = Field(

@@ -219,3 +219,51 @@ def make_thinking_smollm2(source: Path, target: Path) -> Path:
     save_torch({name: t.contiguous() for name, t in tensors.items()}, str(target / "model.safetensors"),
                metadata={"format": "pt"})
     return target
+
+
+# A tiny SmolVLM (Idefics3: a SigLIP vision encoder, pixel shuffle, a Llama): 32x32 pixels a
+# picture, 8x8 patches, shuffled by 2, so each image is IMAGE_SEQ_LEN tokens in the prompt.
+IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 32, 8, 2
+IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR ** 2
+VISION_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message.role | capitalize }}:"
+    "{% if message.content is string %} {{ message.content }}{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' %}<image>{% elif part.type == 'text' %} {{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def make_tiny_smolvlm(target: Path, seed: int = 0) -> Path:
+    """A random-weight vision-language model of a real architecture vLLM runs (SmolVLM's),
+    with its real image processor and SmolLM2's tokenizer plus SmolVLM's image tokens: the
+    output means nothing, but images go through the whole path (processor, encoder, prompt)."""
+    import copy
+
+    import torch
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+
+    tok = copy.deepcopy(tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN_SIZE, intermediate_size=INTERMEDIATE_SIZE,
+                       num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, num_key_value_heads=NUM_KV_HEADS,
+                       head_dim=HEAD_DIM, max_position_embeddings=MAX_POSITIONS, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = Idefics3VisionConfig(hidden_size=HIDDEN_SIZE, intermediate_size=INTERMEDIATE_SIZE, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=SCALE_FACTOR,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+                            vocab_size=len(tok))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config).to(torch.float32).eval()
+    target.mkdir(parents=True)
+    model.save_pretrained(target, safe_serialization=True)
+    images = Idefics3ImageProcessor(size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+                                    do_image_splitting=False)
+    Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=IMAGE_SEQ_LEN,
+                      chat_template=SMOLVLM_TEMPLATE).save_pretrained(target)
+    tok.chat_template = SMOLVLM_TEMPLATE
+    tok.save_pretrained(target)
+    return target

@@ -196,9 +196,9 @@ async def test_n_choices_and_several_prompts(redis_server):
         seeds = []
         original = stack.engine.generate
 
-        def spy(request_id, prompt, sampling, *args):
+        def spy(request_id, prompt, sampling, *args, **kwargs):
             seeds.append(sampling.seed)
-            return original(request_id, prompt, sampling, *args)
+            return original(request_id, prompt, sampling, *args, **kwargs)
 
         stack.engine.generate = spy
         await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1, "n": 3, "seed": 10})

@@ -61,6 +61,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" / "length" on the last delta
     logprobs: list[TokenLogprob] | None = None  # one per token, when the sampling asks for them
+    prompt_tokens: int | None = None  # the prompt as the engine ran it (images expanded), on the first delta
 
 
 class Engine(Protocol):
@@ -70,6 +71,7 @@ class Engine(Protocol):
     tokenizer: Any  # what vLLM's tool and reasoning parsers are built with
     chat_template: str  # the model's chat template (it says whether and how the model thinks)
     embedding: bool  # an embedding (pooling) model: it embeds inputs and generates nothing
+    vision: bool  # it takes images with the prompt
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -88,10 +90,12 @@ class Engine(Protocol):
         (len(prompts), dimensions). Cancelling the call aborts every request it made."""
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0,
+        images: list[Any] | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the answer. Closing or cancelling the iterator aborts the request. A request
-        with a lower ``priority`` (a larger number) waits while others want the engine."""
+        with a lower ``priority`` (a larger number) waits while others want the engine.
+        ``images`` (Pillow images) go with a prompt whose template placed them."""
 
     def in_flight(self) -> int:
         """Requests the engine itself is holding (to see that aborts really reach it)."""
@@ -120,9 +124,10 @@ class VllmEngine:
 
     def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
                  on_gpu: bool = False, scheduler: SchedulerView | None = None, vocab_size: int = 0,
-                 embedding: bool = False) -> None:
+                 embedding: bool = False, vision: bool = False) -> None:
         self._llm = llm
         self.embedding = embedding
+        self.vision = vision
         self._scheduler = scheduler or SchedulerView()
         self.tokenizer = tokenizer
         template = getattr(tokenizer, "chat_template", None) or ""
@@ -186,7 +191,8 @@ class VllmEngine:
         # As vLLM judges prompt ids: in range of the tokenizer or of the model, whichever is larger.
         vocab_size = max(config.get_vocab_size(), getattr(tokenizer, "max_token_id", len(tokenizer) - 1) + 1)
         return cls(llm, tokenizer, config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
-                   on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size, embedding=config.runner_type == "pooling")
+                   on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size, embedding=config.runner_type == "pooling",
+                   vision=config.is_multimodal_model)
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -233,15 +239,19 @@ class VllmEngine:
         return torch.stack([t.result() for t in tasks]).to("cpu", torch.float32).numpy()
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0,
+        images: list[Any] | None = None,
     ) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
 
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+        if images:  # vLLM's processor expands each image's placeholder into the image's tokens
+            prompt["multi_modal_data"] = {"image": images}
+        first = True
         try:
             params = self._sampling_params(sampling, max_tokens)
             # vLLM aborts the request itself when this generator is closed or cancelled.
-            async for out in self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
-                                                priority=priority):
+            async for out in self._llm.generate(prompt, params, request_id, priority=priority):
                 completion = out.outputs[0]
                 yield Delta(
                     text=completion.text,
@@ -249,7 +259,9 @@ class VllmEngine:
                     token_ids=list(completion.token_ids),
                     finish_reason=completion.finish_reason if out.finished else None,
                     logprobs=_logprobs(completion, sampling.logprobs),
+                    prompt_tokens=len(out.prompt_token_ids or ()) if first and images else None,
                 )
+                first = False
         except (ValueError, VLLMClientError) as exc:
             # vLLM's request validation: sampling values, a JSON schema it cannot compile.
             raise BadRequest(f"the request cannot be run: {without_paths(str(exc))}") from exc

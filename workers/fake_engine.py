@@ -78,9 +78,12 @@ class FakeEngine:
     def __init__(
         self, *, max_model_len: int = 2048, max_num_seqs: int = 64, answer_tokens: int = 16, step_s: float = 0.0,
         reply: str | None = None, stepwise: bool = False, embedding: bool = False, chat_template: str = "",
+        vision: bool = False,
     ) -> None:
         self.tokenizer = FakeTokenizer()
         self.embedding = embedding
+        self.vision = vision
+        self.last_images: list[Any] = []  # the latest generation's images, as the engine got them
         self.chat_template = chat_template
         self.reply = reply
         self._reply_tokens = self.tokenizer.tokens(reply) if reply is not None else []
@@ -126,10 +129,12 @@ class FakeEngine:
             self._in_flight.discard(request_id)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0,
+        images: list[Any] | None = None,
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
         self.last_sampling = sampling
+        self.last_images = list(images or [])
         self._in_flight.add(request_id)
         size = self.answer_tokens if self.reply is None else len(self._reply_tokens)
         n = min(size, max_tokens)

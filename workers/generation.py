@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
+from common.images import open_image
 from common.job_queue import keep_no_result, record_ttl
 from common.metrics import ModelStats
 from common.protocol import (
@@ -51,6 +52,11 @@ BATCH_PRIORITY = 1  # vLLM serves smaller numbers first
 # millisecond, less than the hand-over to a thread and back, which at hundreds of jobs a
 # second costs more than it saves. Longer ones go to a thread (a long chat can take seconds).
 INLINE_PROMPT_CHARS = 4096
+
+
+def _images_of(job: GenerationJob) -> list[str]:
+    """A job's images (base64), in the order its prompt places them."""
+    return job.images if job.kind == "generate" else [image for m in job.messages for image in m.images]
 
 
 def _quick_to_tokenize(job: GenerationJob) -> bool:
@@ -162,7 +168,7 @@ class GenerationRunner:
         messages = []
         if job.system:
             messages.append(ChatMessage(role="system", content=job.system))
-        messages.append(ChatMessage(role="user", content=job.prompt))
+        messages.append(ChatMessage(role="user", content=job.prompt, images=job.images))
         return list(job.context) + self.engine.encode_chat(messages, template_kwargs=thinking)
 
     def check_context(self, job: GenerationJob) -> None:
@@ -183,6 +189,8 @@ class GenerationRunner:
             what = "embeddings" if job.kind == "embed" else job.kind
         elif job.think not in (None, False) and self.reasoning_parser is None:
             what = "thinking"
+        elif _images_of(job) and not self.engine.vision:
+            what = "vision"
         if what is not None:
             raise BadRequest(f'"{job.model.removesuffix(":latest")}" does not support {what}')
 
@@ -232,6 +240,10 @@ class GenerationRunner:
             prompt = self.prompt_tokens(job)
         else:
             prompt = await asyncio.to_thread(self.prompt_tokens, job)
+        images = _images_of(job)
+        if images:  # decoding takes a while for big ones: not on the event loop
+            images = await asyncio.to_thread(lambda: [open_image(image, i) for i, image in enumerate(images)])
+        prompt_count = len(prompt)
         model_max = self.engine.max_model_len
         window = min(job.sampling.num_ctx or model_max, model_max)
         if len(prompt) >= window:
@@ -273,7 +285,10 @@ class GenerationRunner:
             publisher.thinking(text)
 
         if max_tokens > 0:
-            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, self._priority(job)):
+            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, self._priority(job),
+                                                    images=images):
+                if delta.prompt_tokens is not None:  # each image's tokens count as prompt tokens
+                    prompt_count = delta.prompt_tokens
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     # From the request's arrival: the time in the queue is part of the wait.
@@ -302,7 +317,7 @@ class GenerationRunner:
         stats = Stats(
             total_duration=_ns(clock.now() - job.created_at),
             load_duration=_ns(self.load_duration(job)),
-            prompt_eval_count=len(prompt),
+            prompt_eval_count=prompt_count,
             prompt_eval_duration=_ns(first_token_at - started),
             eval_count=len(output_ids),
             eval_duration=_ns(ended - first_token_at),

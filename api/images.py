@@ -1,0 +1,51 @@
+"""OpenAI image_url parts that name an http(s) URL, fetched by the API and sent on inline.
+
+Off by default: fetching makes the server reach whatever address a client names (inside the
+network too), so it is the operator's choice (VLLAMA_FETCH_IMAGES). Without it such a part
+gets a 400 that says to send the image as a data: URL (api/openai_models.py). A fetch is
+bounded in time and size (VLLAMA_MAX_IMAGE_BYTES); a failed one is the client's 400.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from api.openai_models import ChatCompletionRequest, image_url_of
+from common.errors import BadRequest, TooLarge
+from common.images import data_url, is_data_url
+from common.settings import Settings
+
+FETCH_TIMEOUT_S = 15.0
+
+
+async def inline_remote_images(body: ChatCompletionRequest, settings: Settings) -> None:
+    """Replace each http(s) image URL of ``body`` by the image it names, as a data: URL."""
+    if not settings.fetch_images:
+        return
+    remote = [(f"messages[{i}].content[{j}]", part) for i, message in enumerate(body.messages)
+              for j, part in message.image_parts() if not is_data_url(image_url_of(part, "an image part"))]
+    if not remote:
+        return
+    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=True) as client:
+        for where, part in remote:
+            url = image_url_of(part, where)
+            if not url.startswith(("http://", "https://")):
+                raise BadRequest(f"{where}: an image URL must be a data: URL or an http(s) URL")
+            part["image_url"] = {"url": data_url(await _fetch(client, url, settings.max_image_bytes, where))}
+
+
+async def _fetch(client: httpx.AsyncClient, url: str, limit: int, where: str) -> bytes:
+    shown = url if len(url) <= 100 else url[:97] + "..."
+    try:
+        async with client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise BadRequest(f"{where}: fetching the image at {shown} answered HTTP {response.status_code}")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise TooLarge(f"{where}: the image at {shown} is larger than {limit} bytes; send a smaller "
+                                   "one, or raise VLLAMA_MAX_IMAGE_BYTES on the server")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise BadRequest(f"{where}: the image at {shown} could not be fetched ({exc})") from None

@@ -182,8 +182,8 @@ class GenerationRunner:
                                  "unchanged, or leave it out")
 
     def _check_capability(self, job: GenerationJob) -> None:
-        """Ollama's 400 for a generation asked of an embedding model, or the reverse, and for
-        thinking asked of a model that does not think."""
+        """Ollama's 400 for a generation asked of an embedding model, or the reverse, for
+        thinking asked of a model that does not think, and for images it cannot see."""
         what = None
         if self.engine.embedding != (job.kind == "embed"):
             what = "embeddings" if job.kind == "embed" else job.kind

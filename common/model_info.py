@@ -199,6 +199,11 @@ def _template(model_dir: Path, tokenizer_config: dict[str, Any]) -> tuple[str, s
     return (raw, raw) if isinstance(raw, str) else ("", "")
 
 
+def chat_templates(model_dir: Path) -> str:
+    """All of a model's chat template texts: what says whether it thinks, and how it calls tools."""
+    return _template(model_dir, _object(_read_json(model_dir / "tokenizer_config.json")))[1]
+
+
 # Encoder-only architectures: they embed text and generate none.
 _ENCODER_SUFFIXES = ("BertModel", "RobertaModel", "XLMRobertaModel", "ModernBertModel", "GteModel")
 

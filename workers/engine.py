@@ -19,6 +19,7 @@ from common.errors import BadRequest
 from common.model_info import is_embedding_model
 from common.protocol import ChatMessage, Sampling, TokenLogprob, TopLogprob
 from common.redact import without_paths
+from workers.reasoning import fitting_parser
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Engine(Protocol):
     chat_template: str  # the model's chat template (it says whether and how the model thinks)
     embedding: bool  # an embedding (pooling) model: it embeds inputs and generates nothing
     vision: bool  # it takes images with the prompt
+    reasoning_parser: str | None  # the vLLM reasoning parser of a model that thinks (common/thinking.py)
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -91,11 +93,12 @@ class Engine(Protocol):
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0,
-        images: list[Any] | None = None,
+        images: list[Any] | None = None, thinking: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the answer. Closing or cancelling the iterator aborts the request. A request
         with a lower ``priority`` (a larger number) waits while others want the engine.
-        ``images`` (Pillow images) go with a prompt whose template placed them."""
+        ``images`` (Pillow images) go with a prompt whose template placed them; ``thinking``
+        (what the template was told about thinking) with a prompt to a model that thinks."""
 
     def in_flight(self) -> int:
         """Requests the engine itself is holding (to see that aborts really reach it)."""
@@ -124,10 +127,11 @@ class VllmEngine:
 
     def __init__(self, llm: object, tokenizer: object, max_model_len: int, max_num_seqs: int,
                  on_gpu: bool = False, scheduler: SchedulerView | None = None, vocab_size: int = 0,
-                 embedding: bool = False, vision: bool = False) -> None:
+                 embedding: bool = False, vision: bool = False, reasoning_parser: str | None = None) -> None:
         self._llm = llm
         self.embedding = embedding
         self.vision = vision
+        self.reasoning_parser = reasoning_parser
         self._scheduler = scheduler or SchedulerView()
         self.tokenizer = tokenizer
         template = getattr(tokenizer, "chat_template", None) or ""
@@ -165,6 +169,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         embedding = is_embedding_model(Path(model_path))
+        reasoning = None if embedding else fitting_parser(Path(model_path))
         args = AsyncEngineArgs(
             model=str(model_path),
             runner="pooling" if embedding else "auto",
@@ -176,6 +181,8 @@ class VllmEngine:
             enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=not embedding,  # vLLM warns that encoders may break with it
+            # A JSON schema (format) holds from where the thinking ends, not from the first token.
+            reasoning_parser=reasoning or "",
             # Batch-class jobs run at a lower priority: waiting interactive requests go first,
             # and when the KV cache runs short a batch request is preempted, not a chat.
             scheduling_policy="priority",
@@ -192,7 +199,7 @@ class VllmEngine:
         vocab_size = max(config.get_vocab_size(), getattr(tokenizer, "max_token_id", len(tokenizer) - 1) + 1)
         return cls(llm, tokenizer, config.max_model_len, llm.vllm_config.scheduler_config.max_num_seqs,
                    on_gpu=cuda, scheduler=scheduler, vocab_size=vocab_size, embedding=config.runner_type == "pooling",
-                   vision=config.is_multimodal_model)
+                   vision=config.is_multimodal_model, reasoning_parser=reasoning)
 
     def encode_chat(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -240,7 +247,7 @@ class VllmEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0,
-        images: list[Any] | None = None,
+        images: list[Any] | None = None, thinking: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
 
@@ -251,7 +258,10 @@ class VllmEngine:
         try:
             params = self._sampling_params(sampling, max_tokens)
             # vLLM aborts the request itself when this generator is closed or cancelled.
-            async for out in self._llm.generate(prompt, params, request_id, priority=priority):
+            # With ``thinking``, the engine's own reasoning parser (told what the template was)
+            # finds where the thinking ends in the prompt or the answer.
+            reasoning = {} if thinking is None else {"reasoning_parser_kwargs": {"chat_template_kwargs": thinking}}
+            async for out in self._llm.generate(prompt, params, request_id, priority=priority, **reasoning):
                 completion = out.outputs[0]
                 yield Delta(
                     text=completion.text,

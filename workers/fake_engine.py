@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from common.protocol import ChatMessage, Sampling, TokenLogprob, TopLogprob
+from common.thinking import reasoning_parser_for
 from workers.engine import Delta
 
 
@@ -83,6 +84,7 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.embedding = embedding
         self.vision = vision
+        self.reasoning_parser = reasoning_parser_for(chat_template)
         self.last_images: list[Any] = []  # the latest generation's images, as the engine got them
         self.chat_template = chat_template
         self.reply = reply
@@ -130,7 +132,7 @@ class FakeEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, max_tokens: int, priority: int = 0,
-        images: list[Any] | None = None,
+        images: list[Any] | None = None, thinking: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
         self.last_sampling = sampling

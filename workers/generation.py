@@ -36,7 +36,7 @@ from common.protocol import (
 from common.records import JobRecord, JobStatus
 from common.redact import without_paths
 from common.tasks import until_redis_answers
-from common.thinking import reasoning_parser_for, takes_levels, template_kwargs
+from common.thinking import takes_levels, template_kwargs
 from common.vectors import runs_of
 from workers import embedding
 from workers.engine import Engine
@@ -91,7 +91,7 @@ class GenerationRunner:
         self._started_at: dict[str, float] = {}  # job id -> when it started here
         self.stats = ModelStats()  # for /metrics, through the heartbeat
         # Whether (and how) the model thinks, as its chat template says (common/thinking.py).
-        self.reasoning_parser = None if engine.embedding else reasoning_parser_for(engine.chat_template)
+        self.reasoning_parser = None if engine.embedding else engine.reasoning_parser
         self.think_levels = takes_levels(engine.chat_template)
 
     def load_duration(self, job: GenerationJob) -> float:
@@ -285,8 +285,9 @@ class GenerationRunner:
             publisher.thinking(text)
 
         if max_tokens > 0:
+            thinking = template_kwargs(job.think, self.think_levels) if thinker is not None else None
             async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, self._priority(job),
-                                                    images=images):
+                                                    images=images, thinking=thinking):
                 if delta.prompt_tokens is not None:  # each image's tokens count as prompt tokens
                     prompt_count = delta.prompt_tokens
                 if first_token_at is None:

@@ -10,11 +10,33 @@ parsers read token ids as well as text, so the splitter keeps both, as vLLM's se
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-from common.thinking import Think, template_kwargs
+from common.model_info import chat_templates
+from common.thinking import Think, reasoning_parser_for, template_kwargs
 
 log = logging.getLogger(__name__)
+
+
+def fitting_parser(model_dir: Path) -> str | None:
+    """The reasoning parser the model's chat template names, if it can read this model's
+    tokenizer: a template may mention markers its vocabulary lacks, and vLLM's engine, which
+    uses the parser to hold back a JSON schema until the thinking ends, must not get one
+    that fails."""
+    name = reasoning_parser_for(chat_templates(model_dir))
+    if name is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+        from vllm.reasoning import ReasoningParserManager
+
+        ReasoningParserManager.get_reasoning_parser(name)(AutoTokenizer.from_pretrained(model_dir))
+    except Exception:  # noqa: BLE001 - any failure means the same: the model is served as one that does not think
+        log.warning("the %s reasoning parser its template names does not fit %s: served as a model that does not "
+                    "think", name, model_dir.name, exc_info=True)
+        return None
+    return name
 
 
 class ThinkingSplitter:

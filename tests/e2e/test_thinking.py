@@ -93,3 +93,13 @@ def test_a_model_that_does_not_think_refuses_think(http):
     r = http.post("/api/chat", json={"model": PLAIN_MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "think": False, "stream": False, "options": {"num_predict": 4}})
     assert r.status_code == 200 and "thinking" not in r.json()["message"]
+
+
+def test_a_json_schema_holds_for_the_answer_not_the_thought(http, thinking_model):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    r = http.post("/api/chat", json={"model": thinking_model, "messages": history("thinking"), "format": schema,
+                                     "stream": False, "options": {**OPTIONS, "num_predict": 80}}, timeout=300)
+    assert r.status_code == 200, r.text
+    message = r.json()["message"]
+    assert message["thinking"].strip(), "the thought is free text: the schema does not hold there"
+    assert isinstance(json.loads(message["content"])["answer"], int), message

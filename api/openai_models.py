@@ -170,7 +170,7 @@ class ChatMessageIn(WireModel):
 
     def text(self) -> str:
         """Plain text content; parts of type "text" (and an assistant's "refusal") are joined;
-        images are taken apart (``image_urls``); audio and files are not supported."""
+        images are taken apart (``image_parts``); audio and files are not supported."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         texts = []

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from api.auth import install_auth
 from api.dispatch import Dispatcher
+from api.anthropic_routes import router as anthropic_router
 from api.embed_routes import router as embed_router
 from api.errors import install_error_handlers
 from api.openapi_bodies import install as install_openapi_bodies
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app.include_router(ollama_router)
     app.include_router(model_router)
     app.include_router(openai_router)
+    app.include_router(anthropic_router)
     app.include_router(embed_router)
     app.include_router(jobs_router)
     app.include_router(files_router)

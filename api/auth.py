@@ -1,9 +1,10 @@
 """API keys (VLLAMA_API_KEYS, VLLAMA_API_KEY), off by default as in Ollama.
 
-With keys configured every endpoint needs ``Authorization: Bearer <key>`` except ``/`` and
-``/health``, which load balancers and health checks call without credentials (/health then
-says only ok or not; with any valid key, the detail). OpenAI clients send their api_key this
-way; Ollama clients take a ``headers`` argument.
+With keys configured every endpoint needs ``Authorization: Bearer <key>`` (or ``x-api-key:
+<key>``, as Anthropic's clients send it) except ``/`` and ``/health``, which load balancers and
+health checks call without credentials (/health then says only ok or not; with any valid key,
+the detail). OpenAI clients send their api_key as a bearer token; Ollama clients take a
+``headers`` argument.
 
 The request's principal (common/api_keys.py) is put in ``request.state.principal``; without
 keys there is none, and api/ownership.py reads that as the one anonymous owner. Requests are
@@ -36,7 +37,7 @@ class KeyCheck:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = _bearer(scope)
+        given = _given_key(scope)
         principal = self.keys.get(hash_key(given)) if given else None
         if principal is not None:
             scope.setdefault("state", {})["principal"] = principal
@@ -46,19 +47,25 @@ class KeyCheck:
             what = "a wrong API key" if given else "no API key"
             response = error_response(
                 request, f"this server needs an API key and the request has {what}: send the header "
-                         "'Authorization: Bearer <key>' with a key from VLLAMA_API_KEYS (or VLLAMA_API_KEY)", 401)
+                         "'Authorization: Bearer <key>' (or 'x-api-key: <key>') with a key from VLLAMA_API_KEYS "
+                         "(or VLLAMA_API_KEY)", 401)
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def _bearer(scope: Scope) -> str:
+def _given_key(scope: Scope) -> str:
+    """The bearer token, or else the x-api-key header (Anthropic's SDK sends its key so)."""
+    api_key = ""
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return ""
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1").strip()
+    return api_key
 
 
 def install_auth(app: FastAPI, settings: Settings) -> None:

@@ -34,9 +34,27 @@ def openai_error(message: str, status: int, code: str | None = None) -> dict[str
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(message: str, status: int) -> dict[str, object]:
+    """Anthropic's error object; its SDK reads ``error.message`` and the HTTP status."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def error_response(request: Request, message: str, status: int, code: str | None = None) -> JSONResponse:
-    """Ollama's ``{"error": "..."}``, or OpenAI's error object under /v1/."""
-    body = openai_error(message, status, code) if request.url.path.startswith("/v1/") else error_body(message)
+    """Ollama's ``{"error": "..."}``; under /v1/, OpenAI's error object, or Anthropic's for the
+    Messages API."""
+    path = request.url.path
+    if path.startswith("/v1/messages"):
+        body: dict[str, object] = anthropic_error(message, status)
+    elif path.startswith("/v1/"):
+        body = openai_error(message, status, code)
+    else:
+        body = error_body(message)
     return JSONResponse(body, status_code=status)
 
 

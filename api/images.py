@@ -1,15 +1,19 @@
-"""OpenAI image_url parts that name an http(s) URL, fetched by the API and sent on inline.
+"""Images named by an http(s) URL (OpenAI's image_url parts, Anthropic's url image sources),
+fetched by the API and sent on inline.
 
 Off by default: fetching makes the server reach whatever address a client names (inside the
 network too), so it is the operator's choice (VLLAMA_FETCH_IMAGES). Without it such a part
-gets a 400 that says to send the image as a data: URL (api/openai_models.py). A fetch is
+gets a 400 that says to send the image inline (api/openai_models.py, api/anthropic_models.py). A fetch is
 bounded in time and size (VLLAMA_MAX_IMAGE_BYTES); a failed one is the client's 400.
 """
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 
+from api.anthropic_models import MessagesRequest
 from api.openai_models import ChatCompletionRequest, image_url_of
 from common.errors import BadRequest, TooLarge
 from common.images import data_url, is_data_url
@@ -32,6 +36,45 @@ async def inline_remote_images(body: ChatCompletionRequest, settings: Settings) 
             if not url.startswith(("http://", "https://")):
                 raise BadRequest(f"{where}: an image URL must be a data: URL or an http(s) URL")
             part["image_url"] = {"url": data_url(await _fetch(client, url, settings.max_image_bytes, where))}
+
+
+async def inline_remote_sources(body: MessagesRequest, settings: Settings) -> None:
+    """Replace each url source of ``body``'s image blocks (in tool results too) by the image
+    it names, as a base64 source."""
+    if not settings.fetch_images:
+        return
+    remote = [(where, block) for where, block in _image_blocks(body) if block["source"].get("type") == "url"]
+    if not remote:
+        return
+    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=True) as client:
+        for where, block in remote:
+            url = block["source"].get("url")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise BadRequest(f"{where}.source.url must be an http(s) URL")
+            data = await _fetch(client, url, settings.max_image_bytes, where)
+            block["source"] = {"type": "base64", "media_type": _media_type(data),
+                               "data": base64.b64encode(data).decode("ascii")}
+
+
+def _image_blocks(body: MessagesRequest) -> list[tuple[str, dict]]:
+    found = []
+    for i, message in enumerate(body.messages):
+        for j, block in enumerate(message.content if isinstance(message.content, list) else []):
+            where = f"messages[{i}].content[{j}]"
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            for k, part in enumerate(inner if isinstance(inner, list) else [block]):
+                if isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("source"), dict):
+                    found.append((where if inner is None else f"{where}.content[{k}]", part))
+    return found
+
+
+def _media_type(data: bytes) -> str:
+    """The media type an Anthropic source names, from the image's first bytes (the fetched
+    server's Content-Type is not trusted; common/images.py checks the bytes again)."""
+    for signature, kind in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif")):
+        if data.startswith(signature):
+            return kind
+    return "image/webp"
 
 
 async def _fetch(client: httpx.AsyncClient, url: str, limit: int, where: str) -> bytes:

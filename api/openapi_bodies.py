@@ -7,8 +7,9 @@ request body, and the answers by status code (api/openapi_responses.py). Parsing
 touched: a body is still accepted whatever its Content-Type; the document names JSON.
 
 Every operation also gets a ``default`` response: the error body (Ollama's ``{"error": ...}``,
-or OpenAI's error object under /v1/), and FastAPI's 422 is dropped, since a bad request is
-answered 400 (api/errors.py). An operation missing from the table keeps what FastAPI says of it
+OpenAI's error object under /v1/, Anthropic's under /v1/messages), and FastAPI's 422 is
+dropped, since a bad request is answered 400 (api/errors.py). An operation missing from the
+table keeps what FastAPI says of it
 plus that default; tests/test_fuzz.py fails when a route with a body is missing here.
 """
 
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api import openapi_responses as r
+from api.anthropic_models import CountTokensRequest, MessagesRequest
 from api.batches import CreateBatch
 from api.embed_models import EmbedRequest, LegacyEmbeddingsRequest, OpenAIEmbeddingsRequest
 from api.files import PURPOSES
@@ -112,6 +114,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/completions"): Operation(CompletionRequest, answers={"200": _openai(r.TextCompletion)}),
     ("post", "/v1/embeddings"): Operation(OpenAIEmbeddingsRequest, answers={"200": Answer(
         "The inputs' vectors, in order.", json=(r.EmbeddingList,))}),
+    ("post", "/v1/messages"): Operation(MessagesRequest, answers={"200": Answer(
+        'The message, or with "stream": true Anthropic\'s Server-Sent Events (each with an "event:" line naming '
+        'its type); a failure after the first event is an "error" event with an error object.',
+        json=(r.AnthropicMessage,), sse=(r.AnthropicEvent, r.AnthropicError))}),
+    ("post", "/v1/messages/count_tokens"): Operation(CountTokensRequest, answers={"200": Answer(
+        "The prompt's tokens, as the model's chat template renders it.", json=(r.TokenCount,))}),
     ("get", "/v1/models"): Operation(answers={"200": Answer("Models served.", json=(r.ModelList,))}),
     ("get", "/v1/models/{model}"): Operation(answers={"200": Answer("The model.", json=(r.ModelObject,))}),
     ("post", "/api/jobs/generate"): Operation(AsyncGenerateRequest, answers=_JOB),
@@ -151,6 +159,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "/api/copy": {"source": "smollm2:135m", "destination": "my-copy"},
     "/v1/chat/completions": {"model": "smollm2:135m", "messages": _CHAT},
     "/v1/completions": {"model": "smollm2:135m", "prompt": "The sky is blue because", "max_tokens": 32},
+    "/v1/messages": {"model": "smollm2:135m", "max_tokens": 64, "messages": _CHAT},
+    "/v1/messages/count_tokens": {"model": "smollm2:135m", "messages": _CHAT},
     "/api/jobs/generate": {"model": "smollm2:135m", "prompt": "Why is the sky blue?", "priority": "batch"},
     "/api/jobs/chat": {"model": "smollm2:135m", "messages": _CHAT, "priority": "batch"},
     "/api/jobs/pull": {"model": "smollm2:135m"},
@@ -159,9 +169,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 BODY_NOTE = ("JSON. Any Content-Type is accepted (as Ollama does), so `curl -d '{...}'`, which sends "
              "application/x-www-form-urlencoded, works too.")
-DOC_NOTE = ("Ollama's API (/api/...) and OpenAI's (/v1/...) over one queue of workers. Request bodies "
-            "are JSON whatever their Content-Type. Errors are Ollama's {\"error\": \"...\"} outside /v1/ "
-            "and OpenAI's error object under /v1/.")
+DOC_NOTE = ("Ollama's API (/api/...), OpenAI's (/v1/...) and Anthropic's Messages API (/v1/messages) over "
+            "one queue of workers. Request bodies are JSON whatever their Content-Type. Errors are Ollama's "
+            "{\"error\": \"...\"} outside /v1/, Anthropic's error object under /v1/messages and OpenAI's "
+            "elsewhere under /v1/.")
 
 
 def install(app: FastAPI) -> None:
@@ -206,7 +217,7 @@ def _components(schemas: dict[str, Any]) -> dict[tuple[type[BaseModel], str], di
             pairs.append((op.body, "validation"))
         for answer in op.answers.values():
             pairs += [(m, "serialization") for m in (*answer.json, *answer.ndjson, *answer.sse)]
-    pairs += [(r.OllamaError, "serialization"), (r.OpenAIError, "serialization")]
+    pairs += [(m, "serialization") for m in (r.OllamaError, r.OpenAIError, r.AnthropicError)]
     unique = list(dict.fromkeys(pairs))
     mapping, defs = models_json_schema(unique, ref_template=REF)
     schemas.update(defs.get("$defs", {}))
@@ -250,7 +261,8 @@ def _any(models: Models, refs: dict) -> dict[str, Any]:
 
 
 def _error(path: str, refs: dict) -> dict[str, Any]:
-    model = r.OpenAIError if path.startswith("/v1/") else r.OllamaError
+    model = r.AnthropicError if path.startswith("/v1/messages") else \
+        r.OpenAIError if path.startswith("/v1/") else r.OllamaError
     return {"description": "An error: 4xx for the request, 5xx for the server; the message says what to do.",
             "content": {JSON: {"schema": refs[(model, "serialization")]}}}
 

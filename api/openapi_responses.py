@@ -35,9 +35,21 @@ class OpenAIErrorDetail(_Open):
 
 
 class OpenAIError(_Open):
-    """Every error under /v1/: OpenAI's error object."""
+    """Every error under /v1/ but the Messages API's: OpenAI's error object."""
 
     error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(_Open):
+    type: str
+    message: str
+
+
+class AnthropicError(_Open):
+    """Every error of the Messages API (/v1/messages...): Anthropic's error object."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
 
 
 # ------------------------------------------------------------------ Ollama generation
@@ -223,6 +235,36 @@ class CompletionChunk(_Open):
     created: int
     model: str
     choices: list[dict[str, Any]]
+
+
+class AnthropicUsage(_Open):
+    input_tokens: int
+    output_tokens: int
+
+
+class AnthropicMessage(_Open):
+    """The Messages API's answer: content blocks (thinking, text, tool_use) and why it stopped."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class AnthropicEvent(_Open):
+    """One Server-Sent Event's data while streaming a message (its ``event:`` line names the
+    same type): message_start, ping, content_block_start/delta/stop, message_delta, message_stop."""
+
+    type: Literal["message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+                  "message_delta", "message_stop"]
+
+
+class TokenCount(_Open):
+    input_tokens: int
 
 
 class ModelObject(_Open):

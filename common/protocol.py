@@ -171,6 +171,7 @@ class DoneFrame(_Frame):
     done_reason: Literal["stop", "length"]
     stats: Stats
     context: list[int] | None = None  # generate without raw: prompt + answer tokens
+    stop_sequence: str | None = None  # the request's stop string that ended the answer, if one did
 
 
 class ToolCallsFrame(_Frame):

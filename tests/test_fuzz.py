@@ -93,8 +93,10 @@ def _make_real(case: schemathesis.Case, known: dict[str, str]) -> None:
         body["model"] = MODEL
     if "generate" in case.operation.path or case.operation.path == "/v1/completions":
         body.setdefault("prompt", "hi")
-    elif "chat" in case.operation.path and not body.get("messages"):
+    elif ("chat" in case.operation.path or "messages" in case.operation.path) and not body.get("messages"):
         body["messages"] = [{"role": "user", "content": "hi"}]
+    if case.operation.path == "/v1/messages":
+        body.setdefault("max_tokens", 8)
 
 
 def _fuzz(base_url: str, known: dict[str, str], tally: Tally) -> None:

@@ -63,6 +63,7 @@ class Delta:
     finish_reason: str | None = None  # "stop" / "length" on the last delta
     logprobs: list[TokenLogprob] | None = None  # one per token, when the sampling asks for them
     prompt_tokens: int | None = None  # the prompt as the engine ran it (images expanded), on the first delta
+    stop_sequence: str | None = None  # on the last delta: the stop string that ended the answer, if one did
 
 
 class Engine(Protocol):
@@ -270,6 +271,7 @@ class VllmEngine:
                     finish_reason=completion.finish_reason if out.finished else None,
                     logprobs=_logprobs(completion, sampling.logprobs),
                     prompt_tokens=len(out.prompt_token_ids or ()) if first and images else None,
+                    stop_sequence=completion.stop_reason if isinstance(completion.stop_reason, str) else None,
                 )
                 first = False
         except (ValueError, VLLMClientError) as exc:

@@ -259,6 +259,7 @@ class GenerationRunner:
         output_ids: list[int] = []
         first_token_at: float | None = None
         finish = "length"
+        stop_sequence: str | None = None
         thinker = self._thinking_splitter(job, prompt)
         splitter = ToolCallSplitter(job.tool_use, self.engine.tokenizer) if job.tool_use else None
         sampling = job.sampling
@@ -306,6 +307,7 @@ class GenerationRunner:
                     send(text, delta.logprobs)
                 if delta.finish_reason is not None:
                     finish = "stop" if delta.finish_reason == "stop" else "length"
+                    stop_sequence = delta.stop_sequence
         calls = []
         if splitter is not None:
             rest, calls = splitter.finish()
@@ -324,7 +326,7 @@ class GenerationRunner:
             eval_duration=_ns(ended - first_token_at),
         )
         context = prompt + output_ids if job.kind == "generate" and not job.raw else None
-        await publisher.send(DoneFrame, done_reason=finish, stats=stats, context=context)
+        await publisher.send(DoneFrame, done_reason=finish, stats=stats, context=context, stop_sequence=stop_sequence)
         return JobResult(text="".join(parts), thinking="".join(thoughts), done_reason=finish, stats=stats,
                          context=context, tool_calls=calls, logprobs=logprobs)
 

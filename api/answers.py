@@ -7,8 +7,9 @@ choice, so the choices spread over the batch, or over workers, like any other re
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,16 +75,18 @@ async def submit_all(dispatcher: Dispatcher, jobs: list[GenerationJob], keep_ali
 
 
 async def respond(request: Request, streams: list[JobStream], *,
-                  whole: Callable[[list[Answer]], dict[str, Any]] | None, relay: Relay, error: ErrorChunk,
-                  media_type: str, headers: dict[str, str]) -> Response:
-    """The whole answers as one JSON object (``whole``), or else the ``relay``'s stream, which
-    ends with an ``error`` chunk if an answer fails once streaming has begun."""
+                  whole: Callable[[list[Answer]], dict[str, Any] | Awaitable[dict[str, Any]]] | None, relay: Relay,
+                  error: ErrorChunk, media_type: str, headers: dict[str, str]) -> Response:
+    """The whole answers as one JSON object (``whole``, which may be a coroutine function), or
+    else the ``relay``'s stream, which ends with an ``error`` chunk if an answer fails once
+    streaming has begun."""
     try:
         outputs = [await _first_output_of(request, stream) for stream in streams]
         if whole is not None:
             answers = [await unless_disconnected(request, collect(*output)) for output in outputs]
             await close_streams(streams)
-            return JSONResponse(whole(answers), headers=headers)
+            body = whole(answers)
+            return JSONResponse(await body if inspect.isawaitable(body) else body, headers=headers)
     except BaseException:
         await close_streams(streams)
         raise

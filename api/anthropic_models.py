@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from api.bounds import INT32_MAX, MAX_OLLAMA_STOPS, JsonObject, WireModel, check_int, stop_strings
+from api.bounds import INT32_MAX, MAX_OLLAMA_STOPS, JsonObject, WireModel, check_int, hosted_sampling, \
+    stop_strings
 from api.ollama_models import new_job_id
 from common import clock
 from common.errors import BadRequest
@@ -172,15 +173,8 @@ class MessagesRequest(CountTokensRequest):
         if self.max_tokens is None:
             raise BadRequest("max_tokens: Field required")
         check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
-        s = Sampling(temperature=1.0, top_k=0, top_p=1.0, max_tokens=self.max_tokens)
-        if self.temperature is not None:
-            if not 0 <= self.temperature <= 1:
-                raise BadRequest("temperature must be between 0 and 1")
-            s.temperature = self.temperature
-        if self.top_p is not None:
-            if not 0 < self.top_p <= 1:
-                raise BadRequest("top_p must be more than 0 and at most 1")
-            s.top_p = self.top_p
+        s = hosted_sampling(self.temperature, self.top_p, max_temperature=1.0)
+        s.max_tokens = self.max_tokens
         if self.top_k is not None:
             check_int("top_k", self.top_k, 0, INT32_MAX)
             s.top_k = self.top_k

@@ -27,6 +27,7 @@ from api.limits import install_body_limit
 from api.model_routes import router as model_router
 from api.ollama_routes import router as ollama_router
 from api.openai_routes import router as openai_router
+from api.responses_routes import router as responses_router
 from api.pubsub import FrameMultiplexer
 from common.redis_conn import connect
 from common import heap
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     app.include_router(model_router)
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    app.include_router(responses_router)
     app.include_router(embed_router)
     app.include_router(jobs_router)
     app.include_router(files_router)

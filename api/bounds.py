@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from common.errors import BadRequest
+from common.protocol import Sampling
 
 INT32_MAX = 2**31 - 1  # vLLM keeps top_k, token counts and token ids in 32-bit ints
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # vLLM seeds torch's generator with a 64-bit signed int
@@ -64,6 +65,21 @@ def check_token_ids(field: str, ids: list[int]) -> None:
         if not 0 <= token <= INT32_MAX:
             raise BadRequest(f"{field}[{i}] is {_short(token)}, which is not a token id: send back the context of "
                              "an earlier answer unchanged, or leave it out")
+
+
+def hosted_sampling(temperature: float | None, top_p: float | None, max_temperature: float = 2.0) -> Sampling:
+    """Sampling with the hosted APIs' defaults (temperature 1, top_p 1, no top_k: OpenAI's and
+    Anthropic's, not Ollama's) and the request's temperature and top_p, checked."""
+    s = Sampling(temperature=1.0, top_k=0, top_p=1.0)
+    if temperature is not None:
+        if not 0 <= temperature <= max_temperature:
+            raise BadRequest(f"temperature must be between 0 and {max_temperature:g}")
+        s.temperature = temperature
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise BadRequest("top_p must be more than 0 and at most 1")
+        s.top_p = top_p
+    return s
 
 
 def stop_strings(field: str, stop: str | list[str] | None, most: int) -> list[str]:

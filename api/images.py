@@ -1,20 +1,22 @@
-"""Images named by an http(s) URL (OpenAI's image_url parts, Anthropic's url image sources),
-fetched by the API and sent on inline.
+"""Images named by an http(s) URL (OpenAI's image_url and input_image parts, Anthropic's url
+image sources), fetched by the API and sent on inline.
 
 Off by default: fetching makes the server reach whatever address a client names (inside the
 network too), so it is the operator's choice (VLLAMA_FETCH_IMAGES). Without it such a part
-gets a 400 that says to send the image inline (api/openai_models.py, api/anthropic_models.py). A fetch is
+gets a 400 that says to send the image inline (api/openai_models.py and its kin). A fetch is
 bounded in time and size (VLLAMA_MAX_IMAGE_BYTES); a failed one is the client's 400.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
 import httpx
 
 from api.anthropic_models import MessagesRequest
 from api.openai_models import ChatCompletionRequest, image_url_of
+from api.responses_models import ResponsesRequest
 from common.errors import BadRequest, TooLarge
 from common.images import data_url, is_data_url
 from common.settings import Settings
@@ -24,36 +26,38 @@ FETCH_TIMEOUT_S = 15.0
 
 async def inline_remote_images(body: ChatCompletionRequest, settings: Settings) -> None:
     """Replace each http(s) image URL of ``body`` by the image it names, as a data: URL."""
-    if not settings.fetch_images:
-        return
-    remote = [(f"messages[{i}].content[{j}]", part) for i, message in enumerate(body.messages)
-              for j, part in message.image_parts() if not is_data_url(image_url_of(part, "an image part"))]
-    if not remote:
-        return
-    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=True) as client:
-        for where, part in remote:
-            url = image_url_of(part, where)
-            if not url.startswith(("http://", "https://")):
-                raise BadRequest(f"{where}: an image URL must be a data: URL or an http(s) URL")
-            part["image_url"] = {"url": data_url(await _fetch(client, url, settings.max_image_bytes, where))}
+    places = [(f"messages[{i}].content[{j}]", part) for i, message in enumerate(body.messages)
+              for j, part in message.image_parts()]
+    await _inline([(where, image_url_of(part, where), lambda data, part=part: part.update(
+        image_url={"url": data_url(data)})) for where, part in places], settings)
+
+
+async def inline_remote_inputs(body: ResponsesRequest, settings: Settings) -> None:
+    """The same for the Responses API's input_image parts."""
+    await _inline([(where, part.get("image_url"), lambda data, part=part: part.update(image_url=data_url(data)))
+                   for where, part in body.image_parts()], settings)
 
 
 async def inline_remote_sources(body: MessagesRequest, settings: Settings) -> None:
     """Replace each url source of ``body``'s image blocks (in tool results too) by the image
     it names, as a base64 source."""
+    await _inline([(f"{where}.source.url", block["source"].get("url"), lambda data, block=block: block.update(
+        source={"type": "base64", "media_type": _media_type(data), "data": base64.b64encode(data).decode("ascii")}))
+        for where, block in _image_blocks(body) if block["source"].get("type") == "url"], settings)
+
+
+async def _inline(places: list[tuple[str, object, Callable[[bytes], object]]], settings: Settings) -> None:
+    """Fetch each (where, url, put) whose url is not a data: URL already, and ``put`` its bytes."""
     if not settings.fetch_images:
         return
-    remote = [(where, block) for where, block in _image_blocks(body) if block["source"].get("type") == "url"]
+    remote = [place for place in places if not (isinstance(place[1], str) and is_data_url(place[1]))]
     if not remote:
         return
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=True) as client:
-        for where, block in remote:
-            url = block["source"].get("url")
+        for where, url, put in remote:
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise BadRequest(f"{where}.source.url must be an http(s) URL")
-            data = await _fetch(client, url, settings.max_image_bytes, where)
-            block["source"] = {"type": "base64", "media_type": _media_type(data),
-                               "data": base64.b64encode(data).decode("ascii")}
+                raise BadRequest(f"{where}: an image URL must be a data: URL or an http(s) URL")
+            put(await _fetch(client, url, settings.max_image_bytes, where))
 
 
 def _image_blocks(body: MessagesRequest) -> list[tuple[str, dict]]:

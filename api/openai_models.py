@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from api.bounds import INT32_MAX, MAX_OPENAI_STOPS, SEED_MAX, SEED_MIN, JsonObject, WireModel, check_int, check_seed, \
-    stop_strings
+    hosted_sampling, stop_strings
 from api.ollama_models import new_job_id
 from common import clock
 from common.errors import BadRequest
@@ -86,15 +86,7 @@ class _OpenAIRequest(WireModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def _sampling(self, max_tokens: int | None, max_tokens_field: str = "max_tokens") -> Sampling:
-        s = Sampling(temperature=1.0, top_k=0, top_p=1.0)
-        if self.temperature is not None:
-            if not 0 <= self.temperature <= 2:
-                raise BadRequest("temperature must be between 0 and 2")
-            s.temperature = self.temperature
-        if self.top_p is not None:
-            if not 0 < self.top_p <= 1:
-                raise BadRequest("top_p must be more than 0 and at most 1")
-            s.top_p = self.top_p
+        s = hosted_sampling(self.temperature, self.top_p)
         if max_tokens is not None:
             if max_tokens < 1:
                 raise BadRequest(f"{max_tokens_field} must be at least 1")

@@ -34,6 +34,7 @@ from api.jobs_routes import AsyncChatRequest, AsyncGenerateRequest
 from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.openai_models import ChatCompletionRequest, CompletionRequest
+from api.responses_models import ResponsesRequest
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -120,6 +121,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         json=(r.AnthropicMessage,), sse=(r.AnthropicEvent, r.AnthropicError))}),
     ("post", "/v1/messages/count_tokens"): Operation(CountTokensRequest, answers={"200": Answer(
         "The prompt's tokens, as the model's chat template renders it.", json=(r.TokenCount,))}),
+    ("post", "/v1/responses"): Operation(ResponsesRequest, answers={"200": Answer(
+        'The response, or with "stream": true its typed Server-Sent Events (each with an "event:" line naming '
+        'its type), ending in response.completed (response.incomplete when max_output_tokens cut it short); a '
+        'failure after the first event is an "error" event.', json=(r.ResponseObject,), sse=(r.ResponseEvent,))}),
+    ("get", "/v1/responses/{response_id}"): Operation(answers={"200": Answer(
+        "A stored response (store: true), as it was answered.", json=(r.ResponseObject,))}),
+    ("delete", "/v1/responses/{response_id}"): Operation(answers={"200": Answer(
+        "Deleted.", json=(r.ResponseDeleted,))}),
     ("get", "/v1/models"): Operation(answers={"200": Answer("Models served.", json=(r.ModelList,))}),
     ("get", "/v1/models/{model}"): Operation(answers={"200": Answer("The model.", json=(r.ModelObject,))}),
     ("post", "/api/jobs/generate"): Operation(AsyncGenerateRequest, answers=_JOB),
@@ -159,6 +168,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "/api/copy": {"source": "smollm2:135m", "destination": "my-copy"},
     "/v1/chat/completions": {"model": "smollm2:135m", "messages": _CHAT},
     "/v1/completions": {"model": "smollm2:135m", "prompt": "The sky is blue because", "max_tokens": 32},
+    "/v1/responses": {"model": "smollm2:135m", "input": "Why is the sky blue?", "max_output_tokens": 64},
     "/v1/messages": {"model": "smollm2:135m", "max_tokens": 64, "messages": _CHAT},
     "/v1/messages/count_tokens": {"model": "smollm2:135m", "messages": _CHAT},
     "/api/jobs/generate": {"model": "smollm2:135m", "prompt": "Why is the sky blue?", "priority": "batch"},

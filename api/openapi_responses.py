@@ -267,6 +267,33 @@ class TokenCount(_Open):
     input_tokens: int
 
 
+class ResponseObject(_Open):
+    """The Responses API's answer: output items (reasoning, message, function_call) and usage."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
+class ResponseEvent(_Open):
+    """One Server-Sent Event's data while streaming a response (its ``event:`` line names the
+    same type): response.created, response.output_text.delta, ..., response.completed, or an
+    error event."""
+
+    type: str
+    sequence_number: int
+
+
+class ResponseDeleted(_Open):
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
+
+
 class ModelObject(_Open):
     id: str
     object: Literal["model"]

@@ -58,6 +58,13 @@ def job_record(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def response(response_id: str) -> str:
+    """JSON of one stored Responses API response (api/responses_routes.StoredResponse): the
+    response object, its input and output as chat messages, the id it continued, its owner.
+    TTL = settings.keep_result_s from when it was answered."""
+    return f"{PREFIX}:response:{response_id}"
+
+
 def job_frames(job_id: str) -> str:
     """List of an async job's frames (JSON, in order), kept so the jobs API can show partial
     output and let a client attach to the stream at any point. TTL = settings.keep_result_s,

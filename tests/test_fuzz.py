@@ -93,6 +93,8 @@ def _make_real(case: schemathesis.Case, known: dict[str, str]) -> None:
         body["model"] = MODEL
     if "generate" in case.operation.path or case.operation.path == "/v1/completions":
         body.setdefault("prompt", "hi")
+    elif case.operation.path == "/v1/responses" and not body.get("input"):
+        body["input"] = "hi"
     elif ("chat" in case.operation.path or "messages" in case.operation.path) and not body.get("messages"):
         body["messages"] = [{"role": "user", "content": "hi"}]
     if case.operation.path == "/v1/messages":
@@ -161,7 +163,7 @@ def _fuzz(base_url: str, known: dict[str, str], tally: Tally) -> None:
 
 
 async def _known_objects(http: httpx.AsyncClient) -> dict[str, str]:
-    """A job, a file and a batch that exist, for the cases that use real ids."""
+    """A job, a file, a batch and a stored response that exist, for the cases that use real ids."""
     job = await http.post("/api/jobs/generate", json={"model": MODEL, "prompt": "hi"})
     assert job.status_code == 202, job.text
     line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
@@ -172,8 +174,10 @@ async def _known_objects(http: httpx.AsyncClient) -> dict[str, str]:
     batch = await http.post("/v1/batches", json={"input_file_id": upload.json()["id"],
                                                   "endpoint": "/v1/chat/completions", "completion_window": "24h"})
     assert batch.status_code == 200, batch.text
+    response = await http.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2})
+    assert response.status_code == 200, response.text
     return {"job_id": job.json()["id"], "file_id": upload.json()["id"], "batch_id": batch.json()["id"],
-            "model": MODEL}
+            "response_id": response.json()["id"], "model": MODEL}
 
 
 async def test_every_operation_is_described():

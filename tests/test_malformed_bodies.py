@@ -203,6 +203,9 @@ async def test_json_under_a_form_content_type_still_works(stack):
             ("POST", "/v1/chat/completions", {"model": MODEL, "messages": chat}, 200),
             ("POST", "/v1/chat/completions", {"model": MODEL, "messages": chat, "stream": True}, 200),
             ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}, 200),
+            ("POST", "/v1/responses", {"model": MODEL, "input": "hi", "stream": True}, 200),
+            ("POST", "/v1/messages", {"model": MODEL, "messages": chat, "max_tokens": 4}, 200),
+            ("POST", "/v1/messages/count_tokens", {"model": MODEL, "messages": chat}, 200),
             ("POST", "/api/jobs/generate", {"model": MODEL, "prompt": "hi"}, 202),
             ("POST", "/api/jobs/chat", {"model": MODEL, "messages": chat}, 202),
             ("POST", "/api/jobs/pull", {"model": MODEL}, 202),
@@ -218,7 +221,8 @@ async def test_json_under_a_form_content_type_still_works(stack):
                 assert json.loads(r.text.splitlines()[-1])["done"] is True
             elif path.startswith("/v1/") and body.get("stream"):
                 assert r.headers["content-type"].startswith("text/event-stream"), r.headers
-                assert r.text.rstrip().endswith("data: [DONE]"), r.text
+                last = "event: response.completed" if path == "/v1/responses" else "data: [DONE]"
+                assert last in r.text.rstrip().split("\n\n")[-1], r.text
 
 
 async def test_bad_uploads_are_4xx(stack):

@@ -156,3 +156,34 @@ def test_n_choices_sample_independently(client):
     assert 3 <= r.usage.completion_tokens <= 36
     legacy = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0)
     assert [c.index for c in legacy.choices] == [0, 1] and all(c.text for c in legacy.choices)
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_responses_text_stream_and_continuation(client):
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=16, temperature=0)
+    assert r.output_text.strip() and r.status in ("completed", "incomplete") and 0 < r.usage.output_tokens <= 16
+    with client.responses.stream(model=MODEL, input="Say hello.", max_output_tokens=200, temperature=0) as stream:
+        streamed = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert streamed == final.output_text and final.output_text.startswith(r.output_text)
+
+    more = client.responses.create(model=MODEL, input="Say it again.", previous_response_id=r.id,
+                                   max_output_tokens=8, temperature=0)
+    # The stored turn went back to the model: the prompt holds both questions and the answer.
+    assert more.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens
+    assert client.responses.retrieve(more.id).output_text == more.output_text
+
+
+def test_responses_function_call_round_trip(client):
+    called = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                                     tool_choice={"type": "function", "name": "get_weather"})
+    [call] = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    answer = client.responses.create(model=MODEL, previous_response_id=called.id, tools=[WEATHER],
+                                     max_output_tokens=32, temperature=0, input=[
+                                         {"type": "function_call_output", "call_id": call.call_id,
+                                          "output": "sunny, 21 C"}])
+    assert answer.output and answer.usage.input_tokens > called.usage.input_tokens

@@ -154,7 +154,7 @@ class ResponseShape:
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "metadata": b.metadata,
             "parallel_tool_calls": b.parallel_tool_calls is not False,
             "previous_response_id": b.previous_response_id, "reasoning": b.reasoning or {"effort": None},
-            "store": b.store, "temperature": 1.0 if b.temperature is None else b.temperature,
+            "temperature": 1.0 if b.temperature is None else b.temperature,
             "text": b.text or {"format": {"type": "text"}},
             "tool_choice": b.tool_choice if b.tool_choice is not None else "auto", "tools": b.tools or [],
             "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
@@ -202,7 +202,8 @@ def _text_part(text: str) -> dict[str, Any]:
 
 def _usage(done: DoneFrame) -> dict[str, Any]:
     prompt, output = done.stats.prompt_eval_count, done.stats.eval_count
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output,
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
 
 

@@ -22,6 +22,7 @@ from api.ollama_models import new_job_id
 from common import clock
 from common.errors import BadRequest
 from common.images import checked as checked_image
+from common.model_defaults import mark_given
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.thinking import Think, openai_effort
@@ -181,6 +182,8 @@ class MessagesRequest(CountTokensRequest):
         s.stop = stop_strings("stop_sequences", self.stop_sequences, MAX_OLLAMA_STOPS)
         if self.output_config is not None and self.output_config.format is not None:
             s.json_schema = self.output_config.format.schema_
+        mark_given(s, self, {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                             "max_tokens": "max_tokens", "stop_sequences": "stop"})
         return s
 
 

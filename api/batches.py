@@ -271,6 +271,7 @@ async def _job(d: Dispatcher, endpoint: str, line: InputLine, ref: BatchRef,
         models[job.model] = await _model_problem(d, job.model)
     if (problem := models[job.model]) is not None:
         raise problem
+    await d.with_model_defaults(job)
     job.priority, job.stream, job.batch = "batch", False, ref
     return job
 

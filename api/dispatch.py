@@ -23,9 +23,10 @@ from pydantic import TypeAdapter
 
 from api.loading import Loader
 from api.pubsub import FrameMultiplexer, Subscription
-from common import clock, keys, registry
+from common import catalog, clock, keys, model_defaults, registry
 from common.errors import StreamBroken, Unavailable, VllamaError, WorkerLost, from_code
 from common.job_queue import JOB_LOST_MESSAGE, JobQueue, worker_lost_message
+from common.model_info import ModelDescription
 from common.protocol import DoneFrame, ErrorFrame, Frame, GenerationJob, StartFrame
 from common.records import JobStatus
 from common.settings import Settings
@@ -46,6 +47,21 @@ class Dispatcher:
         self.loader = Loader(redis, mux, settings)
         mux.on_orphan = self._orphaned
         self._aborting: set[asyncio.Task] = set()
+        self._descriptions: dict[str, tuple[float, ModelDescription | None]] = {}
+
+    async def with_model_defaults(self, job: GenerationJob) -> None:
+        """Give ``job`` what its model was created with (common/model_defaults.py). The model's
+        description comes from the catalog, cached as briefly as the workers are."""
+        if job.kind == "embed":
+            return
+        now = time.monotonic()
+        at, description = self._descriptions.get(job.model, (0.0, None))
+        if now - at > WORKER_CACHE_S:
+            entry = await catalog.lookup(self.redis, job.model)
+            description = entry.manifest.description if entry is not None else None
+            self._descriptions[job.model] = (now, description)
+        if description is not None:
+            model_defaults.apply(job, description)
 
     def _orphaned(self, job_id: str) -> None:
         """A worker streams a job nobody here reads: its client left and the abort sent then
@@ -84,6 +100,7 @@ class Dispatcher:
     async def submit(self, job: GenerationJob, keep_alive: float | None = None) -> JobStream:
         job.model = await self.loader.resolve(job.model, await self.live_workers())  # QWEN/x is Qwen/x
         workers = await self.ensure_served(job.model)
+        await self.with_model_defaults(job)
         # Up to the workers' combined concurrency the queue's jobs run at once; beyond that
         # they wait, and at most max_queue may wait (Ollama's OLLAMA_MAX_QUEUE).
         running = sum(s.max_jobs for w in workers if (s := w.status_of(job.model)) is not None)

@@ -46,6 +46,7 @@ async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float |
     is asked for, and with no worker up at all the job simply waits for one."""
     job.stream = False
     await dispatcher.ensure_servable(job.model)
+    await dispatcher.with_model_defaults(job)
     settings = dispatcher.settings
     limit = settings.max_batch_queue if job.priority == "batch" else settings.max_queue
     await dispatcher.queue.enqueue(job, limit, keep_alive)

@@ -1,4 +1,5 @@
-"""Ollama's model management: /api/pull, /api/tags, /api/show, /api/ps, /api/delete, /api/copy.
+"""Ollama's model management: /api/pull, /api/tags, /api/show, /api/ps, /api/delete, /api/copy,
+/api/create.
 
 Models live on the stores' disks (one per machine); the API reads what they hold from Redis
 (common/catalog.py) and asks them to change it through their job queues, so any API replica
@@ -8,6 +9,8 @@ can manage models on every machine.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +22,7 @@ from api import ndjson
 from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.errors import parse_body
-from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest, ps_entries, show_body, tag_entry
+from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, ShowRequest, ps_entries, show_body, tag_entry
 from api.pulls import PullLines, follow_pull
 from common import catalog
 from common.errors import BadRequest, ModelNotFound, Unavailable, VllamaError
@@ -142,6 +145,29 @@ async def copy(request: Request) -> Response:
         raise ModelNotFound(source, f'model "{source}" not found')
     await _on_stores(d, entry.stores, "copy", source, destination)
     return Response(status_code=200)
+
+
+@router.post("/api/create")
+async def create(request: Request) -> Response:
+    """A model made from an existing one: its files shared (as a copy), its description given
+    the request's system prompt, parameters, messages and license, on every store that holds
+    the source. Ollama's status lines, or one object with "stream": false."""
+    body = await parse_body(request, CreateRequest)
+    source, destination = body.names()
+    changes = body.changes()
+    d = _dispatcher(request)
+    entry = await catalog.lookup(d.redis, source)
+    if entry is None:
+        raise ModelNotFound(source, f'model "{source}" not found')
+    await _on_stores(d, entry.stores, "create", source, destination, changes)
+    layer = hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()
+    lines = [f"using existing layer sha256:{entry.manifest.digest}"]
+    if changes:
+        lines.append(f"creating new layer sha256:{layer}")
+    lines += ["writing manifest", "success"]
+    if not body.stream:
+        return JSONResponse({"status": "success"})
+    return Response(b"".join(ndjson.line({"status": status}) for status in lines), media_type=ndjson.NDJSON)
 
 
 async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str) -> list[object]:

@@ -6,12 +6,14 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
-from api.bounds import WireModel
+from api.bounds import JsonObject, WireModel
+from api.ollama_models import Options
 
 from common.catalog import CatalogEntry, Manifest
 from common.errors import BadRequest
+from common.model_defaults import OPTION_FIELDS
 from common.model_info import modelfile
 from common.models import canonical_name
 from common.registry import ModelStatus, WorkerInfo
@@ -48,6 +50,60 @@ class ShowRequest(_Named):
 
 class DeleteRequest(_Named):
     pass
+
+
+class CreateRequest(_Named):
+    """/api/create. Made from an existing model (``from``); what it changes goes into the new
+    model's description (workers/store.py's create)."""
+
+    from_: str | None = Field(default=None, alias="from")
+    system: str | None = None
+    parameters: JsonObject | None = None
+    messages: list[JsonObject] | None = None
+    license: str | list[str] | None = None
+    template: str | None = None
+    files: JsonObject | None = None
+    adapters: JsonObject | None = None
+    quantize: str | None = None
+    stream: bool = True
+
+    def names(self) -> tuple[str, str]:
+        """(source, destination)."""
+        if self.files or self.adapters:
+            raise BadRequest("creating a model from uploaded files (GGUF or safetensors blobs, adapters) is not "
+                             'supported yet; create it from an existing model with "from", or import a GGUF file '
+                             "on a server with `vllama create NAME --from FILE.gguf`")
+        if not self.from_:
+            raise BadRequest('"from" is required: the existing model the new one is made from')
+        if self.quantize:
+            raise BadRequest("quantize is not supported: the new model keeps its source's weights")
+        if self.template is not None:
+            raise BadRequest("template is not supported yet: a created model keeps its source's chat template "
+                             "(see /api/show); set system, parameters and messages instead")
+        try:
+            return canonical_name(self.from_), canonical_name(self.model)
+        except BadRequest:
+            raise BadRequest(f'model name "{self.model}" or "from" "{self.from_}" is invalid') from None
+
+    def changes(self) -> dict[str, Any]:
+        """What the new model changes in its source's description."""
+        changes: dict[str, Any] = {}
+        if self.system is not None:
+            changes["system"] = self.system
+        if self.parameters:
+            options = {k: v for k, v in self.parameters.items() if k in OPTION_FIELDS}
+            Options.model_validate(options).to_sampling(None)  # a bad value is this request's 400
+            changes["options"] = options
+        if self.messages is not None:
+            for i, message in enumerate(self.messages):
+                if message.get("role") not in ("system", "user", "assistant") or \
+                        not isinstance(message.get("content"), str):
+                    raise BadRequest(f'messages[{i}] must be {{"role": "system", "user" or "assistant", '
+                                     '"content": "..."}')
+            changes["messages"] = [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        if self.license is not None:
+            changes["license"] = self.license if isinstance(self.license, str) else "\n\n".join(self.license)
+        return changes
 
 
 class CopyRequest(WireModel):
@@ -94,6 +150,7 @@ def show_body(manifest: Manifest) -> dict[str, Any]:
         "model_info": d.model_info,
         "capabilities": d.capabilities,
         "modified_at": rfc3339(manifest.modified_at),
+        **({"system": d.system} if d.system else {}),  # a created model's, as Ollama shows it
     }
 
 

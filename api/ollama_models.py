@@ -25,6 +25,7 @@ from common import clock
 from common.durations import parse_keep_alive
 from common.errors import BadRequest
 from common.images import checked as checked_image
+from common.model_defaults import OPTION_FIELDS, mark_given
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.thinking import ollama_think
@@ -99,6 +100,7 @@ class Options(WireModel):
             check_int("options.num_ctx", self.num_ctx, 1, INT32_MAX)
             s.num_ctx = self.num_ctx
         _apply_format(s, fmt)
+        mark_given(s, self, OPTION_FIELDS)
         return s
 
 

@@ -16,6 +16,7 @@ from common import clock
 from common.errors import BadRequest
 from common.images import checked as checked_image
 from common.images import is_data_url
+from common.model_defaults import mark_given
 from common.models import canonical_name
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.thinking import Think, openai_effort
@@ -101,6 +102,9 @@ class _OpenAIRequest(WireModel):
                 if not -2 <= value <= 2:
                     raise BadRequest(f"{name} must be between -2 and 2")
                 setattr(s, name, value)
+        mark_given(s, self, {"temperature": "temperature", "top_p": "top_p", max_tokens_field: "max_tokens",
+                             "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty",
+                             "frequency_penalty": "frequency_penalty"})
         return s
 
 

@@ -31,7 +31,7 @@ from api.batches import CreateBatch
 from api.embed_models import EmbedRequest, LegacyEmbeddingsRequest, OpenAIEmbeddingsRequest
 from api.files import PURPOSES
 from api.jobs_routes import AsyncChatRequest, AsyncGenerateRequest
-from api.model_wire import CopyRequest, DeleteRequest, PullRequest, ShowRequest
+from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, ShowRequest
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.responses_models import ResponsesRequest
@@ -103,6 +103,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("get", "/api/ps"): Operation(answers={"200": Answer("Models loaded by workers.", json=(r.PsResponse,))}),
     ("delete", "/api/delete"): Operation(DeleteRequest, answers=_DONE),
     ("post", "/api/copy"): Operation(CopyRequest, answers=_DONE),
+    ("post", "/api/create"): Operation(CreateRequest, answers={"200": Answer(
+        'Status lines (using existing layer, creating new layer, writing manifest, success); {"status": '
+        '"success"} with "stream": false.', json=(r.PullStatus,), ndjson=(r.PullStatus, r.OllamaError))}),
     ("get", "/api/version"): Operation(answers={"200": Answer("The Ollama API version followed.",
                                                               json=(r.VersionResponse,))}),
     ("get", "/"): Operation(answers={"200": Answer('"Ollama is running"', media="text/plain")}),
@@ -166,6 +169,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "/api/show": {"model": "smollm2:135m"},
     "/api/delete": {"model": "my-copy"},
     "/api/copy": {"source": "smollm2:135m", "destination": "my-copy"},
+    "/api/create": {"model": "pirate", "from": "smollm2:135m", "system": "You are a pirate.",
+                    "parameters": {"temperature": 0.3}},
     "/v1/chat/completions": {"model": "smollm2:135m", "messages": _CHAT},
     "/v1/completions": {"model": "smollm2:135m", "prompt": "The sky is blue because", "max_tokens": 32},
     "/v1/responses": {"model": "smollm2:135m", "input": "Why is the sky blue?", "max_output_tokens": 64},

@@ -21,6 +21,7 @@ from api.openai_models import FunctionCallIn, ToolCallIn
 from common.errors import BadRequest
 from common.images import checked as checked_image
 from common.images import is_data_url
+from common.model_defaults import mark_given
 from common.models import canonical_name
 from common.protocol import ChatMessage, Sampling
 from common.thinking import Think, openai_effort
@@ -140,6 +141,7 @@ class ResponsesRequest(WireModel):
             s.json_schema = form["schema"]
         elif form.get("type") != "text":
             raise BadRequest('text.format.type must be "text", "json_object" or "json_schema"')
+        mark_given(s, self, {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"})
         return s
 
     def image_parts(self) -> list[tuple[str, dict[str, Any]]]:

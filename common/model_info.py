@@ -64,6 +64,11 @@ class ModelDescription(BaseModel):
     capabilities: list[str]
     license: str
     tool_parser: str | None = None  # the vLLM tool parser for the calls its template teaches
+    # What /api/create gave a model made from another (common/model_defaults.py): its system
+    # prompt, the messages that open every chat, and its default options (Ollama's names).
+    system: str = ""
+    messages: list[dict[str, Any]] = []
+    options: dict[str, Any] = {}
 
 
 def human_number(n: int) -> str:
@@ -383,11 +388,22 @@ def modelfile(name: str, description: ModelDescription) -> str:
              f"FROM {name}"]
     if description.template:
         lines.append(f"TEMPLATE {_quote(description.template)}")
+    if description.system:
+        lines.append(f"SYSTEM {_quote(description.system)}")
     for line in description.parameters.splitlines():
         key, _, value = line.partition(" ")
         value = value.strip()
         value = json.loads(value) if value.startswith('"') else value
         lines.append(f"PARAMETER {key} {_quote(value)}")
+    for message in description.messages:
+        lines.append(f"MESSAGE {message['role']} {_quote(message['content'])}")
     if description.license:
         lines.append(f"LICENSE {_quote(description.license)}")
     return "\n".join(lines) + "\n"
+
+
+def with_options(parameters: str, options: dict[str, Any]) -> str:
+    """``parameters`` text with ``options`` in place of the lines of the same names."""
+    kept = [line for line in parameters.splitlines() if line.partition(" ")[0] not in options]
+    added = [(key, v) for key, value in options.items() for v in (value if isinstance(value, list) else [value])]
+    return "\n".join([*kept, *(f"{key:<30} {_go_value(value)}" for key, value in added)])

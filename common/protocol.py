@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from common import clock
 from common.thinking import Think
@@ -36,6 +36,13 @@ class Sampling(BaseModel):
     json_object: bool = False  # ...or any JSON object (Ollama's format "json")
     skip_special_tokens: bool = True  # False when a tool parser must see special tokens (set by the worker)
     logprobs: int | None = None  # per token: its log probability and this many top alternatives; None: off
+    # The fields the request itself set (not sent: the API applies the model's defaults to the
+    # others before queueing, common/model_defaults.py).
+    _given: set[str] = PrivateAttr(default_factory=set)
+
+    @property
+    def given(self) -> set[str]:
+        return self._given
 
 
 class ChatMessage(BaseModel):

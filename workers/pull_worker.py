@@ -85,6 +85,7 @@ class PullWorker:
                 job_function(self.pull, name="pull", max_tries=1, timeout=PULL_TIMEOUT_S, keep_result=0),
                 job_function(self.delete, name="delete", max_tries=1, timeout=600),
                 job_function(self.copy, name="copy", max_tries=1, timeout=600),
+                job_function(self.create, name="create", max_tries=1, timeout=600),
             ],
             queue_name=keys.store_queue(self.store_id),
             redis_pool=redis,
@@ -249,6 +250,15 @@ class PullWorker:
             if copied is not None:
                 await catalog.put(self._redis, self.store_id, copied)
         return {"copied": copied is not None}
+
+    async def create(self, _ctx: dict, source: str, destination: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """/api/create from an existing model (workers/store.py's create)."""
+        async with self._catalog_lock:
+            created = await asyncio.to_thread(self.store.create, canonical_name(source), canonical_name(destination),
+                                              changes)
+            if created is not None:
+                await catalog.put(self._redis, self.store_id, created)
+        return {"created": created is not None}
 
 
 def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future:

@@ -22,9 +22,11 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from common import clock
 from common.catalog import Manifest, ManifestFile
+from common.model_info import with_options
 from common.models import ALIASES, canonical_name, is_repo_id, name_from_store_filename, name_key, store_filename
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,22 @@ class ModelStore:
         copied = manifest.model_copy(update={"name": destination, "modified_at": clock.now()})
         self.save(copied)
         return copied
+
+    def create(self, source: str, destination: str, changes: dict[str, Any]) -> Manifest | None:
+        """A model made from ``source``: the same files (as a copy), with ``changes`` to its
+        description (system, messages, options, license; common/model_defaults.py)."""
+        manifest = self.get(source)
+        if manifest is None:
+            return None
+        description = manifest.description
+        update = dict(changes)
+        if "options" in changes:  # merged onto what the source was made with
+            update["options"] = {**description.options, **changes["options"]}
+            update["parameters"] = with_options(description.parameters, changes["options"])
+        created = manifest.model_copy(update={"name": destination, "modified_at": clock.now(),
+                                              "description": description.model_copy(update=update)})
+        self.save(created)
+        return created
 
     def delete(self, name: str) -> Manifest | None:
         """Remove a name, and its files when no other name uses them."""

@@ -158,7 +158,8 @@ def test_n_choices_sample_independently(client):
     assert [c.index for c in legacy.choices] == [0, 1] and all(c.text for c in legacy.choices)
 
 
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+# The Responses API's function tools are flat: no "function" object around them.
+FLAT_WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
@@ -178,11 +179,11 @@ def test_responses_text_stream_and_continuation(client):
 
 
 def test_responses_function_call_round_trip(client):
-    called = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+    called = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[FLAT_WEATHER],
                                      tool_choice={"type": "function", "name": "get_weather"})
     [call] = [item for item in called.output if item.type == "function_call"]
     assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
-    answer = client.responses.create(model=MODEL, previous_response_id=called.id, tools=[WEATHER],
+    answer = client.responses.create(model=MODEL, previous_response_id=called.id, tools=[FLAT_WEATHER],
                                      max_output_tokens=32, temperature=0, input=[
                                          {"type": "function_call_output", "call_id": call.call_id,
                                           "output": "sunny, 21 C"}])

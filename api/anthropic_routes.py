@@ -62,6 +62,7 @@ async def count_tokens(request: Request) -> dict[str, int]:
     job = GenerationJob(job_id=new_job_id(), model=body.canonical_model(), kind="chat", think=body.think(),
                         messages=body.chat_messages(RequestLimits.of(dispatcher.settings)), created_at=clock.now())
     job.sampling.max_tokens = 0
+    job.sampling.given.add("max_tokens")  # a created model's num_predict must not make it generate
     await _with_tools(dispatcher, job, body)
     ownership.stamp(request, [job])
     [stream] = await submit_all(dispatcher, [job])

@@ -75,6 +75,9 @@ async def test_a_created_model_brings_its_system_messages_and_options(redis_serv
         an = anthropic.AsyncAnthropic(base_url=stack.base_url, api_key="unused")
         await an.messages.create(model=PIRATE, max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
         assert (stack.engine.last_sampling.temperature, stack.engine.last_sampling.max_tokens) == (0.3, 50)
+        started = len(stack.engine.started)
+        await an.messages.count_tokens(model=PIRATE, messages=[{"role": "user", "content": "Hi"}])
+        assert len(stack.engine.started) == started  # the model's num_predict does not make it generate
         await oa.close()
         await an.close()
 

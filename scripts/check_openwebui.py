@@ -76,8 +76,8 @@ def main() -> int:
 
 def _make_venv(path: Path) -> None:
     print(f"making {path} with {OPEN_WEBUI} (once; several minutes)")
-    subprocess.run([sys.executable.replace(str(ROOT / ".venv"), "") or "python3", "-m", "venv", str(path)],
-                   check=True)
+    # The interpreter this venv was made from, so Open WebUI's venv is not nested in ours.
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(path)], check=True)
     pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
     # torch first, pinned as vLLama's engine pins it, so Open WebUI's range does not pull a newer build.
     subprocess.run([*pip, "torch==2.13.0"], check=True)

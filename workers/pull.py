@@ -206,7 +206,10 @@ def pull_from_hub(store: ModelStore, name: str, repo: str, revision: str, progre
             except Upstream:
                 network = True
                 raise
-            model_dir = next(iter(paths.values())).parent
+            # The snapshot's root: any file's path less its place in the repo (the first one
+            # fetched may be a sentence-transformers step's, such as 1_Pooling/config.json).
+            relative, local = next(iter(paths.items()))
+            model_dir = local.parents[len(Path(relative).parts) - 1]
             check_model_dir(store, name, model_dir, {e.path for e in wanted}, f"{repo} is not usable")
             progress.phase("writing")
             manifest_files = [ManifestFile(path=f.path, size=f.total, digest=f.digest) for f in files]

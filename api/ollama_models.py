@@ -51,6 +51,7 @@ class Options(WireModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     num_ctx: int | None = None
+    num_keep: int | None = None
 
     def to_sampling(self, fmt: Format) -> Sampling:
         s = Sampling()
@@ -99,6 +100,9 @@ class Options(WireModel):
                 raise BadRequest("options.num_ctx must be a positive number of tokens")
             check_int("options.num_ctx", self.num_ctx, 1, INT32_MAX)
             s.num_ctx = self.num_ctx
+        if self.num_keep is not None:
+            check_int("options.num_keep", self.num_keep, -1, INT32_MAX)
+            s.num_keep = self.num_keep
         _apply_format(s, fmt)
         mark_given(s, self, OPTION_FIELDS)
         return s
@@ -127,6 +131,8 @@ class OllamaRequest(WireModel):
     think: bool | str | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    truncate: bool | None = None  # None: true, as Ollama
+    shift: bool | None = None  # None: true, as Ollama
 
     @field_validator("think", mode="before")
     @classmethod
@@ -204,6 +210,8 @@ class GenerateRequest(OllamaRequest):
             context=self.context or [],
             images=images,
             think=self.think,
+            truncate=self.truncate is not False,
+            shift=self.shift is not False,
             sampling=self.sampling(),
             stream=True,
             created_at=clock.now(),
@@ -266,6 +274,8 @@ class ChatRequest(OllamaRequest):
             kind="chat",
             messages=[m.to_chat_message(images) for m, (images, _) in zip(self.messages, checked)],
             think=self.think,
+            truncate=self.truncate is not False,
+            shift=self.shift is not False,
             sampling=self.sampling(),
             stream=True,
             created_at=clock.now(),

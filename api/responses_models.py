@@ -12,7 +12,7 @@ as OpenAI defines, are not carried on to responses that continue this one.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -47,6 +47,8 @@ class ResponsesRequest(WireModel):
     previous_response_id: str | None = None
     text: JsonObject | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     reasoning: JsonObject | None = None  # {"effort": ...}; "summary" is taken and not made
+    # "auto": a conversation longer than the context loses its oldest items (system ones kept)
+    truncation: Literal["auto", "disabled"] | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None  # accepted and ignored
 

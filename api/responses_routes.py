@@ -68,7 +68,8 @@ async def create_response(request: Request) -> Response:
     messages = [*lead, *history, *new_input]
     body.check(messages, limits)
     job = GenerationJob(job_id=new_job_id(), model=body.canonical_model(), kind="chat", messages=messages,
-                        think=body.think(), sampling=body.sampling(), created_at=clock.now())
+                        think=body.think(), truncate=body.truncation == "auto", sampling=body.sampling(),
+                        created_at=clock.now())
     headers = await attach_tools(dispatcher, job, body.model, body.function_tools(), body.chat_tool_choice(),
                                  body.parallel_tool_calls)
     ownership.stamp(request, [job])
@@ -157,7 +158,7 @@ class ResponseShape:
             "temperature": 1.0 if b.temperature is None else b.temperature,
             "text": b.text or {"format": {"type": "text"}},
             "tool_choice": b.tool_choice if b.tool_choice is not None else "auto", "tools": b.tools or [],
-            "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
+            "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": b.truncation or "disabled",
             "usage": None if done is None else _usage(done), "user": b.user,
         }
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 # Ollama's option names -> the Sampling field each sets.
 OPTION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                  "num_predict": "max_tokens", "stop": "stop", "seed": "seed", "repeat_penalty": "repetition_penalty",
-                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "num_ctx": "num_ctx"}
+                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "num_ctx": "num_ctx",
+                 "num_keep": "num_keep"}
 
 
 def mark_given(sampling: Sampling, request: Any, fields: dict[str, str]) -> None:

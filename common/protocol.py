@@ -32,6 +32,7 @@ class Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     num_ctx: int | None = None  # per-request context window; None: the model's own
+    num_keep: int | None = None  # tokens at the start kept when a prompt is cut to fit; -1: all; None: 4
     json_schema: dict[str, Any] | None = None  # structured output: a JSON schema...
     json_object: bool = False  # ...or any JSON object (Ollama's format "json")
     skip_special_tokens: bool = True  # False when a tool parser must see special tokens (set by the worker)
@@ -108,6 +109,10 @@ class GenerationJob(BaseModel):
     messages: list[ChatMessage] = Field(default_factory=list)  # chat
     tool_use: ToolUse | None = None  # chat: the tools the model may call
     think: Think = None  # whether to think, or how hard (common/thinking.py); None: the model's default
+    # A prompt longer than the window loses its oldest messages, then tokens (Ollama's default,
+    # workers/context_window.py); False: 400, as OpenAI's and Anthropic's APIs answer.
+    truncate: bool = False
+    shift: bool = False  # an answer that fills the window goes on past it, up to max_tokens
     embed: EmbedInput | None = None  # embed: what to embed, and how
     sampling: Sampling = Field(default_factory=Sampling)
     # False for async jobs: they run whether or not anyone listens, and their frames are also

@@ -102,12 +102,13 @@ async def test_bad_input_is_400_saying_what_is_wrong(redis_server, body, message
         assert message_part in r.json()["error"]
 
 
-async def test_prompt_longer_than_the_context_is_400(redis_server):
+async def test_prompt_longer_than_the_context_is_400_without_truncate(redis_server):
     async with fake_stack(redis_server.url, engine=FakeEngine(max_model_len=64)) as stack, stack.client() as http:
-        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x" * 100})
+        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x" * 100, "truncate": False})
         assert r.status_code == 400
         assert "context length is 64" in r.json()["error"]
-        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x" * 20, "options": {"num_ctx": 16}})
+        r = await http.post("/api/generate", json={"model": MODEL, "prompt": "x" * 20, "options": {"num_ctx": 16},
+                                                   "truncate": False})
         assert r.status_code == 400 and "context length is 16" in r.json()["error"]
 
 

@@ -41,6 +41,7 @@ from common.vectors import runs_of
 from workers import embedding
 from workers.engine import Engine
 from workers.frames import FrameLog, FramePublisher, FrameSink, Write
+from workers.context_window import cut, fitting_messages, keep_count
 from workers.reasoning import ThinkingSplitter
 from workers.tool_parsing import ToolCallSplitter
 
@@ -155,21 +156,55 @@ class GenerationRunner:
         listeners = await publisher.send(StartFrame, worker_id=self.worker_id)
         return listeners.get(publisher.channel, 1)
 
-    def prompt_tokens(self, job: GenerationJob) -> list[int]:
-        """The job's prompt as token ids. Called in a thread for a long prompt: rendering and
-        tokenizing one takes seconds, during which the event loop must go on serving the other
-        jobs."""
+    def window(self, job: GenerationJob) -> int:
+        """The job's context window: its num_ctx, at most the model's."""
+        model_max = self.engine.max_model_len
+        return min(job.sampling.num_ctx or model_max, model_max)
+
+    def prompt_tokens(self, job: GenerationJob) -> tuple[list[int], list[str]]:
+        """The job's prompt as token ids, fitted into its window (workers/context_window.py),
+        and the images (base64) of what was kept. Called in a thread for a long prompt:
+        rendering and tokenizing one takes seconds, during which the event loop must go on
+        serving the other jobs."""
         self.check_context(job)
+        window = self.window(job)
         if job.raw:
-            return self.engine.encode_raw(job.prompt)
+            return self._cut_to_fit(job, self.engine.encode_raw(job.prompt), window, job.images), job.images
         thinking = template_kwargs(job.think, self.think_levels) if self.reasoning_parser else {}
         if job.kind == "chat":
-            return self.engine.encode_chat(job.messages, job.tool_use.tools if job.tool_use else None, thinking)
-        messages = []
-        if job.system:
-            messages.append(ChatMessage(role="system", content=job.system))
-        messages.append(ChatMessage(role="user", content=job.prompt, images=job.images))
-        return list(job.context) + self.engine.encode_chat(messages, template_kwargs=thinking)
+            tools = job.tool_use.tools if job.tool_use else None
+
+            def encode(messages: list[ChatMessage]) -> list[int]:
+                return self.engine.encode_chat(messages, tools, thinking)
+
+            messages = job.messages
+        else:
+            messages = [ChatMessage(role="system", content=job.system)] if job.system else []
+            messages.append(ChatMessage(role="user", content=job.prompt, images=job.images))
+
+            def encode(messages: list[ChatMessage]) -> list[int]:
+                return list(job.context) + self.engine.encode_chat(messages, template_kwargs=thinking)
+
+        tokens = encode(messages)
+        if len(tokens) >= window and job.truncate and len(messages) > 1:
+            messages = fitting_messages(messages, lambda m: m.role == "system", lambda ms: len(encode(ms)) < window)
+            tokens = encode(messages)
+        images = [image for m in messages for image in m.images]
+        return self._cut_to_fit(job, tokens, window, images), images
+
+    def _cut_to_fit(self, job: GenerationJob, tokens: list[int], window: int, images: list[str]) -> list[int]:
+        """``tokens``, cut by tokens if they leave no room to answer and the job allows it."""
+        if len(tokens) < window:
+            return tokens
+        model_max = self.engine.max_model_len
+        too_long = f"the prompt is {len(tokens)} tokens but the context length is {window}"
+        if not job.truncate:  # Ollama's words first: clients look for them
+            raise PromptTooLong(f"the input length exceeds the context length: {too_long}; shorten the prompt or "
+                                f"raise options.num_ctx (this model allows up to {model_max})")
+        if images:  # an image's tokens cannot be cut in half
+            raise PromptTooLong(f"{too_long}, and a prompt with images cannot be cut to fit; shorten it or raise "
+                                f"options.num_ctx (this model allows up to {model_max})")
+        return cut(tokens, keep_count(job.sampling.num_keep, len(tokens), window), window)
 
     def check_context(self, job: GenerationJob) -> None:
         """Token ids from the client (an earlier answer's context) must be in this model's
@@ -230,6 +265,15 @@ class GenerationRunner:
         return JobResult(text="", done_reason="stop", stats=stats, vectors=[] if job.stream else runs)
 
     @staticmethod
+    def _shifts(job: GenerationJob, images: list) -> bool:
+        """Whether an answer that fills the window goes on past it (Ollama's context shift):
+        only up to a num_predict the request set, and not where the cut would break what
+        follows (images' tokens, a JSON structure under way)."""
+        sampling = job.sampling
+        return job.shift and sampling.max_tokens is not None and not images and \
+            sampling.json_schema is None and not sampling.json_object
+
+    @staticmethod
     def _priority(job: GenerationJob) -> int:
         return BATCH_PRIORITY if job.priority == "batch" else 0
 
@@ -237,22 +281,13 @@ class GenerationRunner:
         self._check_capability(job)
         started = time.monotonic()
         if _quick_to_tokenize(job):
-            prompt = self.prompt_tokens(job)
+            prompt, images = self.prompt_tokens(job)
         else:
-            prompt = await asyncio.to_thread(self.prompt_tokens, job)
-        images = _images_of(job)
+            prompt, images = await asyncio.to_thread(self.prompt_tokens, job)
         if images:  # decoding takes a while for big ones: not on the event loop
             images = await asyncio.to_thread(lambda: [open_image(image, i) for i, image in enumerate(images)])
         prompt_count = len(prompt)
-        model_max = self.engine.max_model_len
-        window = min(job.sampling.num_ctx or model_max, model_max)
-        if len(prompt) >= window:
-            raise PromptTooLong(
-                f"the prompt is {len(prompt)} tokens but the context length is {window}; "
-                f"shorten the prompt or raise options.num_ctx (this model allows up to {model_max})"
-            )
-        room = window - len(prompt)
-        max_tokens = room if job.sampling.max_tokens is None else min(job.sampling.max_tokens, room)
+        window = self.window(job)
 
         parts: list[str] = []
         thoughts: list[str] = []
@@ -285,10 +320,19 @@ class GenerationRunner:
             still_listened()
             publisher.thinking(text)
 
-        if max_tokens > 0:
-            thinking = template_kwargs(job.think, self.think_levels) if thinker is not None else None
-            async for delta in self.engine.generate(job.job_id, prompt, sampling, max_tokens, self._priority(job),
-                                                    images=images, thinking=thinking):
+        thinking = template_kwargs(job.think, self.think_levels) if thinker is not None else None
+        wanted = job.sampling.max_tokens  # None: until the window is full
+        engine_prompt, part = prompt, 0
+        while True:
+            room = window - len(engine_prompt)
+            max_tokens = room if wanted is None else min(wanted - len(output_ids), room)
+            if max_tokens <= 0:
+                break
+            # Each shift is a new engine request, with an id of its own.
+            request_id = job.job_id if part == 0 else f"{job.job_id}-shift{part}"
+            before = len(output_ids)
+            async for delta in self.engine.generate(request_id, engine_prompt, sampling, max_tokens,
+                                                    self._priority(job), images=images, thinking=thinking):
                 if delta.prompt_tokens is not None:  # each image's tokens count as prompt tokens
                     prompt_count = delta.prompt_tokens
                 if first_token_at is None:
@@ -308,6 +352,11 @@ class GenerationRunner:
                 if delta.finish_reason is not None:
                     finish = "stop" if delta.finish_reason == "stop" else "length"
                     stop_sequence = delta.stop_sequence
+            if finish != "length" or len(output_ids) - before < max_tokens or not self._shifts(job, images):
+                break
+            # The answer filled the window short of num_predict: go on from the cut tokens.
+            keep = keep_count(job.sampling.num_keep, len(prompt), window)
+            engine_prompt, part = cut(engine_prompt + output_ids[before:], keep, window), part + 1
         calls = []
         if splitter is not None:
             rest, calls = splitter.finish()

@@ -119,10 +119,24 @@ def test_concurrent_requests_all_complete_in_one_batch(http, stack):
     assert all(r["done"] and r["eval_count"] > 0 for r in results)
 
 
-def test_prompt_longer_than_the_context_is_400(http):
-    r = http.post("/api/generate", json={"model": MODEL, "prompt": "word " * 300, "options": {"num_ctx": 128}})
+def test_prompt_longer_than_the_context_is_cut_to_fit_or_400_without_truncate(http):
+    body = {"model": MODEL, "prompt": "word " * 300, "stream": False, "options": {"num_ctx": 128, "num_predict": 4}}
+    r = http.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_eval_count"] < 128 and r.json()["eval_count"] > 0
+    r = http.post("/api/generate", json={**body, "truncate": False})
     assert r.status_code == 400
     assert "context length is 128" in r.json()["error"]
+
+
+def test_an_answer_longer_than_the_window_shifts_and_goes_on(http):
+    # Counting on, greedily: the model has no reason to stop within 100 tokens.
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "raw": True, "stream": False,
+            "options": {"num_ctx": 64, "num_predict": 100, "temperature": 0}}
+    r = http.post("/api/generate", json=body).json()
+    assert (r["eval_count"], r["done_reason"]) == (100, "length"), r
+    r = http.post("/api/generate", json={**body, "shift": False}).json()
+    assert (r["eval_count"], r["done_reason"]) == (64 - r["prompt_eval_count"], "length"), r
 
 
 def test_unknown_model_is_404(http):

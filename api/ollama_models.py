@@ -193,8 +193,6 @@ class GenerateRequest(OllamaRequest):
         if self.template:
             raise BadRequest("custom templates are not supported: the model's own chat template is used; "
                              "send the full text with \"raw\": true instead")
-        if self.suffix:
-            raise BadRequest(f"{self.model} does not support insert")
         images, sizes = checked_images(self.images or [], "images")
         check_token_ids("context", self.context or [])
         if limits is not None:
@@ -205,6 +203,7 @@ class GenerateRequest(OllamaRequest):
             model=self.canonical_model(),
             kind="generate",
             prompt=self.prompt,
+            suffix=self.suffix or None,
             system=self.system,
             raw=self.raw,
             context=self.context or [],

@@ -325,14 +325,16 @@ class CompletionRequest(_OpenAIRequest):
             raise BadRequest("prompt must be a string or a non-empty list of strings")
         if limits is not None:
             limits.check_prompt([*prompts, self.suffix or ""])
-        if self.echo or self.suffix:
-            raise BadRequest("echo and suffix are not supported")
+        if self.echo:
+            raise BadRequest("echo is not supported: the answer holds only the completion")
         sampling = self._sampling(self.max_tokens)
         if self.logprobs is not None:
             if not 0 <= self.logprobs <= 5:
                 raise BadRequest("logprobs must be between 0 and 5")
             sampling.logprobs = self.logprobs
-        # The text is continued as is: no chat template.
+        # The text is continued as is: no chat template; with a suffix, in the model's
+        # fill-in-the-middle format.
         return [GenerationJob(job_id=new_job_id(), model=self.canonical_model(), kind="generate", prompt=prompt,
-                              raw=True, sampling=sampling.model_copy(), created_at=clock.now())
+                              suffix=self.suffix or None, raw=not self.suffix, sampling=sampling.model_copy(),
+                              created_at=clock.now())
                 for prompt in prompts]

@@ -14,11 +14,13 @@ import os
 import re
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from common.fim import fim_format
 from common.thinking import reasoning_parser_for
 from common.tool_calls import tool_parser_for
 
@@ -228,12 +230,14 @@ def is_embedding_model(model_dir: Path, config: dict[str, Any] | None = None) ->
                                                    for a in architectures)
 
 
-def _capabilities(config: dict[str, Any], templates: str, embedding: bool) -> list[str]:
+def _capabilities(config: dict[str, Any], templates: str, embedding: bool, special_tokens: Iterable[str]) -> list[str]:
     if embedding:
         return ["embedding"]
     caps = ["completion"]
     if tool_parser_for(templates):  # rendered tools are no use unless the calls can be read back
         caps.append("tools")
+    if fim_format(special_tokens):  # as the worker decides it, from the vocabulary (common/fim.py)
+        caps.append("insert")
     if isinstance(config.get("vision_config"), dict):
         caps.append("vision")
     if reasoning_parser_for(templates):  # as the worker decides it (workers/generation.py)
@@ -368,7 +372,8 @@ def describe(model_dir: Path) -> ModelDescription:
         model_info=info,
         template=template,
         parameters=_parameters(model_dir, config, generation, tokenizer_config),
-        capabilities=_capabilities(config, all_templates, embedding_model),
+        capabilities=_capabilities(config, all_templates, embedding_model,
+                                   _token_strings(model_dir, tokenizer_config).values()),
         license=_license(model_dir),
         tool_parser=tool_parser_for(all_templates),
     )

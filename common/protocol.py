@@ -102,6 +102,7 @@ class GenerationJob(BaseModel):
     model: str
     kind: Literal["generate", "chat", "embed"]
     prompt: str = ""  # generate: user prompt (or the whole text when raw)
+    suffix: str | None = None  # generate: what follows the text to write (fill-in-the-middle, common/fim.py)
     system: str | None = None  # generate: system message
     raw: bool = False  # generate: no chat template
     context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer

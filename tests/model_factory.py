@@ -199,18 +199,9 @@ def make_thinking_smollm2(source: Path, target: Path) -> Path:
     positive, as it is whenever the newline wins). Everything else is the model's own."""
     from safetensors.torch import load_file, save_file as save_torch
 
-    target.mkdir(parents=True)
-    for path in source.iterdir():
-        if path.name not in ("tokenizer.json", "model.safetensors", "chat_template.jinja"):
-            (target / path.name).write_bytes(path.read_bytes())
-    tok = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = tok["model"]["vocab"]
-    for token in tok["added_tokens"]:
-        if token["content"] in THINK_TOKENS:
-            new = THINK_TOKENS[token["content"]]
-            vocab[new] = vocab.pop(token["content"])
-            token["content"], token["special"] = new, False  # in the text, where the parser reads it
-    (target / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    # Not special: in the text, where the parser reads it.
+    vocab = _with_renamed_tokens(source, target, THINK_TOKENS, special=False,
+                                 rewritten=("model.safetensors", "chat_template.jinja"))
     (target / "chat_template.jinja").write_text(thinking_template((source / "chat_template.jinja").read_text()),
                                                 encoding="utf-8")
     tensors = load_file(source / "model.safetensors")
@@ -218,6 +209,37 @@ def make_thinking_smollm2(source: Path, target: Path) -> Path:
     embeddings[vocab["</think>"]] = embeddings[vocab[NEWLINE]] * 1.01
     save_torch({name: t.contiguous() for name, t in tensors.items()}, str(target / "model.safetensors"),
                metadata={"format": "pt"})
+    return target
+
+
+def _with_renamed_tokens(source: Path, target: Path, renames: dict[str, str], *, special: bool,
+                         rewritten: tuple[str, ...] = ()) -> dict[str, int]:
+    """``source``'s files in ``target`` (but those named in ``rewritten``, left to the caller),
+    with the special tokens of ``renames`` given new names; returns the new vocabulary."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name not in ("tokenizer.json", *rewritten):
+            (target / path.name).write_bytes(path.read_bytes())
+    tok = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    for token in tok["added_tokens"]:
+        if token["content"] in renames:
+            new = renames[token["content"]]
+            vocab[new] = vocab.pop(token["content"])
+            token["content"], token["special"] = new, special
+    (target / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    return vocab
+
+
+FIM_TOKENS = {"<jupyter_start>": "<fim_prefix>", "<jupyter_output>": "<fim_suffix>",
+              "<jupyter_script>": "<fim_middle>"}
+
+
+def make_fim_smollm2(source: Path, target: Path) -> Path:
+    """The converted bundled model (``source``) with three unused special tokens renamed to
+    StarCoder's fill-in-the-middle markers: a model the worker writes FIM prompts for. (It was
+    never trained on them; tests check the prompt, not the code it writes.)"""
+    _with_renamed_tokens(source, target, FIM_TOKENS, special=True)
     return target
 
 

@@ -73,7 +73,8 @@ def sse_data(text: str) -> list[dict[str, Any]]:
 
 
 OPTIONS = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "num_predict": 64, "stop": ["\n\n\n"],
-           "seed": 7, "repeat_penalty": 1.1, "presence_penalty": 0.1, "frequency_penalty": 0.1, "num_ctx": 2048}
+           "seed": 7, "repeat_penalty": 1.1, "presence_penalty": 0.1, "frequency_penalty": 0.1, "num_ctx": 2048,
+           "num_keep": 8}
 
 
 async def test_ollama(redis_server, tmp_path):
@@ -88,7 +89,7 @@ async def test_ollama(redis_server, tmp_path):
             {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
             {"role": "user", "content": "And tomorrow?"}],
             "tools": [tool], "think": True, "format": SCHEMA, "options": OPTIONS, "keep_alive": "5m",
-            "logprobs": True, "top_logprobs": 2}
+            "logprobs": True, "top_logprobs": 2, "truncate": True, "shift": True}
         for stream in (True, False):
             r = await http.post("/api/chat", json={**chat, "stream": stream})
             assert r.status_code == 200, r.text
@@ -101,7 +102,7 @@ async def test_ollama(redis_server, tmp_path):
 
         generate = {"model": MODEL, "prompt": "Why is the sky blue?", "system": "Be brief.", "images": [IMAGE],
                     "think": True, "format": "json", "options": OPTIONS, "keep_alive": 300, "logprobs": True,
-                    "top_logprobs": 1}
+                    "top_logprobs": 1, "truncate": False, "shift": False}
         for stream in (True, False):
             r = await http.post("/api/generate", json={**generate, "stream": stream})
             assert r.status_code == 200, r.text

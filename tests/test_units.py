@@ -92,10 +92,12 @@ def test_chat_roles_are_lowercased_and_checked():
         ChatRequest.model_validate({"model": "m", "messages": [{"role": "robot", "content": "x"}]})
 
 
-def test_requests_that_need_missing_capabilities_are_refused():
-    for body in ({"suffix": "end"}, {"images": ["aGk="]}, {"template": "{{ .Prompt }}"}):
+def test_requests_the_api_can_judge_are_refused_and_the_rest_go_to_the_worker():
+    for body in ({"images": ["aGk="]}, {"template": "{{ .Prompt }}"}):
         with pytest.raises(BadRequest):
             GenerateRequest.model_validate({"model": "m", "prompt": "p", **body}).to_job()
+    # Whether the model can fill in the middle, only its worker knows (its vocabulary).
+    assert GenerateRequest.model_validate({"model": "m", "prompt": "p", "suffix": "end"}).to_job().suffix == "end"
 
 
 def test_think_takes_ollamas_values_and_refuses_others():

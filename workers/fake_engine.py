@@ -47,12 +47,13 @@ class FakeTokenizer:
     """Enough of a tokenizer for vLLM's tool and reasoning parsers: a vocabulary (the think
     markers, one token each) and the text of each token the fake engine made."""
 
-    def __init__(self) -> None:
-        self._text: dict[int, str] = {i + 1: marker for i, marker in enumerate(THINK_MARKERS)}
+    def __init__(self, special_tokens: tuple[str, ...] = ()) -> None:
+        self._special = THINK_MARKERS + special_tokens
+        self._text: dict[int, str] = {i + 1: marker for i, marker in enumerate(self._special)}
         self._ids = {text: i for i, text in self._text.items()}
 
     def get_vocab(self) -> dict[str, int]:
-        return {marker: self._ids[marker] for marker in THINK_MARKERS}
+        return {marker: self._ids[marker] for marker in self._special}
 
     def id_of(self, piece: str) -> int:
         """The token id of ``piece``, made up on first sight."""
@@ -79,9 +80,9 @@ class FakeEngine:
     def __init__(
         self, *, max_model_len: int = 2048, max_num_seqs: int = 64, answer_tokens: int = 16, step_s: float = 0.0,
         reply: str | None = None, stepwise: bool = False, embedding: bool = False, chat_template: str = "",
-        vision: bool = False,
+        vision: bool = False, special_tokens: tuple[str, ...] = (),
     ) -> None:
-        self.tokenizer = FakeTokenizer()
+        self.tokenizer = FakeTokenizer(special_tokens)  # special_tokens: e.g. fill-in-the-middle markers
         self.embedding = embedding
         self.vision = vision
         self.reasoning_parser = reasoning_parser_for(chat_template)

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from common import batch_lines, clock, keys
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
+from common.fim import fim_format
 from common.images import open_image
 from common.job_queue import keep_no_result, record_ttl
 from common.metrics import ModelStats
@@ -62,7 +63,7 @@ def _images_of(job: GenerationJob) -> list[str]:
 
 def _quick_to_tokenize(job: GenerationJob) -> bool:
     """A short prompt without tools (whose schemas a chat template renders at length)."""
-    size = len(job.prompt) + len(job.system or "") + len(job.context) + \
+    size = len(job.prompt) + len(job.suffix or "") + len(job.system or "") + len(job.context) + \
         sum(len(m.content) + len(m.thinking) for m in job.messages)
     return job.tool_use is None and size <= INLINE_PROMPT_CHARS
 
@@ -94,6 +95,8 @@ class GenerationRunner:
         # Whether (and how) the model thinks, as its chat template says (common/thinking.py).
         self.reasoning_parser = None if engine.embedding else engine.reasoning_parser
         self.think_levels = takes_levels(engine.chat_template)
+        # Whether it can fill in the middle (Ollama's suffix), as its vocabulary says.
+        self.fim = None if engine.embedding else fim_format(engine.tokenizer.get_vocab())
 
     def load_duration(self, job: GenerationJob) -> float:
         """How long this job waited for its model to load (Ollama's load_duration)."""
@@ -168,6 +171,9 @@ class GenerationRunner:
         serving the other jobs."""
         self.check_context(job)
         window = self.window(job)
+        if job.suffix is not None and not job.raw:  # raw: the text as is, as Ollama does
+            tokens = list(job.context) + self.engine.encode_raw(self.fim.prompt(job.prompt, job.suffix))
+            return self._cut_to_fit(job, tokens, window, job.images), job.images
         if job.raw:
             return self._cut_to_fit(job, self.engine.encode_raw(job.prompt), window, job.images), job.images
         thinking = template_kwargs(job.think, self.think_levels) if self.reasoning_parser else {}
@@ -224,6 +230,8 @@ class GenerationRunner:
             what = "embeddings" if job.kind == "embed" else job.kind
         elif job.think not in (None, False) and self.reasoning_parser is None:
             what = "thinking"
+        elif job.suffix is not None and self.fim is None:
+            what = "insert"
         elif _images_of(job) and not self.engine.vision:
             what = "vision"
         if what is not None:
@@ -232,7 +240,7 @@ class GenerationRunner:
     def _thinking_splitter(self, job: GenerationJob, prompt: list[int]) -> ThinkingSplitter | None:
         """What keeps the reasoning apart from the answer, for a model that thinks (a raw
         prompt has no template to think by)."""
-        if self.reasoning_parser is None or job.raw:
+        if self.reasoning_parser is None or job.raw or job.suffix is not None:
             return None
         try:
             return ThinkingSplitter(self.reasoning_parser, job.think, self.think_levels, self.engine.tokenizer, prompt)

@@ -6,6 +6,7 @@ store of their own (a temporary VLLAMA_HOME)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,18 @@ def stack(tmp_path_factory) -> Stack:
 def http(stack: Stack):
     with httpx.Client(base_url=stack.base_url, timeout=120) as client:
         yield client
+
+
+def pull_variant(stack: Stack, repo: str, make: Callable[[Path, Path], Path], scratch: Path) -> str:
+    """A variant of the bundled model (``make(converted model dir, target)``, from
+    tests/model_factory.py), put on the Hub stand-in as ``repo`` and pulled into the stack's
+    store like any other model."""
+    from workers.store import ModelStore
+
+    store = ModelStore(Path(stack.env["VLLAMA_HOME"]) / "models")
+    manifest = store.get(MODEL)
+    assert manifest is not None, "the bundled model is converted when the stack starts"
+    stack.hub.add_repo(repo, make(store.model_dir(manifest), scratch / "model"))
+    pulled = httpx.post(stack.base_url + "/api/pull", json={"model": repo, "stream": False}, timeout=600)
+    assert pulled.status_code == 200 and pulled.json()["status"] == "success", pulled.text
+    return repo

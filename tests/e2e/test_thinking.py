@@ -11,16 +11,13 @@ vLLM; the worker picks vLLM's qwen3 reasoning parser from its template."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import httpx
 import ollama
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL as PLAIN_MODEL
+from tests.e2e.conftest import MODEL as PLAIN_MODEL, pull_variant
 from tests.model_factory import make_thinking_smollm2
-from workers.store import ModelStore
 
 pytestmark = pytest.mark.e2e
 
@@ -44,14 +41,7 @@ def history(thinking_field: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def thinking_model(stack, tmp_path_factory) -> str:
     """The thinking model, on the Hub stand-in and pulled into the stack's store."""
-    store = ModelStore(Path(stack.env["VLLAMA_HOME"]) / "models")
-    manifest = store.get(PLAIN_MODEL)
-    assert manifest is not None, "the bundled model is converted when the stack starts"
-    stack.hub.add_repo(REPO, make_thinking_smollm2(store.model_dir(manifest),
-                                                   tmp_path_factory.mktemp("think") / "model"))
-    pulled = httpx.post(stack.base_url + "/api/pull", json={"model": REPO, "stream": False}, timeout=600)
-    assert pulled.status_code == 200 and pulled.json()["status"] == "success", pulled.text
-    return REPO
+    return pull_variant(stack, REPO, make_thinking_smollm2, tmp_path_factory.mktemp("think"))
 
 
 def test_the_model_thinks_then_answers_in_both_apis(http, thinking_model):

@@ -93,12 +93,16 @@ async def tags(request: Request) -> dict:
 
 @router.post("/api/show")
 async def show(request: Request) -> dict:
-    model = (await parse_body(request, ShowRequest)).canonical()
+    body = await parse_body(request, ShowRequest)
+    model = body.canonical()
     d = _dispatcher(request)
     entry = await catalog.lookup(d.redis, model)
     if entry is None:
         raise ModelNotFound(model, f"model '{model}' not found")
-    return show_body(entry.manifest)
+    tensors = None
+    if body.verbose:  # read from the weights' headers by a store that holds them
+        tensors = (await _on_stores(d, entry.stores[:1], "tensors", entry.manifest.name))[0]
+    return show_body(entry.manifest, tensors)
 
 
 @router.get("/api/ps")

@@ -139,7 +139,8 @@ def tag_entry(entry: CatalogEntry) -> dict[str, Any]:
     }
 
 
-def show_body(manifest: Manifest) -> dict[str, Any]:
+def show_body(manifest: Manifest, tensors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """/api/show's body; ``tensors`` (read from a store's disk) only when asked (verbose)."""
     d = manifest.description
     return {
         "modelfile": modelfile(manifest.name, d),
@@ -150,7 +151,11 @@ def show_body(manifest: Manifest) -> dict[str, Any]:
         "model_info": d.model_info,
         "capabilities": d.capabilities,
         "modified_at": rfc3339(manifest.modified_at),
-        **({"system": d.system} if d.system else {}),  # a created model's, as Ollama shows it
+        # Ollama's omitempty fields: a created model's, a vision model's, verbose's.
+        **({"system": d.system} if d.system else {}),
+        **({"messages": d.messages} if d.messages else {}),
+        **({"projector_info": d.projector_info} if d.projector_info else {}),
+        **({"tensors": tensors} if tensors is not None else {}),
     }
 
 

@@ -71,6 +71,8 @@ class ModelDescription(BaseModel):
     system: str = ""
     messages: list[dict[str, Any]] = []
     options: dict[str, Any] = {}
+    # A vision model's image encoder, in Ollama's ``clip.*`` keys (/api/show's projector_info).
+    projector_info: dict[str, Any] = {}
 
 
 def human_number(n: int) -> str:
@@ -376,7 +378,36 @@ def describe(model_dir: Path) -> ModelDescription:
                                    _token_strings(model_dir, tokenizer_config).values()),
         license=_license(model_dir),
         tool_parser=tool_parser_for(all_templates),
+        projector_info=_projector_info(config),
     )
+
+
+def _projector_info(config: dict[str, Any]) -> dict[str, Any]:
+    """A vision model's encoder as Ollama describes its projector; {} for any other model."""
+    vision = _object(config.get("vision_config"))
+    if not vision:
+        return {}
+    info: dict[str, Any] = {"clip.has_vision_encoder": True}
+    for key, value in (("clip.vision.embedding_length", _pick([vision], "hidden_size", "embed_dim")),
+                       ("clip.vision.block_count", _pick([vision], "num_hidden_layers", "depth")),
+                       ("clip.vision.attention.head_count", _pick([vision], "num_attention_heads", "num_heads")),
+                       ("clip.vision.feed_forward_length", _pick([vision], "intermediate_size")),
+                       ("clip.vision.image_size", _pick([vision], "image_size")),
+                       ("clip.vision.patch_size", _pick([vision], "patch_size"))):
+        if value is not None:
+            info[key] = value
+    return info
+
+
+def tensors(model_dir: Path) -> list[dict[str, Any]]:
+    """Every weight tensor's name, type and shape, read from the safetensors headers (what
+    /api/show lists with ``verbose``); [] for weights in other formats."""
+    found = []
+    for path in _safetensors_files(Path(model_dir)):
+        for name, info in sorted(_safetensors_header(path).items()):
+            if isinstance(info, dict):
+                found.append({"name": name, "type": str(info.get("dtype", "")), "shape": list(info.get("shape", []))})
+    return found
 
 
 def _quote(text: str) -> str:

@@ -40,6 +40,8 @@ IMAGE = b64(png(2, 2))
 # OpenAI message's reasoning under the names vLLM's server (reasoning_content) and Ollama's
 # (reasoning) use, which the official type has no field for.
 EXTENSIONS = {"tags entry": {"stores", "capabilities"}, "ps entry": {"workers"},
+              # Ollama's own omitempty fields that the client's types do not declare (yet)
+              "show": {"system", "messages", "projector_info", "tensors"},
               "message": {"reasoning", "reasoning_content"}, "delta": {"reasoning", "reasoning_content"}}
 
 
@@ -116,7 +118,9 @@ async def test_ollama(redis_server, tmp_path):
         r = await http.post("/api/generate", json={"model": MODEL, "prompt": "raw text", "raw": True, "stream": False})
         conforms(ot.GenerateResponse, r.json())
 
-        conforms(ot.ShowResponse, (await http.post("/api/show", json={"model": MODEL, "verbose": True})).json())
+        shown = (await http.post("/api/show", json={"model": MODEL, "verbose": True})).json()
+        conforms(ot.ShowResponse, shown, "show")
+        assert shown["tensors"] and set(shown["tensors"][0]) == {"name", "type", "shape"}
         listed = (await http.get("/api/tags")).json()
         conforms(ot.ListResponse, listed)
         for entry in listed["models"]:

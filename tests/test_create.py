@@ -47,7 +47,13 @@ async def test_a_created_model_brings_its_system_messages_and_options(redis_serv
         assert "PARAMETER temperature 0.3" in shown.modelfile and 'PARAMETER stop Yo' in shown.modelfile
         params = dict(line.split(None, 1) for line in shown.parameters.splitlines() if not line.startswith("stop"))
         assert (params["temperature"], params["num_predict"]) == ("0.3", "3")
-        assert (await http.post("/api/show", json={"model": PIRATE})).json()["system"] == "You are a pirate."
+        shown_raw = (await http.post("/api/show", json={"model": PIRATE})).json()
+        assert shown_raw["system"] == "You are a pirate." and "tensors" not in shown_raw
+        assert shown_raw["messages"] == [{"role": "user", "content": "Who are you?"},
+                                         {"role": "assistant", "content": "A pirate."}]
+        # verbose: the weights' tensors, as a store reads them from the files' headers
+        verbose = (await http.post("/api/show", json={"model": PIRATE, "verbose": True})).json()
+        assert verbose["tensors"] == [{"name": "model.embed_tokens.weight", "type": "F32", "shape": [16, 8]}]
 
         r = await client.chat(model=PIRATE, messages=[{"role": "user", "content": "Hi"}])
         assert r.message.content == "tok0 tok1 tok2 "  # num_predict 3

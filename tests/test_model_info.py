@@ -160,6 +160,8 @@ def test_multimodal_config_reads_text_config(tmp_path):
     assert d.model_info["llava.context_length"] == 2048
     assert d.model_info["llava.rope.freq_base"] == 1000000.0
     assert d.capabilities == ["completion", "vision"]
+    assert d.projector_info == {"clip.has_vision_encoder": True, "clip.vision.embedding_length": 8}
+    assert describe(_bare_model(tmp_path / "text")).projector_info == {}
 
 
 def _bare_model(root: Path, **config) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from common import catalog, clock, keys
+from common import catalog, clock, keys, model_info
 from common.errors import ErrorCode, VllamaError
 from common.job_consumer import JobConsumer, job_function
 from common.models import canonical_name
@@ -86,6 +86,7 @@ class PullWorker:
                 job_function(self.delete, name="delete", max_tries=1, timeout=600),
                 job_function(self.copy, name="copy", max_tries=1, timeout=600),
                 job_function(self.create, name="create", max_tries=1, timeout=600),
+                job_function(self.tensors, name="tensors", max_tries=1, timeout=120),
             ],
             queue_name=keys.store_queue(self.store_id),
             redis_pool=redis,
@@ -259,6 +260,14 @@ class PullWorker:
             if created is not None:
                 await catalog.put(self._redis, self.store_id, created)
         return {"created": created is not None}
+
+
+    async def tensors(self, _ctx: dict, model: str) -> list[dict[str, Any]]:
+        """The model's weight tensors (name, type, shape), for /api/show's verbose view."""
+        manifest = self.store.get(canonical_name(model))
+        if manifest is None:
+            return []
+        return await asyncio.to_thread(model_info.tensors, self.store.model_dir(manifest))
 
 
 def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future:

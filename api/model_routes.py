@@ -24,6 +24,8 @@ from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, ShowRequest, ps_entries, show_body, tag_entry
 from api.pulls import PullLines, follow_pull
+from api.pushes import push_response
+from api.model_wire import PushRequest
 from common import catalog
 from common.errors import BadRequest, ModelNotFound, Unavailable, VllamaError
 from common.models import source_for
@@ -191,3 +193,19 @@ async def _on_stores(d: Dispatcher, stores: list[str], function: str, *args: str
             raise VllamaError(f"store {store_id} could not {function} the model: {reason}")
         results.append(info.result)
     return results
+
+
+@router.post("/api/push")
+async def push(request: Request) -> Response:
+    """Upload a model to the Hugging Face repo its name gives (org/name; a tag other than
+    latest goes to the branch named after it), from a store that holds it, with the HF_TOKEN
+    of that store's pull worker. Its files go up unchanged."""
+    body = await parse_body(request, PushRequest)
+    model, repo, revision = body.target()
+    d = _dispatcher(request)
+    entry = await catalog.lookup(d.redis, model)
+    if entry is None:
+        raise ModelNotFound(model, f"model '{model.removesuffix(':latest')}' not found")
+    # A store holding exactly these files and serving them, if any; else any holder.
+    store_id = entry.sources[0].store_id if entry.sources else entry.stores[0]
+    return await push_response(d, store_id, entry.manifest.name, repo, revision, body.stream)

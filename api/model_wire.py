@@ -16,6 +16,7 @@ from common.errors import BadRequest
 from common.model_defaults import OPTION_FIELDS
 from common.model_info import modelfile
 from common.models import canonical_name
+from common.models import DEFAULT_REVISION, DEFAULT_TAG, is_repo_id
 from common.registry import ModelStatus, WorkerInfo
 
 # Ollama shows keep_alive < 0 as an expiry ~292 years away (Go's longest duration).
@@ -42,6 +43,29 @@ class _Named(WireModel):
 class PullRequest(_Named):
     insecure: bool = False
     stream: bool = True
+
+
+class PushRequest(_Named):
+    """/api/push. ``insecure`` is accepted and ignored (the Hub, or HF_ENDPOINT, decides)."""
+
+    insecure: bool = False
+    stream: bool = True
+
+    def target(self) -> tuple[str, str, str]:
+        """(model, repo, branch): the model to push and where it goes. ``org/name`` and
+        ``org/name:latest`` go to the repo's main branch; ``org/name:tag`` (or ``org/name@tag``)
+        to the branch named after the tag, which ``ollama pull org/name@tag`` fetches back. A
+        name without an org has no repo to go to."""
+        model = self.canonical()
+        if is_repo_id(model):
+            repo, _, revision = model.partition("@")
+            return model, repo, revision or DEFAULT_REVISION
+        base, _, tag = model.partition(":")
+        if "/" in base:
+            return model, base, DEFAULT_REVISION if tag == DEFAULT_TAG else tag
+        shown = model.removesuffix(f":{DEFAULT_TAG}")
+        raise BadRequest(f'"{shown}" cannot be pushed: push to a Hugging Face repository named like '
+                         f'"you/{base}"; copy it first with ollama cp {shown} you/{base}')
 
 
 class ShowRequest(_Named):

@@ -32,6 +32,7 @@ from api.embed_models import EmbedRequest, LegacyEmbeddingsRequest, OpenAIEmbedd
 from api.files import PURPOSES
 from api.jobs_routes import AsyncChatRequest, AsyncGenerateRequest
 from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, ShowRequest
+from api.model_wire import PushRequest
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.responses_models import ResponsesRequest
@@ -97,6 +98,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "The prompt's vector, not normalized.", json=(r.EmbeddingsResponse,))}),
     ("post", "/api/pull"): Operation(PullRequest, answers={"200": Answer(
         'Progress lines while streaming (the default); {"status": "success"} with "stream": false.',
+        json=(r.PullStatus,), ndjson=(r.PullStatus, r.OllamaError))}),
+    ("post", "/api/push"): Operation(PushRequest, answers={"200": Answer(
+        'Progress lines while streaming (the default): retrieving manifest, "pushing <digest>" with bytes per '
+        'file, pushing manifest, success; {"status": "success"} with "stream": false. The model goes to the '
+        'Hugging Face repo org/name (a tag other than latest: the branch named after it).',
         json=(r.PullStatus,), ndjson=(r.PullStatus, r.OllamaError))}),
     ("get", "/api/tags"): Operation(answers={"200": Answer("Models on the stores.", json=(r.TagsResponse,))}),
     ("post", "/api/show"): Operation(ShowRequest, answers={"200": Answer("The model.", json=(r.ShowResponse,))}),
@@ -166,6 +172,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "/api/embeddings": {"model": "all-minilm", "prompt": "Why is the sky blue?"},
     "/v1/embeddings": {"model": "all-minilm", "input": ["Why is the sky blue?", "Why is grass green?"]},
     "/api/pull": {"model": "smollm2:135m", "stream": False},
+    "/api/push": {"model": "you/my-model", "stream": False},
     "/api/show": {"model": "smollm2:135m"},
     "/api/delete": {"model": "my-copy"},
     "/api/copy": {"source": "smollm2:135m", "destination": "my-copy"},

@@ -169,6 +169,17 @@ def pull_alive(store_id: str, model: str) -> str:
     return f"{PREFIX}:pull-alive:{store_id}:{model}"
 
 
+def push_job_id(store_id: str, token: str) -> str:
+    """A push is one client's (nobody joins it): its id is new each time (``token``)."""
+    return f"push:{store_id}:{token}"
+
+
+def push_alive(job_id: str) -> str:
+    """Set while a pull worker is running that push; TTL = settings.heartbeat_ttl_s, refreshed
+    every heartbeat, so the API tells a push whose worker was killed from a slow one."""
+    return f"{PREFIX}:push-alive:{job_id}"
+
+
 # Zset of models waiting for a worker to load them, scored by request time (ms). No TTL:
 # a worker removes a model when it claims it, and the API when it gives up waiting; its
 # housekeeping drops requests older than settings.load_timeout_s for which no job waits.

@@ -246,8 +246,38 @@ class PullFrame(_Frame):
     state: PullState
 
 
+# "manifest": reading the model's files (and hashing them); "uploading": their bytes going up;
+# "committing": the one commit that makes them the repo's (Ollama's "pushing manifest").
+PushStatus = Literal["queued", "manifest", "uploading", "committing", "success", "failed"]
+
+
+class PushState(BaseModel):
+    """Where one push of a model from one store to a Hugging Face repo stands (/api/push).
+    Like a pull's, each push frame carries the whole state, so a missed frame loses nothing."""
+
+    model: str
+    store_id: str
+    repo: str
+    revision: str  # the branch committed to
+    status: PushStatus = "queued"
+    files: list[PullFile] = Field(default_factory=list)  # digest: the sha256 of the file's content
+    commit: str | None = None  # the commit made, once it is
+    error: str | None = None
+    code: str | None = None  # ErrorCode of a failed push
+    updated_at: float = Field(default_factory=clock.now)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("success", "failed")
+
+
+class PushFrame(_Frame):
+    type: Literal["push"] = "push"
+    state: PushState
+
+
 Frame = Annotated[StartFrame | TokenFrame | ThinkingFrame | ToolCallsFrame | EmbeddingsFrame | DoneFrame | ErrorFrame
-                  | PullFrame, Field(discriminator="type")]
+                  | PullFrame | PushFrame, Field(discriminator="type")]
 
 
 class JobResult(BaseModel):

@@ -8,6 +8,25 @@ and download a model repository, so pulls are tested end to end against real fil
 * ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=...``: the file listing;
 * ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}``: file metadata and bytes, ``Range`` honoured.
 
+and the part ``HfApi.create_repo``, ``create_branch`` and ``create_commit`` use to upload, over
+plain LFS (the client uses Xet only when ``hf_xet`` is installed and ``HF_HUB_DISABLE_XET`` is
+unset, whatever the server says: :func:`isolate_hf_client` sets it):
+
+* ``POST /api/repos/create`` and ``POST /api/models/{repo}/branch/{branch}``;
+* ``POST /api/models/{repo}/preupload/{rev}``: which files go through LFS (the rule that
+  :meth:`HubStandin.add_repo` uses) and the oid of any file already there;
+* ``POST /{repo}.git/info/lfs/objects/batch``: an upload URL per object not held yet, which
+  ``PUT`` fills (it asks for no token, as a presigned URL does not), then
+  ``POST /{repo}.git/info/lfs/objects/verify``;
+* ``POST /api/models/{repo}/commit/{rev}``: the NDJSON commit (a header, then ``file`` with
+  base64 content, ``lfsFile`` naming an uploaded object, ``deletedFile``), made a new commit of
+  the branch whose files the download endpoints above then serve.
+
+Every upload endpoint but the presigned ``PUT`` asks for ``Authorization: Bearer <token>`` of a
+writer the test declares (:meth:`HubStandin.add_writer`): no token or an unknown one is a 401
+("Invalid credentials in Authorization header", as the Hub says), a token of someone else's
+namespace a 403, so a test proves which token the client sent.
+
 Repo ids match whatever their case, and the repo's info gives its own spelling, as the Hub
 does. The client decides which exception to raise from the ``X-Error-Code`` header, so errors carry
 it exactly as the Hub does (``RepoNotFound``, ``GatedRepo``, ``EntryNotFound``,
@@ -21,11 +40,15 @@ download short once (:meth:`HubStandin.cut_once`) and inspect every request made
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +68,14 @@ _REPO = r"(?P<repo>[^/]+(?:/[^/]+)?)"
 _API_INFO = re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$")
 _API_TREE = re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
 _RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_CREATE_REPO = re.compile(r"^/api/repos/create$")
+_BRANCH = re.compile(rf"^/api/models/{_REPO}/branch/(?P<rev>[^/]+)$")
+_PREUPLOAD = re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$")
+_COMMIT = re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$")
+_LFS_BATCH = re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$")
+_LFS_VERIFY = re.compile(rf"^/{_REPO}\.git/info/lfs/objects/verify$")
+_LFS_UPLOAD = re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")
+NO_CREDENTIALS = "Invalid credentials in Authorization header"
 
 
 @dataclass(frozen=True)
@@ -122,6 +153,12 @@ class HubStandin:
         # Serve file bytes at most this fast (None: as fast as possible), so that tests can
         # act while a download is under way (join it, kill the puller).
         self.bytes_per_s: float | None = None
+        # Uploads: who may write where, what was uploaded (content by sha256, in a folder that
+        # lives as long as the server), and the upload URLs handed out (signature -> oid).
+        self._writers: dict[str, set[str]] = {}
+        self._blob_dir: Path | None = None
+        self._blobs: dict[str, Path] = {}
+        self._upload_grants: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -130,6 +167,7 @@ class HubStandin:
             return self
         server = _Server(("127.0.0.1", 0), _Handler)
         server.standin = self
+        self._blob_dir = Path(tempfile.mkdtemp(prefix="hub-standin-"))
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-standin", daemon=True
@@ -147,6 +185,9 @@ class HubStandin:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._blob_dir is not None:
+            shutil.rmtree(self._blob_dir, ignore_errors=True)
+            self._blob_dir = None
 
     def __enter__(self) -> HubStandin:
         return self.start()
@@ -207,6 +248,82 @@ class HubStandin:
             if then_fail:
                 self._fail_resume.add((repo_id, path))
 
+    def add_writer(self, token: str, namespace: str) -> None:
+        """Let ``Authorization: Bearer <token>`` create and write repos under ``namespace``
+        (a user or an organization; repos added with :meth:`add_repo` belong to theirs)."""
+        with self._lock:
+            self._writers.setdefault(token, set()).add(namespace.lower())
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """The content of every file of ``repo_id`` at ``revision`` (what a push left there)."""
+        repo = self._repo(repo_id)
+        sha = repo.resolve(revision) if repo is not None else None
+        if repo is None or sha is None:
+            raise KeyError(f"{repo_id} has no revision {revision!r}")
+        return {path: f.source.read_bytes() for path, f in repo.commits[sha].items() if f.source is not None}
+
+    # -- uploads (called by the handler) ---------------------------------------------------
+
+    def _namespaces_of(self, token: str | None) -> set[str] | None:
+        with self._lock:
+            return None if token is None else self._writers.get(token)
+
+    def _create_repo(self, repo_id: str) -> bool:
+        """A new repo with one empty commit on ``main``; False if it exists (in any case)."""
+        with self._lock:
+            if self._find(repo_id) is not None:
+                return False
+            sha = hashlib.sha1(f"{repo_id}\ninitial commit".encode()).hexdigest()
+            self._repos[repo_id] = HubRepo(repo_id, gated=False, branches={"main": sha}, commits={sha: {}})
+            return True
+
+    def _create_branch(self, repo: HubRepo, branch: str, start: str) -> bool:
+        with self._lock:
+            if branch in repo.branches:
+                return False
+            repo.branches[branch] = start
+            return True
+
+    def _blob(self, oid: str) -> Path | None:
+        with self._lock:
+            return self._blobs.get(oid)
+
+    def _grant_upload(self, oid: str) -> str:
+        signature = secrets.token_hex(16)
+        with self._lock:
+            self._upload_grants[signature] = oid
+        return signature
+
+    def _granted(self, signature: str, oid: str) -> bool:
+        with self._lock:
+            return self._upload_grants.get(signature) == oid
+
+    def _store_blob(self, chunks: Any) -> tuple[str, int]:
+        """Write uploaded content to the blob folder; its sha256 and size."""
+        assert self._blob_dir is not None
+        partial = self._blob_dir / f"partial-{secrets.token_hex(8)}"
+        digest, size = hashlib.sha256(), 0
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        oid = digest.hexdigest()
+        target = self._blob_dir / oid
+        partial.replace(target)
+        with self._lock:
+            self._blobs[oid] = target
+        return oid, size
+
+    def _commit(self, repo: HubRepo, branch: str, summary: str, files: dict[str, HubFile]) -> str:
+        with self._lock:
+            parent = repo.branches[branch]
+            listing = "\n".join(f"{f.path} {f.git_oid}" for f in sorted(files.values(), key=lambda f: f.path))
+            sha = hashlib.sha1(f"{repo.repo_id}\n{parent}\n{summary}\n{listing}".encode()).hexdigest()
+            repo.commits[sha] = files
+            repo.branches[branch] = sha
+            return sha
+
     # -- request log -----------------------------------------------------------------------
 
     @property
@@ -243,9 +360,13 @@ class HubStandin:
         """As on the Hub, a repo id matches whatever its case (``QWEN/x`` is ``Qwen/x``); the
         repo's info then answers with the spelling it was created with."""
         with self._lock:
-            if (repo := self._repos.get(repo_id)) is not None:
-                return repo
-            return next((r for key, r in self._repos.items() if key.lower() == repo_id.lower()), None)
+            return self._find(repo_id)
+
+    def _find(self, repo_id: str) -> HubRepo | None:
+        """:meth:`_repo` for a caller holding the lock."""
+        if (repo := self._repos.get(repo_id)) is not None:
+            return repo
+        return next((r for key, r in self._repos.items() if key.lower() == repo_id.lower()), None)
 
 
 class _Server(ThreadingHTTPServer):
@@ -286,12 +407,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
+    def __init__(self, status: int, code: str | None, message: str, commit: str | None = None,
+                 **body: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.commit = commit
+        self.body = body  # more of the JSON body than its "error"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -310,6 +433,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch_upload("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch_upload("PUT")
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
@@ -330,7 +459,86 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _dispatch_upload(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self.standin._record(method, unquote(url.path), None)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            if method == "PUT" and (match := _LFS_UPLOAD.match(url.path)):
+                self._lfs_upload(match, query)
+                return
+            body = b"".join(self._body_chunks())  # read whole first: an early answer must not leave it unread
+            if method != "POST":
+                raise _HubError(405, None, "Method Not Allowed")
+            if _CREATE_REPO.match(url.path):
+                self._create_repo(body)
+            elif match := _BRANCH.match(url.path):
+                self._create_branch(match, body)
+            elif match := _PREUPLOAD.match(url.path):
+                self._preupload(match, body)
+            elif match := _LFS_BATCH.match(url.path):
+                self._lfs_batch(match, body)
+            elif match := _LFS_VERIFY.match(url.path):
+                self._lfs_verify(match, body)
+            elif match := _COMMIT.match(url.path):
+                self._commit(match, body)
+            else:
+                raise _HubError(404, None, "Not Found")
+        except _HubError as err:
+            self._send_error(method, err)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _body_chunks(self) -> Any:
+        """The request body, as it arrives: with a Content-Length, or chunked (how the client
+        streams a file object)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return
+                while size > 0:
+                    chunk = self.rfile.read(min(size, STREAM_CHUNK))
+                    if not chunk:
+                        return
+                    size -= len(chunk)
+                    yield chunk
+                self.rfile.readline()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, STREAM_CHUNK))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
     # -- access checks ---------------------------------------------------------------------
+
+    def _writer(self, namespace: str, what: str) -> None:
+        """The request's bearer token may write under ``namespace``; else 401 or 403."""
+        auth = self.headers.get("Authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        namespaces = self.standin._namespaces_of(token)
+        if namespaces is None:
+            raise _HubError(401, None, NO_CREDENTIALS)
+        if namespace.lower() not in namespaces:
+            raise _HubError(403, None, f"You don't have the rights to {what}")
+
+    def _writable(self, repo_id: str) -> HubRepo:
+        namespace = repo_id.split("/")[0]
+        self._writer(namespace, f"write to {repo_id}")
+        repo = self.standin._repo(repo_id)
+        if repo is None:
+            raise _HubError(404, "RepoNotFound", "Repository not found")
+        return repo
+
+    def _branch(self, repo: HubRepo, revision: str) -> str:
+        """Commits go to branches only, as on the Hub."""
+        if revision not in repo.branches:
+            raise _HubError(404, "RevisionNotFound", "Invalid rev id: " + revision)
+        return repo.branches[revision]
 
     def _lookup(self, repo_id: str, revision: str) -> tuple[HubRepo, str]:
         repo = self.standin._repo(repo_id)
@@ -449,6 +657,123 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    # -- upload endpoints ------------------------------------------------------------------
+
+    def _create_repo(self, body: bytes) -> None:
+        payload = _json_body(body)
+        name, namespace = payload.get("name"), payload.get("organization")
+        if not isinstance(name, str) or not isinstance(namespace, str):
+            raise _HubError(400, None, "name and organization are required")
+        repo_id = f"{namespace}/{name}"
+        self._writer(namespace, f'create a model under the namespace "{namespace}"')
+        if not self.standin._create_repo(repo_id):
+            # The client reads the url from this answer too (create_repo with exist_ok).
+            raise _HubError(409, None, "You already created this model repo",
+                            url=f"{self.standin.endpoint}/{repo_id}")
+        self._send_json({"url": f"{self.standin.endpoint}/{repo_id}", "name": repo_id})
+
+    def _create_branch(self, match: re.Match[str], body: bytes) -> None:
+        repo = self._writable(unquote(match["repo"]))
+        start = _json_body(body).get("startingPoint") or "main"
+        sha = repo.resolve(start)
+        if sha is None:
+            raise _HubError(404, "RevisionNotFound", "Invalid rev id: " + start)
+        if not self.standin._create_branch(repo, unquote(match["rev"]), sha):
+            raise _HubError(409, None, "Reference already exists")
+        self._send_json({})
+
+    def _preupload(self, match: re.Match[str], body: bytes) -> None:
+        repo = self._writable(unquote(match["repo"]))
+        sha = self._branch(repo, unquote(match["rev"]))
+        current = repo.commits[sha]
+        answers = []
+        for entry in _json_body(body).get("files", []):
+            path, size = entry["path"], int(entry["size"])
+            lfs = _is_lfs(path, size)
+            held = current.get(path)
+            oid = None
+            if held is not None:
+                oid = held.sha256 if lfs else (held.git_oid if held.sha256 is None else None)
+            answers.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                            "oid": oid})
+        self._send_json({"files": answers, "commitOid": sha})
+
+    def _lfs_batch(self, match: re.Match[str], body: bytes) -> None:
+        repo_id = unquote(match["repo"])
+        self._writable(repo_id)
+        payload = _json_body(body)
+        if payload.get("operation") != "upload":
+            raise _HubError(400, None, "only uploads are supported")
+        objects = []
+        for obj in payload.get("objects", []):
+            oid, size = obj["oid"], int(obj["size"])
+            answer: dict[str, Any] = {"oid": oid, "size": size}
+            held = self.standin._blob(oid)
+            if held is None or held.stat().st_size != size:  # else already there: nothing to upload
+                signature = self.standin._grant_upload(oid)
+                answer["authenticated"] = True
+                answer["actions"] = {
+                    "upload": {"href": f"{self.standin.endpoint}/lfs-upload/{oid}?sig={signature}"},
+                    "verify": {"href": f"{self.standin.endpoint}/{repo_id}.git/info/lfs/objects/verify",
+                               "header": {}},
+                }
+            objects.append(answer)
+        self._send_json({"transfer": "basic", "objects": objects}, "application/vnd.git-lfs+json")
+
+    def _lfs_upload(self, match: re.Match[str], query: dict[str, str]) -> None:
+        """The presigned upload URL: its signature, not a token, says who may use it."""
+        oid = match["oid"]
+        chunks = self._body_chunks()
+        if not self.standin._granted(query.get("sig", ""), oid):
+            for _ in chunks:
+                pass
+            raise _HubError(403, None, "Request has expired or its signature does not match")
+        received, _ = self.standin._store_blob(chunks)
+        if received != oid:
+            raise _HubError(400, None, f"content does not match its oid {oid}")
+        self._send_head(200, {"ETag": f'"{oid}"'}, 0)
+
+    def _lfs_verify(self, match: re.Match[str], body: bytes) -> None:
+        self._writable(unquote(match["repo"]))
+        payload = _json_body(body)
+        held = self.standin._blob(str(payload.get("oid")))
+        if held is None or held.stat().st_size != payload.get("size"):
+            raise _HubError(404, None, "Object not found")
+        self._send_json({"message": "Object verified"})
+
+    def _commit(self, match: re.Match[str], body: bytes) -> None:
+        repo = self._writable(unquote(match["repo"]))
+        branch = unquote(match["rev"])
+        sha = self._branch(repo, branch)
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise _HubError(400, None, "the commit must start with a header line")
+        header = lines[0]["value"]
+        if header.get("parentCommit") not in (None, sha):
+            raise _HubError(412, None, "A commit has happened since; pull and try again")
+        files = dict(repo.commits[sha])
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value", {})
+            path = value.get("path", "")
+            if key == "file":
+                data = base64.b64decode(value["content"])
+                digest, size = self.standin._store_blob([data])
+                files[path] = HubFile(path, size, git_blob_oid(data), None, self.standin._blob(digest))
+            elif key == "lfsFile":
+                blob = self.standin._blob(value["oid"])
+                if blob is None:
+                    raise _HubError(422, None, f"{path}: LFS object {value['oid']} was never uploaded")
+                files[path] = HubFile(path, blob.stat().st_size, _git_oid_of(blob), value["oid"], blob)
+            elif key == "deletedFile":
+                files.pop(path, None)
+            elif key == "deletedFolder":
+                files = {p: f for p, f in files.items() if not p.startswith(path.rstrip("/") + "/")}
+            else:
+                raise _HubError(400, None, f"unknown commit operation {key!r}")
+        commit = self.standin._commit(repo, branch, header.get("summary", ""), files)
+        self._send_json({"commitUrl": f"{self.standin.endpoint}/{repo.repo_id}/commit/{commit}",
+                         "commitOid": commit, "success": True, "pullRequestUrl": None})
+
     # -- responses -------------------------------------------------------------------------
 
     def _send_head(self, status: int, headers: dict[str, str], length: int) -> None:
@@ -458,13 +783,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.end_headers()
 
-    def _send_json(self, body: Any) -> None:
+    def _send_json(self, body: Any, content_type: str = "application/json; charset=utf-8") -> None:
         data = json.dumps(body).encode()
-        self._send_head(200, {"Content-Type": "application/json; charset=utf-8"}, len(data))
+        self._send_head(200, {"Content-Type": content_type}, len(data))
         self.wfile.write(data)
 
     def _send_error(self, method: str, err: _HubError) -> None:
-        data = json.dumps({"error": err.message}).encode()
+        data = json.dumps({"error": err.message, **err.body}).encode()
         headers = {"Content-Type": "application/json; charset=utf-8", "X-Error-Message": err.message}
         if err.code is not None:
             headers["X-Error-Code"] = err.code
@@ -483,6 +808,25 @@ def _directories(files: dict[str, HubFile]) -> set[str]:
         for i in range(1, len(parts) + 1):
             found.add("/".join(parts[:i]))
     return found
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body or b"{}")
+    except ValueError:
+        raise _HubError(400, None, "the body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise _HubError(400, None, "the body must be a JSON object")
+    return payload
+
+
+def _git_oid_of(path: Path) -> str:
+    """:func:`git_blob_oid` of a file, read in chunks."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as fh:
+        while chunk := fh.read(STREAM_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

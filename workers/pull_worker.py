@@ -34,6 +34,7 @@ from workers.wakeup import WakeupListener
 from workers.peer_server import StoreServer, StoreServerError
 from workers.disk_space import DiskReservations, ReservedSpace
 from workers.pull import Progress, pull
+from workers.push import PushJob, push_model
 from workers.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class PullWorker:
                 job_function(self.copy, name="copy", max_tries=1, timeout=600),
                 job_function(self.create, name="create", max_tries=1, timeout=600),
                 job_function(self.tensors, name="tensors", max_tries=1, timeout=120),
+                job_function(self.push, name="push", max_tries=1, timeout=PULL_TIMEOUT_S,
+                             keep_result=self.settings.keep_result_s),
             ],
             queue_name=keys.store_queue(self.store_id),
             redis_pool=redis,
@@ -260,6 +263,13 @@ class PullWorker:
             if created is not None:
                 await catalog.put(self._redis, self.store_id, created)
         return {"created": created is not None}
+
+    async def push(self, ctx: dict, model: str, repo: str, revision: str) -> dict[str, Any]:
+        """/api/push: upload a model of this store to a Hugging Face repo (workers/push.py)."""
+        name = canonical_name(model)
+        job = PushJob(self._redis, self._sink, self.settings, self.store_id, ctx["job_id"], name, repo, revision)
+        return await job.run(lambda progress: _in_daemon_thread(push_model, self.store, name, repo, revision,
+                                                                progress))
 
 
     async def tensors(self, _ctx: dict, model: str) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Pull tests trust the stand-in to behave like the Hub; these tests make sure it does, for what
 those tests rely on: repo info, tree listing, byte-identical downloads of a sharded model, cache
 hits without requests, resumption of a cut download with ``Range``, and the errors the client
-derives from ``X-Error-Code``. No network, no GPU.
+derives from ``X-Error-Code``; and for pushes, uploads (a repo, a branch, one commit over LFS)
+that the download endpoints then serve, only with a writer's token. No network, no GPU.
 """
 
 from __future__ import annotations
@@ -243,3 +244,102 @@ def test_stop_closes_the_port(model_dir: Path) -> None:
     standin.stop()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# -- uploads ----------------------------------------------------------------------------------
+
+WRITER = "hf_standin_writer"
+
+
+def _push(api: HfApi, repo: str, model_dir: Path, revision: str | None = None) -> str:
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [CommitOperationAdd(path, str(model_dir / path)) for path in _files(model_dir)]
+    return api.create_commit(repo, operations, commit_message="upload", revision=revision).oid
+
+
+def test_upload_then_download_byte_identical(hub: HubStandin, model_dir: Path, source: dict[str, bytes],
+                                             cache: Path) -> None:
+    """create_repo, then one commit of every file (the weights over LFS: batch, PUT, verify;
+    the small files inline), then a download of what was committed."""
+    hub.add_writer(WRITER, "you")
+    api = HfApi(endpoint=hub.endpoint, token=WRITER)
+    assert api.create_repo("you/tiny", exist_ok=True).repo_id == "you/tiny"
+    assert api.create_repo("you/tiny", exist_ok=True).repo_id == "you/tiny"  # 409, taken as there
+    sha = _push(api, "you/tiny", model_dir)
+
+    assert api.model_info("you/tiny").sha == sha
+    assert hub.files("you/tiny") == source
+    lfs = [p for p, data in source.items() if _is_lfs(p, data)]
+    assert hub.count("PUT", "") == len(lfs) == hub.count("POST", "/info/lfs/objects/verify")
+    assert hub.count("POST", "/info/lfs/objects/batch") == 1
+    snapshot = Path(snapshot_download("you/tiny", revision="main", cache_dir=cache, endpoint=hub.endpoint))
+    assert _files(snapshot) == source
+    tree = {e.path: e for e in api.list_repo_tree("you/tiny", revision=sha, recursive=True) if isinstance(e, RepoFile)}
+    for path, data in source.items():
+        assert tree[path].blob_id == git_blob_oid(data)
+        assert (tree[path].lfs.sha256 if tree[path].lfs else None) == (
+            hashlib.sha256(data).hexdigest() if _is_lfs(path, data) else None)
+
+    # Again: nothing changed, so nothing goes up and no commit is made.
+    hub.clear_requests()
+    assert _push(api, "you/tiny", model_dir) == sha
+    assert hub.count("PUT", "") == 0 and hub.count("POST", "/commit/main") == 0
+
+
+def test_upload_to_a_branch(hub: HubStandin, model_dir: Path, source: dict[str, bytes]) -> None:
+    hub.add_writer(WRITER, "you")
+    api = HfApi(endpoint=hub.endpoint, token=WRITER)
+    api.create_repo("you/tiny")
+    api.create_branch("you/tiny", branch="v1")
+    api.create_branch("you/tiny", branch="v1", exist_ok=True)
+    sha = _push(api, "you/tiny", model_dir, revision="v1")
+    assert api.model_info("you/tiny", revision="v1").sha == sha
+    assert hub.files("you/tiny", "v1") == source and hub.files("you/tiny") == {}
+    with pytest.raises(RevisionNotFoundError):
+        _push(api, "you/tiny", model_dir, revision="no-such-branch")
+
+
+def test_uploads_need_a_writers_token(hub: HubStandin, model_dir: Path) -> None:
+    """No token or an unknown one: 401; a token of another namespace: 403; each request that
+    writes is checked, and the presigned upload URL asks for its signature instead."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hub.add_repo(REPO, model_dir)
+    hub.add_writer(WRITER, "you")
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(endpoint=hub.endpoint, token="hf_unknown").create_repo("you/x")
+    assert err.value.response.status_code == 401
+    assert err.value.server_message == "Invalid credentials in Authorization header"
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(endpoint=hub.endpoint, token=WRITER).create_repo("them/x")
+    assert err.value.response.status_code == 403 and 'namespace "them"' in err.value.server_message
+    with pytest.raises(HfHubHTTPError) as err:  # someone else's existing repo
+        HfApi(endpoint=hub.endpoint, token=WRITER).create_commit(
+            REPO, [CommitOperationAdd("a.json", b"{}")], commit_message="x")
+    assert err.value.response.status_code == 403 and f"write to {REPO}" in err.value.server_message
+    with httpx.Client() as client:
+        for path in ("/api/repos/create", f"/api/models/{REPO}/preupload/main", f"/{REPO}.git/info/lfs/objects/batch",
+                     f"/api/models/{REPO}/commit/main", f"/api/models/{REPO}/branch/v2"):
+            assert client.post(hub.endpoint + path, json={"name": "x", "organization": "you"}).status_code == 401, path
+        oid = "0" * 64
+        assert client.put(f"{hub.endpoint}/lfs-upload/{oid}?sig=forged", content=b"x").status_code == 403
+
+
+def test_a_commit_naming_an_lfs_object_never_uploaded_fails(hub: HubStandin) -> None:
+    hub.add_writer(WRITER, "you")
+    HfApi(endpoint=hub.endpoint, token=WRITER).create_repo("you/x")
+    lines = [{"key": "header", "value": {"summary": "x"}},
+             {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "1" * 64, "size": 3}}]
+    body = b"".join(json_line(line) for line in lines)
+    r = httpx.post(f"{hub.endpoint}/api/models/you/x/commit/main", content=body,
+                   headers={"Authorization": f"Bearer {WRITER}", "Content-Type": "application/x-ndjson"})
+    assert r.status_code == 422 and "never uploaded" in r.json()["error"]
+    assert hub.files("you/x") == {}
+
+
+def json_line(value: object) -> bytes:
+    import json
+
+    return json.dumps(value).encode() + b"\n"

@@ -151,7 +151,8 @@ class HubStandin:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         # Serve file bytes at most this fast (None: as fast as possible), so that tests can
-        # act while a download is under way (join it, kill the puller).
+        # act while a download is under way (join it, kill the puller); uploads are taken in
+        # at the same pace, so that their progress shows.
         self.bytes_per_s: float | None = None
         # Uploads: who may write where, what was uploaded (content by sha256, in a folder that
         # lives as long as the server), and the upload URLs handed out (signature -> oid).
@@ -308,6 +309,8 @@ class HubStandin:
                 digest.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
+                if self.bytes_per_s:
+                    time.sleep(len(chunk) / self.bytes_per_s)
         oid = digest.hexdigest()
         target = self._blob_dir / oid
         partial.replace(target)

@@ -115,6 +115,7 @@ async def test_a_pushed_model_pulls_back_byte_identical(redis_server, tmp_path, 
     repo holds its files unchanged, and another store pulls them back; what /api/create added
     stays behind."""
     store_model(tmp_path / "one", LOCAL, model_dir)
+    hub.bytes_per_s = 20e6  # the shards take ~0.6 s each: progress within them shows
     async with store_stack(redis_server.url, tmp_path / "one") as stack, stack.client() as http:
         await catalogued(http, LOCAL)
         r = await http.post("/api/create", json={"model": MINE, "from": LOCAL, "system": "You are tiny.",
@@ -122,7 +123,10 @@ async def test_a_pushed_model_pulls_back_byte_identical(redis_server, tmp_path, 
         assert r.status_code == 200, r.text
         r = await http.post("/api/push", json={"model": MINE, "insecure": True}, timeout=120)
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson", r.text
-        check_push_lines(ndjson_lines(r.text), model_dir)
+        lines = ndjson_lines(r.text)
+        check_push_lines(lines, model_dir)
+        shard = (model_dir / "model-00001-of-00002.safetensors").stat().st_size
+        assert any(0 < line["completed"] < shard for line in lines if line.get("total") == shard), lines
     assert hub.files(MINE) == source_files(model_dir)
     # The token of the pull worker's environment went with every upload request.
     assert hub.count("POST", "/api/repos/create") == 1 and hub.count("POST", f"/api/models/{MINE}/commit/main") == 1

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from arq.connections import ArqRedis
@@ -129,7 +130,7 @@ def push_model(store: ModelStore, name: str, repo: str, revision: str, progress:
     return info.oid
 
 
-def _reported(model_dir: Any, file: PullFile, progress: PushProgress) -> Any:
+def _reported(model_dir: Path, file: PullFile, progress: PushProgress) -> Any:
     """The file as a commit operation that reports the bytes sent while huggingface_hub
     uploads it over LFS (it reads the file through ``as_file(with_tqdm=True)`` for that), its
     sha256 already known so that it is not read twice."""

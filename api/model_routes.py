@@ -22,10 +22,10 @@ from api import ndjson
 from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.errors import parse_body
-from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, ShowRequest, ps_entries, show_body, tag_entry
+from api.model_wire import (CopyRequest, CreateRequest, DeleteRequest, PullRequest, PushRequest, ShowRequest,
+                            ps_entries, show_body, tag_entry)
 from api.pulls import PullLines, follow_pull
 from api.pushes import push_response
-from api.model_wire import PushRequest
 from common import catalog
 from common.errors import BadRequest, ModelNotFound, Unavailable, VllamaError
 from common.models import source_for

@@ -15,8 +15,7 @@ from common.catalog import CatalogEntry, Manifest
 from common.errors import BadRequest
 from common.model_defaults import OPTION_FIELDS
 from common.model_info import modelfile
-from common.models import canonical_name
-from common.models import DEFAULT_REVISION, DEFAULT_TAG, is_repo_id
+from common.models import DEFAULT_REVISION, DEFAULT_TAG, canonical_name, is_repo_id
 from common.registry import ModelStatus, WorkerInfo
 
 # Ollama shows keep_alive < 0 as an expiry ~292 years away (Go's longest duration).

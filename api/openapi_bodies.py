@@ -31,8 +31,7 @@ from api.batches import CreateBatch
 from api.embed_models import EmbedRequest, LegacyEmbeddingsRequest, OpenAIEmbeddingsRequest
 from api.files import PURPOSES
 from api.jobs_routes import AsyncChatRequest, AsyncGenerateRequest
-from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, ShowRequest
-from api.model_wire import PushRequest
+from api.model_wire import CopyRequest, CreateRequest, DeleteRequest, PullRequest, PushRequest, ShowRequest
 from api.ollama_models import ChatRequest, GenerateRequest
 from api.openai_models import ChatCompletionRequest, CompletionRequest
 from api.responses_models import ResponsesRequest

@@ -84,6 +84,7 @@ async def publish_store(redis: Redis, info: StoreInfo, ttl_s: float) -> bool:
         pipe.set(keys.store_record(info.store_id), info.model_dump_json(), px=int(ttl_s * 1000), get=True)
         pipe.zadd(keys.STORES, {info.store_id: int(info.heartbeat_at * 1000)})
         pipe.expire(keys.catalog(info.store_id), CATALOG_TTL_S)
+        pipe.expire(keys.blobs(info.store_id), CATALOG_TTL_S)  # its uploaded files (common/blob_catalog.py)
         previous, *_ = await pipe.execute()
     return previous is not None
 

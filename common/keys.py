@@ -150,6 +150,16 @@ def disk_reservations(store_id: str) -> str:
     return f"{PREFIX}:disk:{store_id}"
 
 
+def blobs(store_id: str) -> str:
+    """Hash: sha256 hex -> JSON {"size": bytes}, the blobs (files uploaded with POST
+    /api/blobs, workers/blobs.py) on one store's disk, so any API replica answers HEAD
+    /api/blobs and knows where to create a model from them. Like ``catalog``, it mirrors a
+    disk: the store rewrites it whole when it starts or finds Redis emptied, edits it on every
+    upload, fetch and cleanup, and readers ignore stores that are not alive. TTL =
+    common/catalog.py's CATALOG_TTL_S, set again by every heartbeat of the store."""
+    return f"{PREFIX}:blobs:{store_id}"
+
+
 def pull_job_id(store_id: str, model: str) -> str:
     """One pull per model per store at a time: a second client asking for the same model
     finds this job and follows it instead of starting another download."""

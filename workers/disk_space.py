@@ -75,12 +75,13 @@ def size_text(n: int | float) -> str:
     return f"{int(n)} B"
 
 
-def not_enough(name: str, needed: int, free: int, held: int = 0) -> InsufficientStorage:
+def not_enough(name: str, needed: int, free: int, held: int = 0, verb: str = "pull") -> InsufficientStorage:
+    """``verb``: what was being done, and what to do again (pull, upload)."""
     others = f", and {size_text(held)} of that is held by other pulls under way" if held else ""
     return InsufficientStorage(
-        f"not enough disk space to pull {name}: it needs {size_text(needed)} more, {size_text(free)} "
+        f"not enough disk space to {verb} {name}: it needs {size_text(needed)} more, {size_text(free)} "
         f"are free in the model store{others}; delete models you no longer need (ollama rm NAME), "
-        "or set VLLAMA_HOME to a bigger disk, then pull again"
+        f"or set VLLAMA_HOME to a bigger disk, then {verb} again"
     )
 
 
@@ -94,12 +95,12 @@ class DiskReservations:
         self._renew = redis.register_script(_RENEW)
         self._redis = redis
 
-    async def reserve(self, reservation: str, name: str, needed: int, free: int) -> None:
+    async def reserve(self, reservation: str, name: str, needed: int, free: int, verb: str = "pull") -> None:
         """Hold ``needed`` bytes for ``reservation``, or raise InsufficientStorage (507) saying
         what is needed and what is free."""
         ok, held = await self._reserve(keys=[self.key], args=[reservation, max(0, int(needed)), int(free), self._ttl_ms])
         if not int(ok):
-            raise not_enough(name, needed, free, int(held))
+            raise not_enough(name, needed, free, int(held), verb)
 
     async def renew(self, reservation: str, remaining: int) -> None:
         await self._renew(keys=[self.key], args=[reservation, max(0, int(remaining)), self._ttl_ms])

@@ -7,6 +7,11 @@ worker or generation worker fetches a model with one request per file (workers/p
     GET /v1/file?model=<canonical name>&path=<path in the manifest>
     Authorization: Bearer <token>
 
+It also takes and gives blobs, the files of Ollama's /api/blobs (workers/blobs.py): the API
+streams an upload to ``PUT /v1/blob/<sha256 hex>``, and a store making a model from blobs it
+lacks fetches them with ``GET /v1/blob/<sha256 hex>``; same token. A blob is served only under
+the digest its bytes were checked against, so its name is all a reader needs to trust it.
+
 What must stay true:
 - Only the bytes of files listed in a manifest of this store are served, read from this
   store's disk at request time: a path not listed, a model not here, or anything whose real
@@ -47,6 +52,7 @@ from common.model_paths import path_problem
 from common.models import canonical_name
 from common.settings import Settings
 from common.tasks import until_redis_answers
+from workers.blobs import BLOB_ROUTE, SHA256, BlobReceiver, serve
 from workers.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ class StoreServer:
         self.url: str | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
+        self.blob_receiver: BlobReceiver | None = None  # set by the pull worker: uploads need Redis
 
     # ------------------------------------------------------------ life
 
@@ -118,7 +125,21 @@ class StoreServer:
     # ------------------------------------------------------------ requests
 
     def _app(self) -> Starlette:
-        return Starlette(routes=[Route(FILE_ROUTE, self._file, methods=["GET"])])
+        return Starlette(routes=[Route(FILE_ROUTE, self._file, methods=["GET"]),
+                                 Route(BLOB_ROUTE, self._blob, methods=["GET", "PUT"])])
+
+    async def _blob(self, request: Request) -> Response:
+        if not self._authorized(request.headers.get("authorization", "")):
+            return PlainTextResponse("a store token is needed: read it from this store's record in Redis\n",
+                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        sha = request.path_params["sha"]
+        if not SHA256.fullmatch(sha):
+            return PlainTextResponse("a blob is named by its sha256, 64 lowercase hex digits\n", status_code=404)
+        if request.method == "GET":
+            return await asyncio.to_thread(serve, self.store, sha)
+        if self.blob_receiver is None:
+            return PlainTextResponse("this store takes no uploads yet; try again in a moment\n", status_code=503)
+        return await self.blob_receiver.receive(request, sha)
 
     async def _file(self, request: Request) -> Response:
         if not self._authorized(request.headers.get("authorization", "")):

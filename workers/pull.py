@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from common import clock
 from common.catalog import CatalogEntry, Manifest, ManifestFile
@@ -34,7 +35,7 @@ from common.models import ModelSource, is_repo_id, source_for, with_repo_spellin
 from common.protocol import PullFile, PullState, PullStatus
 from common.redact import without_paths
 from workers.disk_space import FreeSpace, Space
-from workers.store import ModelStore, describe_files, file_sha256
+from workers.store import ModelStore, describe_files, file_sha256, with_changes
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "common" / "chat_templates"
 
@@ -404,20 +405,26 @@ def import_zip(store: ModelStore, name: str, archive: Path, progress: Progress) 
 
 
 def import_gguf(store: ModelStore, name: str, gguf: Path, progress: Progress,
-                chat_template: str | None = None) -> Manifest:
+                chat_template: str | None = None, *, changes: dict[str, Any] | None = None,
+                made_from: str | None = None) -> Manifest:
     """Make a model from a GGUF file: converted once to safetensors (vLLM on CPU loads those)
     in ``local/<digest>``, so importing the same file under another name reuses it.
-    ``chat_template`` (a file in common/chat_templates/) replaces the GGUF's template."""
+    ``chat_template`` (a file in common/chat_templates/) replaces the GGUF's template;
+    ``changes`` (/api/create's system, options, ...) go into the description before the
+    manifest is saved; ``made_from`` is what the manifest names as its source (default: the
+    file's path)."""
     template = None
     suffix = ""
     if chat_template is not None:
         template = (TEMPLATES / chat_template).read_text(encoding="utf-8")
         suffix = f"-{hashlib.sha256(template.encode()).hexdigest()[:8]}"
-    return _import_file(store, name, gguf, progress, suffix, lambda tmp: _convert_gguf(gguf, tmp, template))
+    return _import_file(store, name, gguf, progress, suffix, lambda tmp: _convert_gguf(gguf, tmp, template),
+                        changes=changes, made_from=made_from)
 
 
 def _import_file(store: ModelStore, name: str, source: Path, progress: Progress, suffix: str,
-                 make: Callable[[Path], None]) -> Manifest:
+                 make: Callable[[Path], None], *, changes: dict[str, Any] | None = None,
+                 made_from: str | None = None) -> Manifest:
     """The model made from one local file by ``make`` (which fills a fresh directory), kept in
     ``local/<digest of the file><suffix>``: made once, under a lock, in a temporary directory
     renamed into place, so a crash never leaves half a model."""
@@ -440,9 +447,9 @@ def _import_file(store: ModelStore, name: str, source: Path, progress: Progress,
     progress.phase("writing")
     files = describe_files(target)
     manifest = Manifest(
-        name=name, gguf=str(source), path=str(target.relative_to(store.root)), files=files,
+        name=name, gguf=made_from or str(source), path=str(target.relative_to(store.root)), files=files,
         size=sum(f.size for f in files), digest=Manifest.digest_of(files), modified_at=clock.now(),
-        description=describe(target),
+        description=with_changes(describe(target), changes or {}),
     )
     store.save(manifest)
     return manifest

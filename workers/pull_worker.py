@@ -1,6 +1,6 @@
 """The pull worker: looks after one model store (a machine's model cache).
 
-It takes the store's jobs (pull, delete, copy) from ``vllama:store-queue:<store>``, away from
+It takes the store's jobs (pull, delete, copy, create) from ``vllama:store-queue:<store>``, away from
 the generation queues so that a long download never delays anything else, and mirrors the
 store's manifests into Redis (common/catalog.py) so every API replica can list and describe
 the models. Pull progress goes out as pull frames, each carrying the whole state, and the
@@ -20,7 +20,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from common import catalog, clock, keys, model_info
+from common import blob_catalog, catalog, clock, keys, model_info
 from common.errors import ErrorCode, VllamaError
 from common.job_consumer import JobConsumer, job_function
 from common.models import canonical_name
@@ -33,6 +33,8 @@ from workers.frames import FramePublisher, FrameSink
 from workers.wakeup import WakeupListener
 from workers.peer_server import StoreServer, StoreServerError
 from workers.disk_space import DiskReservations, ReservedSpace
+from workers.blob_models import create_from_blobs
+from workers.blobs import SWEEP_EVERY_S, BlobReceiver, list_blobs, sweep
 from workers.pull import Progress, pull
 from workers.push import PushJob, push_model
 from workers.store import ModelStore
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 0.1  # Ollama reports about every 60 ms
 PULL_TIMEOUT_S = 24 * 3600
+# A model made from uploaded files: fetching blobs from another store, and converting a large
+# GGUF file, take a while (about 25 s for 135M parameters on 2 cores; a 70B file, hours).
+CREATE_FROM_FILES_TIMEOUT_S = 6 * 3600
 
 
 def store_id_for(settings: Settings) -> str:
@@ -69,6 +74,7 @@ class PullWorker:
     async def run(self, redis: ArqRedis | None = None) -> None:
         redis = self._redis = redis or await connect(self.settings.redis_url)
         self.reservations = DiskReservations(redis, self.store_id)
+        self.server.blob_receiver = BlobReceiver(self.store, self.reservations, self._blob_stored)
         try:
             await self.server.start(self.settings, redis)
         except StoreServerError as exc:
@@ -90,6 +96,8 @@ class PullWorker:
                 job_function(self.tensors, name="tensors", max_tries=1, timeout=120),
                 job_function(self.push, name="push", max_tries=1, timeout=PULL_TIMEOUT_S,
                              keep_result=self.settings.keep_result_s),
+                job_function(self.create_from_files, name="create_from_files", max_tries=1,
+                             timeout=CREATE_FROM_FILES_TIMEOUT_S),
             ],
             queue_name=keys.store_queue(self.store_id),
             redis_pool=redis,
@@ -125,17 +133,34 @@ class PullWorker:
         async with self._catalog_lock:
             version = self.store.version()
             await catalog.reset(self._redis, self.store_id, await asyncio.to_thread(self.store.list))
+            await blob_catalog.reset(self._redis, self.store_id, await asyncio.to_thread(list_blobs, self.store))
             return version
+
+    async def _blob_stored(self, sha: str, size: int) -> None:
+        """An upload landed (workers/blobs.py); under the catalog lock so that a resync that
+        listed the disk before it cannot overwrite the record after it."""
+        async with self._catalog_lock:
+            await blob_catalog.put(self._redis, self.store_id, sha, size)
+
+    async def _sweep_blobs(self) -> None:
+        """Blobs no model uses, past their day (workers/blobs.py), leave the disk and Redis."""
+        async with self._catalog_lock:
+            removed = await asyncio.to_thread(sweep, self.store)
+            await blob_catalog.remove(self._redis, self.store_id, removed)
 
     async def _heartbeat(self) -> None:
         seen = self.store.version()
         beats = 0
         synced = float("-inf")
+        swept = float("-inf")
         while True:
             try:
                 if time.monotonic() - synced > clock.RESYNC_S:
                     await clock.sync(self._redis)  # pull states are stamped for other machines
                     synced = time.monotonic()
+                if time.monotonic() - swept > SWEEP_EVERY_S:
+                    swept = time.monotonic()
+                    await self._sweep_blobs()
                 if self.store.version() != seen:
                     # Changed behind our back (`vllama create`, a file removed by hand).
                     seen = await self._resync()
@@ -271,13 +296,40 @@ class PullWorker:
         return await job.run(lambda progress: _in_daemon_thread(push_model, self.store, name, repo, revision,
                                                                 progress))
 
-
     async def tensors(self, _ctx: dict, model: str) -> list[dict[str, Any]]:
         """The model's weight tensors (name, type, shape), for /api/show's verbose view."""
         manifest = self.store.get(canonical_name(model))
         if manifest is None:
             return []
         return await asyncio.to_thread(model_info.tensors, self.store.model_dir(manifest))
+
+    async def create_from_files(self, _ctx: dict, destination: str, files: dict[str, str],
+                                changes: dict[str, Any]) -> dict[str, Any]:
+        """/api/create with ``files`` (workers/blob_models.py). Failures come back as
+        ``{"error", "code"}``, so the API answers with the right status and message."""
+        name = canonical_name(destination)
+        reservation = f"{name} {secrets.token_hex(6)}"
+        try:
+            held = await blob_catalog.holders(self._redis, sorted(set(files.values())))
+            holders = {sha: [s for s, _ in found if s.store_id != self.store_id and s.url] for sha, found in held.items()}
+            sizes = {sha: found[0][1] for sha, found in held.items() if found}
+            space = ReservedSpace(self.reservations, reservation, self.store.free_bytes, asyncio.get_running_loop())
+            manifest, fetched = await _in_daemon_thread(create_from_blobs, self.store, name, files, changes,
+                                                        holders, sizes, space)
+            async with self._catalog_lock:
+                for sha in fetched:
+                    await blob_catalog.put(self._redis, self.store_id, sha, sizes[sha])
+                await catalog.put(self._redis, self.store_id, manifest)
+            log.info("created %s from %d uploaded files", name, len(files))
+            return {"created": True, "digest": manifest.digest}
+        except VllamaError as exc:
+            log.warning("creating %s from uploaded files failed: %s", name, exc.message)
+            return {"error": exc.message, "code": str(exc.code)}
+        except Exception as exc:  # noqa: BLE001 - the client must hear about any failure
+            log.exception("creating %s from uploaded files failed", name)
+            return {"error": f"creating {name} failed: {without_paths(str(exc))}", "code": str(ErrorCode.INTERNAL)}
+        finally:
+            await asyncio.shield(self.reservations.release(reservation))
 
 
 def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future:

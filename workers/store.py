@@ -26,7 +26,7 @@ from typing import Any
 
 from common import clock
 from common.catalog import Manifest, ManifestFile
-from common.model_info import with_options
+from common.model_info import ModelDescription, with_options
 from common.models import ALIASES, canonical_name, is_repo_id, name_from_store_filename, name_key, store_filename
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,8 @@ class ModelStore:
         manifest = self.get(source)
         if manifest is None:
             return None
-        description = manifest.description
-        update = dict(changes)
-        if "options" in changes:  # merged onto what the source was made with
-            update["options"] = {**description.options, **changes["options"]}
-            update["parameters"] = with_options(description.parameters, changes["options"])
         created = manifest.model_copy(update={"name": destination, "modified_at": clock.now(),
-                                              "description": description.model_copy(update=update)})
+                                              "description": with_changes(manifest.description, changes)})
         self.save(created)
         return created
 
@@ -243,6 +238,16 @@ class ModelStore:
     def free_bytes(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
         return shutil.disk_usage(self.root).free
+
+
+def with_changes(description: ModelDescription, changes: dict[str, Any]) -> ModelDescription:
+    """``description`` with /api/create's ``changes`` (api/model_wire.py CreateRequest.changes):
+    options merged onto what the model was made with, the rest replaced."""
+    update = dict(changes)
+    if "options" in changes:
+        update["options"] = {**description.options, **changes["options"]}
+        update["parameters"] = with_options(description.parameters, changes["options"])
+    return description.model_copy(update=update)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -18,6 +18,7 @@ from api.errors import install_error_handlers
 from api.openapi_bodies import install as install_openapi_bodies
 from api.origins import install_browser_guard
 from api.batches import router as batches_router
+from api.blob_routes import router as blob_router
 from api.files import router as files_router
 from api.housekeeping import Housekeeping
 from api import metrics
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, redis: ArqRedis | None = None) 
     install_auth(app, settings)
     app.include_router(ollama_router)
     app.include_router(model_router)
+    app.include_router(blob_router)
     app.include_router(openai_router)
     app.include_router(anthropic_router)
     app.include_router(responses_router)

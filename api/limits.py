@@ -24,6 +24,8 @@ from common.errors import TooLarge
 from common.settings import Settings
 
 EXEMPT = frozenset({("POST", "/v1/files")})  # (method, path): bodies with a limit of their own
+# Blob uploads (api/blob_routes.py) are model files, bounded by the free disk of the store.
+EXEMPT_PREFIXES = (("POST", "/api/blobs/"),)
 
 
 def body_too_large(limit: int) -> TooLarge:
@@ -39,7 +41,8 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"], scope["path"]) in EXEMPT:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in EXEMPT or any(
+                scope["method"] == method and scope["path"].startswith(prefix) for method, prefix in EXEMPT_PREFIXES):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api import ndjson
 from api.answers import ending_in_band
+from api.blob_routes import create_from_files
 from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.model_wire import (CopyRequest, CreateRequest, DeleteRequest, PullRequest, PushRequest, ShowRequest,
@@ -159,6 +160,8 @@ async def create(request: Request) -> Response:
     the request's system prompt, parameters, messages and license, on every store that holds
     the source. Ollama's status lines, or one object with "stream": false."""
     body = await parse_body(request, CreateRequest)
+    if body.files:  # from uploaded files instead (api/blob_routes.py)
+        return await create_from_files(_dispatcher(request), body)
     source, destination = body.names()
     changes = body.changes()
     d = _dispatcher(request)

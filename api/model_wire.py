@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from api.bounds import JsonObject, WireModel
 from api.ollama_models import Options
 
+from common.blob_catalog import parse_digest
 from common.catalog import CatalogEntry, Manifest
 from common.errors import BadRequest
 from common.model_defaults import OPTION_FIELDS
@@ -76,8 +77,9 @@ class DeleteRequest(_Named):
 
 
 class CreateRequest(_Named):
-    """/api/create. Made from an existing model (``from``); what it changes goes into the new
-    model's description (workers/store.py's create)."""
+    """/api/create. Made from an existing model (``from``), or from uploaded files (``files``,
+    api/blob_routes.py); what it changes goes into the new model's description
+    (workers/store.py's create and with_changes)."""
 
     from_: str | None = Field(default=None, alias="from")
     system: str | None = None
@@ -92,10 +94,8 @@ class CreateRequest(_Named):
 
     def names(self) -> tuple[str, str]:
         """(source, destination)."""
-        if self.files or self.adapters:
-            raise BadRequest("creating a model from uploaded files (GGUF or safetensors blobs, adapters) is not "
-                             'supported yet; create it from an existing model with "from", or import a GGUF file '
-                             "on a server with `vllama create NAME --from FILE.gguf`")
+        if self.adapters:
+            raise _adapters_refused()
         if not self.from_:
             raise BadRequest('"from" is required: the existing model the new one is made from')
         if self.quantize:
@@ -107,6 +107,27 @@ class CreateRequest(_Named):
             return canonical_name(self.from_), canonical_name(self.model)
         except BadRequest:
             raise BadRequest(f'model name "{self.model}" or "from" "{self.from_}" is invalid') from None
+
+    def uploaded_files(self) -> tuple[str, dict[str, str]]:
+        """(destination, file name -> sha256 hex) of a create from uploaded files (``files``)."""
+        if self.adapters:
+            raise _adapters_refused()
+        if self.quantize:
+            raise BadRequest("quantize is not supported: upload a model already quantized (a quantized .gguf "
+                             "file, or safetensors weights quantized for vLLM) and leave quantize out")
+        if self.from_:
+            raise BadRequest('send either "from" (an existing model) or "files" (uploaded files), not both')
+        if not self.model.strip():
+            raise BadRequest("model is required")
+        files = {}
+        for path, digest in (self.files or {}).items():
+            if not isinstance(digest, str):
+                raise BadRequest(f'files["{path[:100]}"] must be a digest string, "sha256:<64 hex digits>"')
+            files[path] = parse_digest(digest)
+        try:
+            return canonical_name(self.model), files
+        except BadRequest:
+            raise BadRequest(f'model name "{self.model}" is invalid') from None
 
     def changes(self) -> dict[str, Any]:
         """What the new model changes in its source's description."""
@@ -127,6 +148,11 @@ class CreateRequest(_Named):
         if self.license is not None:
             changes["license"] = self.license if isinstance(self.license, str) else "\n\n".join(self.license)
         return changes
+
+
+def _adapters_refused() -> BadRequest:
+    return BadRequest("adapters are not supported: merge the adapter into the model's weights (for example with "
+                      "peft's merge_and_unload), then create the model from those files, without adapters")
 
 
 class CopyRequest(WireModel):

@@ -61,6 +61,7 @@ class Answer:
 class Operation:
     body: type[BaseModel] | None = None
     multipart: dict[str, Any] | None = None  # a multipart/form-data body's schema
+    raw: str | None = None  # a body of raw bytes: its description
     answers: dict[str, Answer] = field(default_factory=dict)
 
 
@@ -111,6 +112,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/api/create"): Operation(CreateRequest, answers={"200": Answer(
         'Status lines (using existing layer, creating new layer, writing manifest, success); {"status": '
         '"success"} with "stream": false.', json=(r.PullStatus,), ndjson=(r.PullStatus, r.OllamaError))}),
+    ("head", "/api/blobs/{digest}"): Operation(answers={
+        "200": Answer("A live model store holds the blob."), "404": Answer("No store holds it.")}),
+    ("post", "/api/blobs/{digest}"): Operation(raw="The file's bytes; their sha256 must be the path's digest.", answers={
+        "201": Answer("Stored."), "200": Answer("Already stored.")}),
     ("get", "/api/version"): Operation(answers={"200": Answer("The Ollama API version followed.",
                                                               json=(r.VersionResponse,))}),
     ("get", "/"): Operation(answers={"200": Answer('"Ollama is running"', media="text/plain")}),
@@ -253,6 +258,9 @@ def _describe(op: dict[str, Any], path: str, known: Operation, refs: dict) -> No
         op["requestBody"] = {"required": True, "description": BODY_NOTE, "content": {JSON: media}}
     elif known.multipart is not None:
         op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": known.multipart}}}
+    elif known.raw is not None:
+        op["requestBody"] = {"required": True, "description": known.raw,
+                             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     if known.answers:
         op["responses"] = {status: _answer(a, refs) for status, a in known.answers.items()}
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 BLOB_ROUTE = "/v1/blob/{sha}"
 BLOB_KEEP_S = 24 * 3600
 PARTIAL_STALE_S = 3600  # a temporary file untouched this long lost its writer (killed)
+STAGING_STALE_S = 7 * 3600  # a GGUF's conversion folder: longer than the longest create job
 SWEEP_EVERY_S = 600
 RESERVE_STEP = 256 * 2**20  # an upload of unknown size holds this much more at a time
 WRITE_CHUNK = 1 << 20  # bytes gathered before a write (in a thread: the loop serves others)
@@ -90,7 +91,8 @@ def list_blobs(store: ModelStore) -> dict[str, int]:
 
 
 def touch(store: ModelStore, shas: list[str]) -> list[str]:
-    """Renew the day of each blob present (it is being used); returns those missing."""
+    """Renew the day of each blob present (it is being used); returns those missing. Callers
+    hold the store's blob lock, so a blob found here is not swept a moment later."""
     missing = []
     for sha in shas:
         try:
@@ -114,8 +116,10 @@ def sweep(store: ModelStore, now: float | None = None) -> list[str]:
             try:
                 st = path.lstat()
                 if path.name.startswith("."):  # temporary: an upload, a fetch, a GGUF being converted
-                    if now - st.st_mtime > PARTIAL_STALE_S:
-                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    if path.is_dir() and now - st.st_mtime > STAGING_STALE_S:
+                        shutil.rmtree(path)
+                    elif not path.is_dir() and now - st.st_mtime > PARTIAL_STALE_S:
+                        path.unlink()
                 elif path.name.startswith("sha256-") and st.st_nlink == 1 and now - st.st_mtime > BLOB_KEEP_S:
                     path.unlink()
                     removed.append(path.name.removeprefix("sha256-"))
@@ -168,16 +172,19 @@ class BlobReceiver:
         """201 stored, 200 already here, 400 digest mismatch, 507 no room; the body is always
         read to its end, so the sender hears the answer rather than a broken connection."""
         declared = _declared_size(request)
-        existing = blob_path(self.store, sha)
         try:
-            if existing.is_file():
+            if await asyncio.to_thread(self._keep, sha):
                 await _drain(request)
-                await asyncio.to_thread(touch, self.store, [sha])
-                await self.recorded(sha, existing.stat().st_size)
+                await self.recorded(sha, blob_path(self.store, sha).stat().st_size)
                 return JSONResponse({"status": "exists"}, status_code=200)
             return await self._store(request, sha, declared)
         except ClientDisconnect:  # the API (its client gone) gave up: nothing was kept, nobody listens
             return Response(status_code=400)
+
+    def _keep(self, sha: str) -> bool:
+        """Whether the blob is here; if so its day starts again (uploaded again: wanted)."""
+        with self.store.lock("blobs"):
+            return not touch(self.store, [sha])
 
     async def _store(self, request: Request, sha: str, declared: int | None) -> Response:
         reservation = f"blob {sha[:12]} {secrets.token_hex(6)}"

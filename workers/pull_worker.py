@@ -314,8 +314,13 @@ class PullWorker:
             holders = {sha: [s for s, _ in found if s.store_id != self.store_id and s.url] for sha, found in held.items()}
             sizes = {sha: found[0][1] for sha, found in held.items() if found}
             space = ReservedSpace(self.reservations, reservation, self.store.free_bytes, asyncio.get_running_loop())
-            manifest, fetched = await _in_daemon_thread(create_from_blobs, self.store, name, files, changes,
-                                                        holders, sizes, space)
+            work = _in_daemon_thread(create_from_blobs, self.store, name, files, changes, holders, sizes, space)
+            while not work.done():  # the space held for blobs it fetches must not lapse meanwhile
+                await asyncio.wait({work}, timeout=self.settings.heartbeat_interval_s)
+                held = (await self.reservations.held()).get(reservation)
+                if held is not None:
+                    await self.reservations.renew(reservation, held)
+            manifest, fetched = work.result()
             async with self._catalog_lock:
                 for sha in fetched:
                     await blob_catalog.put(self._redis, self.store_id, sha, sizes[sha])

@@ -115,3 +115,25 @@ def test_create_from_a_local_gguf_file(client, stack):
     bad = subprocess.run([sys.executable, "-m", VLLAMA_MODULE, "create", "x", "--from", "/nonexistent.gguf"],
                          env={**os.environ, **stack.env}, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no such file" in bad.stderr
+
+
+def test_create_from_an_uploaded_gguf_file(client, stack, http):
+    """The official client's way to make a model from a file: upload it (create_blob), then
+    create from its digest; the store converts it and vLLM runs it, with the system prompt
+    the second create gave it."""
+    digest = client.create_blob(gguf_path())
+    assert http.head(f"/api/blobs/{digest}").status_code == 200
+    statuses = [p.status for p in client.create(model="fromblob", files={"model.gguf": digest}, stream=True)]
+    assert statuses[0] == "parsing GGUF" and f"using existing layer {digest}" in statuses
+    assert statuses[-2:] == ["writing manifest", "success"]
+    assert client.create(model="terse", files={"model.gguf": digest}, system="Answer in one word.").status == "success"
+    models = {m.model: m for m in client.list().models}
+    assert {"fromblob:latest", "terse:latest"} <= set(models)
+    assert models["terse:latest"].digest == models["fromblob:latest"].digest  # converted once
+    assert client.show("terse").modelinfo == client.show(MODEL).modelinfo
+    assert http.post("/api/show", json={"model": "terse"}).json()["system"] == "Answer in one word."
+
+    r = client.generate(model="terse", prompt="What colour is the sky?", options={"num_predict": 5, "temperature": 0})
+    assert r.done and r.eval_count and r.response.strip()
+    client.generate(model="terse", keep_alive=0)  # unload: the next tests expect the room
+    assert client.delete("fromblob").status == "success" and client.delete("terse").status == "success"

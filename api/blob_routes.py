@@ -26,12 +26,12 @@ from api import ndjson
 from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.model_wire import CreateRequest
+from api.file_quota import shown
 from common import blob_catalog, keys
+from common.blob_catalog import blob_route
 from common.catalog import StoreInfo, live_stores
 from common.errors import BadRequest, InsufficientStorage, NotFound, Unavailable, Upstream, VllamaError, from_code
 from common.uploaded_models import upload_kind
-from workers.blobs import blob_route
-from workers.disk_space import size_text
 
 router = APIRouter()
 
@@ -91,8 +91,8 @@ def _roomiest(stores: list[StoreInfo], size: int | None) -> StoreInfo:
                           "(`vllama pull-worker`, or `vllama serve`), then upload again")
     if size is not None and size > serving[0].free_bytes:
         raise InsufficientStorage(
-            f"the blob is {size_text(size)}, more than the free space of any model store (at most "
-            f"{size_text(serving[0].free_bytes)}, on store {serving[0].store_id}); delete models you no longer "
+            f"the blob is {shown(size)}, more than the free space of any model store (at most "
+            f"{shown(serving[0].free_bytes)}, on store {serving[0].store_id}); delete models you no longer "
             "need (ollama rm NAME) or give a store a bigger disk (VLLAMA_HOME), then upload again")
     return serving[0]
 

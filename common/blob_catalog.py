@@ -19,6 +19,15 @@ from common import keys
 from common.catalog import CATALOG_TTL_S, StoreInfo, live_stores
 from common.errors import BadRequest
 
+# Where a store's file server takes and gives blobs (workers/peer_server.py): the API uploads
+# to it, other stores fetch from it.
+BLOB_ROUTE = "/v1/blob/{sha}"
+
+
+def blob_route(sha: str) -> str:
+    return BLOB_ROUTE.format(sha=sha)
+
+
 # Ollama accepts both separators; the colon is what clients send, the dash what its files are named.
 _DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 

@@ -23,7 +23,8 @@ from tests.fake_stack import fake_stack
 from tests.harness import async_wait_until, ndjson_lines
 from tests.model_factory import write_model
 from tests.test_peer_fetch import files_of, listed, stores
-from workers.blobs import BLOB_KEEP_S, PARTIAL_STALE_S, blob_dir, blob_path, blob_route, sweep
+from common.blob_catalog import blob_route
+from workers.blobs import BLOB_KEEP_S, PARTIAL_STALE_S, blob_dir, blob_path, sweep
 from workers.pull import ensure_local
 from workers.store import ModelStore
 

@@ -42,6 +42,7 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
+from common.blob_catalog import blob_route
 from common.catalog import StoreInfo
 from common.errors import BadRequest, InsufficientStorage, Upstream, VllamaError
 from common.redact import without_paths
@@ -50,7 +51,6 @@ from workers.store import ModelStore
 
 log = logging.getLogger(__name__)
 
-BLOB_ROUTE = "/v1/blob/{sha}"
 BLOB_KEEP_S = 24 * 3600
 PARTIAL_STALE_S = 3600  # a temporary file untouched this long lost its writer (killed)
 STAGING_STALE_S = 7 * 3600  # a GGUF's conversion folder: longer than the longest create job
@@ -70,10 +70,6 @@ def blob_path(store: ModelStore, sha: str) -> Path:
     if not SHA256.fullmatch(sha):
         raise ValueError(f"not a sha256 hex digest: {sha[:80]!r}")
     return blob_dir(store) / f"sha256-{sha}"
-
-
-def blob_route(sha: str) -> str:
-    return BLOB_ROUTE.format(sha=sha)
 
 
 def list_blobs(store: ModelStore) -> dict[str, int]:

@@ -48,11 +48,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from common.blob_catalog import BLOB_ROUTE
 from common.model_paths import path_problem
 from common.models import canonical_name
 from common.settings import Settings
 from common.tasks import until_redis_answers
-from workers.blobs import BLOB_ROUTE, SHA256, BlobReceiver, serve
+from workers.blobs import SHA256, BlobReceiver, serve
 from workers.store import ModelStore
 
 log = logging.getLogger(__name__)

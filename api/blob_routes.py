@@ -133,9 +133,6 @@ async def create_from_files(d: Dispatcher, body: CreateRequest) -> Response:
     name, files = body.uploaded_files()
     kind = upload_kind(files)
     changes = body.changes()
-    if body.template is not None and "template" not in changes:
-        raise BadRequest("template is not supported yet: a created model keeps its files' chat template "
-                         "(see /api/show); set system, parameters and messages instead")
     shas = sorted(set(files.values()))
     held = await blob_catalog.holders(d.redis, shas)
     for path, sha in sorted(files.items()):

@@ -17,6 +17,7 @@ from common.errors import BadRequest
 from common.model_defaults import OPTION_FIELDS
 from common.model_info import modelfile
 from common.models import DEFAULT_REVISION, DEFAULT_TAG, canonical_name, is_repo_id
+from common.ollama_templates import checked_template
 from common.registry import ModelStatus, WorkerInfo
 
 # Ollama shows keep_alive < 0 as an expiry ~292 years away (Go's longest duration).
@@ -100,9 +101,6 @@ class CreateRequest(_Named):
             raise BadRequest('"from" is required: the existing model the new one is made from')
         if self.quantize:
             raise BadRequest("quantize is not supported: the new model keeps its source's weights")
-        if self.template is not None:
-            raise BadRequest("template is not supported yet: a created model keeps its source's chat template "
-                             "(see /api/show); set system, parameters and messages instead")
         try:
             return canonical_name(self.from_), canonical_name(self.model)
         except BadRequest:
@@ -145,6 +143,8 @@ class CreateRequest(_Named):
                     raise BadRequest(f'messages[{i}] must be {{"role": "system", "user" or "assistant", '
                                      '"content": "..."}')
             changes["messages"] = [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        if self.template is not None:  # an Ollama (Go) template, checked now: its error is this request's 400
+            changes["prompt_template"] = checked_template(self.template) if self.template.strip() else ""
         if self.license is not None:
             changes["license"] = self.license if isinstance(self.license, str) else "\n\n".join(self.license)
         return changes
@@ -194,7 +194,7 @@ def show_body(manifest: Manifest, tensors: list[dict[str, Any]] | None = None) -
     return {
         "modelfile": modelfile(manifest.name, d),
         "parameters": d.parameters,
-        "template": d.template,
+        "template": d.prompt_template or d.template,
         "license": d.license,
         "details": details(manifest),
         "model_info": d.model_info,

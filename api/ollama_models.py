@@ -27,6 +27,7 @@ from common.errors import BadRequest
 from common.images import checked as checked_image
 from common.model_defaults import OPTION_FIELDS, mark_given
 from common.models import canonical_name
+from common.ollama_templates import checked_template
 from common.protocol import ChatMessage, GenerationJob, Sampling
 from common.thinking import ollama_think
 from common.tool_calls import ToolCall
@@ -190,9 +191,6 @@ class GenerateRequest(OllamaRequest):
         """The job spec; ``limits`` (from the settings) bound the prompt's size."""
         if self.raw and (self.template or self.system or self.context):
             raise BadRequest("raw mode does not support template, system, or context")
-        if self.template:
-            raise BadRequest("custom templates are not supported: the model's own chat template is used; "
-                             "send the full text with \"raw\": true instead")
         images, sizes = checked_images(self.images or [], "images")
         check_token_ids("context", self.context or [])
         if limits is not None:
@@ -204,6 +202,7 @@ class GenerateRequest(OllamaRequest):
             kind="generate",
             prompt=self.prompt,
             suffix=self.suffix or None,
+            template=checked_template(self.template) if self.template else None,
             system=self.system,
             raw=self.raw,
             context=self.context or [],

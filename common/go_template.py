@@ -248,6 +248,10 @@ class _Fail(Exception):
     """A function's error, given its position by the call that made it."""
 
 
+class _Cut(Exception):
+    """The field the render stops after was read (``Template.render``'s ``stop_after``)."""
+
+
 class _Stop(Exception):
     """``{{break}}`` (``brk``) or ``{{continue}}`` unwinding to the innermost range."""
 
@@ -405,6 +409,8 @@ class _Field:
 
     def value(self, r: _Renderer, dot: Any, final: Any = _NO_ARG) -> Any:
         value = dot if self.base is None else self.base.value(r, dot, _NO_ARG)
+        if self.names and self.names[0] == r.stop_after:
+            r.stopping = True  # nothing after the action reading it is rendered
         for name in self.names:
             if value is None:
                 return None  # a missing map reads as an empty one
@@ -688,17 +694,21 @@ def _shown(token: _Token) -> str:
 # ---------------------------------------------------------------- rendering
 
 class _Renderer:
-    def __init__(self, source: str, data: Any) -> None:
+    def __init__(self, source: str, data: Any, stop_after: str | None = None) -> None:
         self.src = source
         self.vars: list[tuple[str, Any]] = [("$", data)]
         self.out: list[str] = []
         self.size = self.steps = 0
+        self.stop_after = stop_after
+        self.stopping = False
 
     def error(self, what: str, at: int) -> TemplateError:
         return _error(self.src, what, at)
 
     def run(self, nodes: list, dot: Any) -> None:
         for node in nodes:
+            if self.stopping:
+                raise _Cut
             self.tick()
             node.run(self, dot)
 
@@ -731,10 +741,15 @@ class Template:
         # "response" here to choose how to fill in the data.
         self.identifiers = identifiers
 
-    def render(self, data: dict[str, Any]) -> str:
-        renderer = _Renderer(self.source, data)
+    def render(self, data: dict[str, Any], stop_after: str | None = None) -> str:
+        """The text; with ``stop_after`` (a field of the data), only up to and including the
+        first action that reads it: Ollama renders the last turn of a template without
+        ``.Messages`` that way, so that the answer continues from ``.Response``."""
+        renderer = _Renderer(self.source, data, stop_after)
         try:
             renderer.run(self._nodes, data)
+        except _Cut:
+            pass
         except RecursionError:
             raise TemplateError(f"template: the data is nested too deeply to render; {HINT}") from None
         return "".join(renderer.out)

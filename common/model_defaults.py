@@ -40,6 +40,8 @@ def apply(job: GenerationJob, description: ModelDescription) -> None:
                         *job.messages[1 if own_system else 0:]]
     elif job.kind == "generate" and not job.raw and job.system is None and description.system:
         job.system = description.system
+    if job.kind != "embed" and not job.raw and job.template is None and description.prompt_template:
+        job.template = description.prompt_template
 
 
 def _apply_options(sampling: Sampling, options: dict[str, Any]) -> None:

@@ -103,6 +103,7 @@ class GenerationJob(BaseModel):
     kind: Literal["generate", "chat", "embed"]
     prompt: str = ""  # generate: user prompt (or the whole text when raw)
     suffix: str | None = None  # generate: what follows the text to write (fill-in-the-middle, common/fim.py)
+    template: str | None = None  # an Ollama (Go) template instead of the model's chat template
     system: str | None = None  # generate: system message
     raw: bool = False  # generate: no chat template
     context: list[int] = Field(default_factory=list)  # generate: tokens from an earlier answer

@@ -277,7 +277,7 @@ async def test_create_from_safetensors_blobs_on_two_stores(redis_server, tmp_pat
     ({"model.gguf": "x"}, {"adapters": {"a.safetensors": "x"}}, 400, "adapters are not supported"),
     ({"model.gguf": "x"}, {"quantize": "q4_K_M"}, 400, "quantize is not supported"),
     ({"model.gguf": "x"}, {"from": "fake:test"}, 400, 'send either "from"'),
-    ({"model.gguf": "x"}, {"template": "{{ .Prompt }}"}, 400, "template is not supported yet"),
+    ({"model.gguf": "x"}, {"template": "{{ .Prompt "}, 400, "unclosed action"),
 ])
 async def test_bad_creates_from_files_say_what_is_wrong(redis_server, tmp_path, files, extra, status, message):
     async with stores(redis_server, tmp_path, "host-a") as (redis, a), \

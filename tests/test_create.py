@@ -105,7 +105,7 @@ async def test_a_created_model_brings_its_system_messages_and_options(redis_serv
     ({"model": "x:1b", "from": "nope:1b"}, 404, "not found"),
     ({"model": "x:1b", "from": MODEL, "files": {"model.gguf": "sha256:" + "0" * 64}}, 400, '"from" (an existing'),
     ({"model": "x:1b", "from": MODEL, "adapters": {"a.safetensors": "sha256:" + "0" * 64}}, 400, "adapters are not"),
-    ({"model": "x:1b", "from": MODEL, "template": "{{ .Prompt }}"}, 400, "template is not supported yet"),
+    ({"model": "x:1b", "from": MODEL, "template": "{{ block \"x\" . }}{{ end }}"}, 400, "block"),
     ({"model": "x:1b", "from": MODEL, "quantize": "q4_K_M"}, 400, "quantize"),
     ({"model": "x:1b", "from": MODEL, "parameters": {"temperature": 9}}, 400, "temperature"),
     ({"model": "x:1b", "from": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]"),

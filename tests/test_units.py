@@ -93,7 +93,7 @@ def test_chat_roles_are_lowercased_and_checked():
 
 
 def test_requests_the_api_can_judge_are_refused_and_the_rest_go_to_the_worker():
-    for body in ({"images": ["aGk="]}, {"template": "{{ .Prompt }}"}):
+    for body in ({"images": ["aGk="]}, {"template": "{{ .Prompt "}, {"template": "{{ call .Prompt }}"}):
         with pytest.raises(BadRequest):
             GenerateRequest.model_validate({"model": "m", "prompt": "p", **body}).to_job()
     # Whether the model can fill in the middle, only its worker knows (its vocabulary).

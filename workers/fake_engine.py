@@ -93,6 +93,7 @@ class FakeEngine:
         # The latest chat's messages as a template reads them, and its tools.
         self.last_chat: tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
         self.last_sampling: Sampling | None = None
+        self.last_prompt: list[int] = []  # the latest generation's prompt token ids
         self.last_template_kwargs: dict[str, Any] = {}
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -136,6 +137,7 @@ class FakeEngine:
         images: list[Any] | None = None, thinking: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
+        self.last_prompt = list(prompt_token_ids)
         self.last_sampling = sampling
         self.last_images = list(images or [])
         self._in_flight.add(request_id)

@@ -15,10 +15,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from common import batch_lines, clock, keys
+from common import batch_lines, clock, keys, ollama_templates
 from common.batch_lines import LineError, LineOutcome
 from common.errors import BadRequest, ErrorCode, PromptTooLong, Unavailable, VllamaError, from_code
 from common.fim import fim_format
+from common.go_template import Template, TemplateError
 from common.images import open_image
 from common.job_queue import keep_no_result, record_ttl
 from common.metrics import ModelStats
@@ -172,24 +173,34 @@ class GenerationRunner:
         self.check_context(job)
         window = self.window(job)
         if job.suffix is not None and not job.raw:  # raw: the text as is, as Ollama does
-            tokens = list(job.context) + self.engine.encode_raw(self.fim.prompt(job.prompt, job.suffix))
+            tokens = list(job.context) + self.engine.encode_raw(self._fill_in_text(job))
             return self._cut_to_fit(job, tokens, window, job.images), job.images
         if job.raw:
             return self._cut_to_fit(job, self.engine.encode_raw(job.prompt), window, job.images), job.images
-        thinking = template_kwargs(job.think, self.think_levels) if self.reasoning_parser else {}
         if job.kind == "chat":
-            tools = job.tool_use.tools if job.tool_use else None
-
-            def encode(messages: list[ChatMessage]) -> list[int]:
-                return self.engine.encode_chat(messages, tools, thinking)
-
             messages = job.messages
         else:
             messages = [ChatMessage(role="system", content=job.system)] if job.system else []
             messages.append(ChatMessage(role="user", content=job.prompt, images=job.images))
+        context = list(job.context)
+        tools = job.tool_use.tools if job.tool_use else None
+        if job.template is not None:  # an Ollama template: its text is the prompt, as is
+            template = self._ollama_template(job)
+            if any(m.images for m in messages):
+                raise BadRequest("a custom template cannot place images in the prompt; leave template out to use "
+                                 "the model's own")
 
             def encode(messages: list[ChatMessage]) -> list[int]:
-                return list(job.context) + self.engine.encode_chat(messages, template_kwargs=thinking)
+                try:
+                    text = ollama_templates.render(template, messages, tools, job.think)
+                except TemplateError as exc:
+                    raise BadRequest(str(exc)) from None
+                return context + self.engine.encode_raw(text)
+        else:
+            thinking = template_kwargs(job.think, self.think_levels) if self.reasoning_parser else {}
+
+            def encode(messages: list[ChatMessage]) -> list[int]:
+                return context + self.engine.encode_chat(messages, tools, thinking)
 
         tokens = encode(messages)
         if len(tokens) >= window and job.truncate and len(messages) > 1:
@@ -197,6 +208,26 @@ class GenerationRunner:
             tokens = encode(messages)
         images = [image for m in messages for image in m.images]
         return self._cut_to_fit(job, tokens, window, images), images
+
+    @staticmethod
+    def _ollama_template(job: GenerationJob) -> Template:
+        try:
+            return ollama_templates.compile_template(job.template)
+        except TemplateError as exc:  # checked by the API, but a model's may come from anywhere
+            raise BadRequest(str(exc)) from None
+
+    def _fill_in_text(self, job: GenerationJob) -> str:
+        """The fill-in-the-middle prompt: the request's (or model's) Ollama template's if it
+        reads ``.Suffix``, else in the format of the model's vocabulary (common/fim.py)."""
+        if job.template is not None:
+            text = ollama_templates.render_fill_in(self._ollama_template(job), job.prompt, job.suffix)
+            if text is not None:
+                return text
+        return self.fim.prompt(job.prompt, job.suffix)
+
+    def _can_fill_in(self, job: GenerationJob) -> bool:
+        return self.fim is not None or (
+            job.template is not None and "suffix" in self._ollama_template(job).identifiers)
 
     def _cut_to_fit(self, job: GenerationJob, tokens: list[int], window: int, images: list[str]) -> list[int]:
         """``tokens``, cut by tokens if they leave no room to answer and the job allows it."""
@@ -230,7 +261,7 @@ class GenerationRunner:
             what = "embeddings" if job.kind == "embed" else job.kind
         elif job.think not in (None, False) and self.reasoning_parser is None:
             what = "thinking"
-        elif job.suffix is not None and self.fim is None:
+        elif job.suffix is not None and not self._can_fill_in(job):
             what = "insert"
         elif _images_of(job) and not self.engine.vision:
             what = "vision"

@@ -151,3 +151,22 @@ def test_a_schema_the_engine_cannot_use_is_400_and_the_worker_serves_on(http):
     assert r.json()["error"].startswith("the request cannot be run")
     ok = http.post("/api/generate", json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3}})
     assert ok.status_code == 200 and ok.json()["eval_count"] == 3
+
+
+# SmolLM2's own ChatML, as an Ollama (Go) template: the same text its chat template renders.
+SMOLLM2_GO_TEMPLATE = (
+    "<|im_start|>system\n{{ if .System }}{{ .System }}{{ else }}You are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face{{ end }}<|im_end|>\n{{ range .Messages }}{{ if ne .Role \"system\" }}"
+    "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}<|im_start|>assistant\n")
+
+
+def test_an_ollama_template_renders_the_prompt_the_model_runs(http):
+    body = {"model": MODEL, "prompt": "Name a primary color.", "system": "Answer in one word.", "stream": False,
+            "options": {"temperature": 0, "num_predict": 8}}
+    own = http.post("/api/generate", json=body).json()
+    templated = http.post("/api/generate", json={**body, "template": SMOLLM2_GO_TEMPLATE}).json()
+    assert (templated["prompt_eval_count"], templated["response"]) == (own["prompt_eval_count"], own["response"])
+    assert templated["context"] == own["context"]
+    # Another template, another prompt: the model sees what the template wrote.
+    plain = http.post("/api/generate", json={**body, "template": "{{ .Prompt }}"}).json()
+    assert plain["prompt_eval_count"] < own["prompt_eval_count"]

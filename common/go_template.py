@@ -6,13 +6,13 @@ variable scoping, truthiness, short-circuit ``and``/``or``, ``eq`` with several 
 range over maps in key order, and Go's printing (``<no value>``, ``[a b]``, ``map[k:v]``).
 Anything else is refused by ``parse`` with a TemplateError that names the construct and where
 it is, rather than rendered differently from Go: ``define``, ``template`` and ``block``,
-method calls, functions other than those in _FUNCTIONS (``call``, ``toTypeScriptType``), and
+method calls, functions other than those in go_values.FUNCTIONS (``call``, ``toTypeScriptType``), and
 printf verbs other than %s %d %v %q %f and %%.
 
 The data is what JSON decodes to (dicts, lists, str, int, float, bool, None) keyed by Go's
 field names: ``System``, ``Prompt``, ``Suffix``, ``Response``, ``Messages`` (``Role``,
 ``Content``, ``Thinking``, ``Images``, ``ToolCalls``, ``ToolName``, ``ToolCallID``), ``Tools``,
-``Think``, ``ThinkLevel``, ``IsThinkSet``; ``message_values`` and ``tool_values`` build the
+``Think``, ``ThinkLevel``, ``IsThinkSet``; common/ollama_templates.py builds the
 nested ones. Where Go's behaviour depends on Go types we choose:
 - a key missing from a dict is nil, and a field of nil is nil (Go would fail on a struct
   field that does not exist), since our dicts may leave empty fields out;
@@ -26,39 +26,23 @@ stops at 4 MiB of output (or of any string a function builds) and at a budget of
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import json
-import math
 import re
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from common.go_values import (
+    FUNCTIONS, MAX_OUTPUT, FunctionError, format_parts, go_type, key_order, sprint_one, truth,
+)
+
 MAX_TEXT = 64 * 1024
 MAX_DEPTH = 50
-MAX_OUTPUT = 4 * 1024 * 1024
 MAX_STEPS = 2_000_000  # node visits and range iterations: a conversation of thousands of turns needs far fewer
 HINT = "use the model's own template by leaving template out, or send the whole prompt with raw"
 
 
 class TemplateError(ValueError):
     """A template outside the supported subset, malformed, or failing on its data."""
-
-
-class JsonMap(dict):
-    """A map whose Go value has a String method printing JSON (Ollama's tools and tool-call
-    arguments). Fields are looked up by Go name; it prints, and ``json`` encodes it, as
-    ``json_value`` (the wire form, lowercase keys), or as itself when that is None."""
-
-    def __init__(self, fields: dict[str, Any], json_value: Any = None) -> None:
-        super().__init__(fields)
-        self.json_value = self if json_value is None else json_value
-
-
-class JsonList(list):
-    """A list that prints as JSON, as Ollama's ``Tools`` does."""
 
 
 # ---------------------------------------------------------------- lexer
@@ -244,10 +228,6 @@ def _error(source: str, what: str, at: int) -> TemplateError:
 _NO_ARG = object()  # no value piped into a command
 
 
-class _Fail(Exception):
-    """A function's error, given its position by the call that made it."""
-
-
 class _Cut(Exception):
     """The field the render stops after was read (``Template.render``'s ``stop_after``)."""
 
@@ -274,7 +254,7 @@ class _Action:
     def run(self, r: _Renderer, dot: Any) -> None:
         value = self.pipe.value(r, dot)
         if not self.pipe.decl:  # a declaration or assignment prints nothing
-            r.write("<no value>" if value is None else _sprint_one(value))
+            r.write("<no value>" if value is None else sprint_one(value))
 
 
 @dataclass(slots=True)
@@ -300,7 +280,7 @@ class _Branch:
         try:
             for pipe, body in self.arms:
                 value = pipe.value(r, dot)
-                if _truth(value):
+                if truth(value):
                     r.run(body, value if self.is_with else dot)
                     return
             r.run(self.orelse, dot)
@@ -339,14 +319,14 @@ class _Range:
         if value is None:
             return ()
         if isinstance(value, dict):
-            return ((key, value[key]) for key in sorted(value, key=_key_order))
+            return ((key, value[key]) for key in sorted(value, key=key_order))
         if isinstance(value, (list, tuple)):
             return enumerate(value)
         if isinstance(value, int) and not isinstance(value, bool):
             if len(self.names) == 2:
                 raise r.error(f"can't use {value} to iterate over more than one variable", self.pipe.at)
             return ((i, i) for i in range(value))
-        raise r.error(f"range can't iterate over {_sprint_one(value)}", self.pipe.at)
+        raise r.error(f"range can't iterate over {sprint_one(value)}", self.pipe.at)
 
 
 @dataclass(slots=True)
@@ -384,13 +364,13 @@ class _Call:
         if self.name in ("and", "or"):  # short-circuit: the deciding value, later ones not evaluated
             for thunk in thunks:
                 value = thunk()
-                if _truth(value) == (self.name == "or"):
+                if truth(value) == (self.name == "or"):
                     return value
             return value
         args = [thunk() for thunk in thunks]
         try:
-            result = _FUNCTIONS[self.name][2](*args)
-        except _Fail as fail:
+            result = FUNCTIONS[self.name][2](*args)
+        except FunctionError as fail:
             raise r.error(f"error calling {self.name}: {fail}", self.at) from None
         # Functions pay for the data they touch: "len (slice $.Messages $i)" in a loop copies
         # the rest of the list each time, which a long conversation makes quadratic.
@@ -415,7 +395,7 @@ class _Field:
             if value is None:
                 return None  # a missing map reads as an empty one
             if not isinstance(value, dict):
-                raise r.error(f"can't evaluate field {name} in type {_go_type(value)}", self.at)
+                raise r.error(f"can't evaluate field {name} in type {go_type(value)}", self.at)
             value = value.get(name)
         return value
 
@@ -634,10 +614,10 @@ class _Parser:
 
     def call(self, ident: _Ident, count: int, piped: bool, args: list | None = None) -> _Call:
         name = ident.name
-        if name not in _FUNCTIONS:
+        if name not in FUNCTIONS:
             known = "is not supported" if name in ("call", "toTypeScriptType") else "is not defined"
             raise self.error(f'function "{name}" {known}', ident.at)
-        low, high, _ = _FUNCTIONS[name]
+        low, high, _ = FUNCTIONS[name]
         count += piped
         if count < low or (high is not None and count > high):
             want = f"{low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
@@ -645,8 +625,8 @@ class _Parser:
         args = args or []
         if name == "printf" and args and isinstance(args[0], _Literal) and isinstance(args[0].literal, str):
             try:
-                _format_parts(args[0].literal)
-            except _Fail as fail:
+                format_parts(args[0].literal)
+            except FunctionError as fail:
                 raise self.error(str(fail), ident.at) from None
         return _Call(name, args, ident.at)
 
@@ -762,483 +742,3 @@ def parse(text: str) -> Template:
     parser = _Parser(text, _Lexer(text).run())
     nodes = parser.parse()
     return Template(text, nodes, frozenset(parser.names))
-
-
-# ---------------------------------------------------------------- values and printing
-
-def _truth(value: Any) -> bool:
-    """Go's truth: false, 0, nil and empty strings, lists and maps are false."""
-    if value is None:
-        return False
-    if isinstance(value, (bool, int, float, str, list, tuple, dict)):
-        return bool(value)
-    return True
-
-
-def _go_type(value: Any) -> str:
-    if value is None:
-        return "<nil>"
-    for kind, name in ((bool, "bool"), (int, "int"), (float, "float64"), (str, "string"),
-                       ((list, tuple), "[]interface {}"), (dict, "map[string]interface {}")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def _key_order(key: Any) -> tuple:
-    """Go's order for map keys (fmt and range sort them): numbers, then strings."""
-    if isinstance(key, (int, float)) and not isinstance(key, bool):
-        return (0, key, "")
-    return (1, 0, key) if isinstance(key, str) else (2, 0, str(key))
-
-
-def _sprint_one(value: Any) -> str:
-    """Go's ``%v``."""
-    if value is None:
-        return "<nil>"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return _go_float(value, json_style=False)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (JsonMap, JsonList)):
-        return _go_json(value)
-    if isinstance(value, dict):
-        pairs = (f"{_sprint_one(k)}:{_sprint_one(value[k])}" for k in sorted(value, key=_key_order))
-        return "map[" + " ".join(pairs) + "]"
-    if isinstance(value, (list, tuple)):
-        return "[" + " ".join(_sprint_one(v) for v in value) + "]"
-    return str(value)
-
-
-def _sprint(*args: Any) -> str:
-    """Go's ``fmt.Sprint``: a space between operands when neither is a string."""
-    out = _Bounded()
-    for i, arg in enumerate(args):
-        if i and not isinstance(arg, str) and not isinstance(args[i - 1], str):
-            out.append(" ")
-        out.append(_sprint_one(arg))
-    return "".join(out)
-
-
-def _sprintln(*args: Any) -> str:
-    """Go's ``fmt.Sprintln``: spaces between all operands, and a newline."""
-    out = _Bounded()
-    for i, arg in enumerate(args):
-        out.append(" " if i else "")
-        out.append(_sprint_one(arg))
-    out.append("\n")
-    return "".join(out)
-
-
-class _Bounded(list):
-    """The pieces of a string a function builds, failing before they pass MAX_OUTPUT: a short
-    template can print a long value many times over."""
-
-    size = 0
-
-    def append(self, piece: str) -> None:
-        self.size += len(piece)
-        if self.size > MAX_OUTPUT:
-            raise _Fail(f"the text built is over {MAX_OUTPUT >> 20} MiB")
-        super().append(piece)
-
-
-def _go_float(value: float, json_style: bool) -> str:
-    """Shortest digits that read back as ``value``, laid out as Go's ``%v`` (exponent form
-    below 1e-4 or from 1e6: "1e+06") or as its encoding/json (below 1e-6 or from 1e21: "1e-7")."""
-    if math.isnan(value) or math.isinf(value):
-        if json_style:
-            raise _Fail(f"json: unsupported value: {value}")
-        return "NaN" if math.isnan(value) else "+Inf" if value > 0 else "-Inf"
-    if value == 0:
-        return "-0" if math.copysign(1, value) < 0 else "0"
-    sign = "-" if value < 0 else ""
-    parts = decimal.Decimal(repr(abs(value))).as_tuple()
-    digits = "".join(map(str, parts.digits))
-    exp = len(digits) + int(parts.exponent) - 1  # the power of ten of the first digit
-    digits = digits.rstrip("0")
-    if json_style:
-        use_e = abs(value) < 1e-6 or abs(value) >= 1e21
-    else:
-        use_e = exp < -4 or exp >= 6
-    if use_e:
-        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        power = f"{abs(exp)}" if json_style else f"{abs(exp):02d}"
-        return f"{sign}{mantissa}e{'-' if exp < 0 else '+'}{power}"
-    if exp < 0:
-        return f"{sign}0.{'0' * (-exp - 1)}{digits}"
-    whole, fraction = digits[:exp + 1].ljust(exp + 1, "0"), digits[exp + 1:]
-    return sign + whole + ("." + fraction if fraction else "")
-
-
-def _go_json(value: Any) -> str:
-    """Go's ``json.Marshal``: compact, <, > and & escaped; maps in the order given."""
-    if isinstance(value, JsonMap) and value.json_value is not value:
-        return _go_json(value.json_value)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return _go_float(value, json_style=True)
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                              ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-            text = text.replace(char, escaped)
-        return text
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_go_json(k if isinstance(k, str) else _sprint_one(k))}:{_go_json(v)}"
-                              for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_go_json(v) for v in value) + "]"
-    raise _Fail(f"json: unsupported type {type(value).__name__}")
-
-
-_SHORT_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
-
-
-def _go_quote(text: str, quote: str = '"') -> str:
-    """Go's ``strconv.Quote`` (and, with ``'``, ``QuoteRune``)."""
-    out = [quote]
-    for char in text:
-        code = ord(char)
-        if char in (quote, "\\"):
-            out.append("\\" + char)
-        elif char in _SHORT_ESCAPES:
-            out.append(_SHORT_ESCAPES[char])
-        elif char.isprintable():
-            out.append(char)
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out) + quote
-
-
-# ---------------------------------------------------------------- printf
-
-_VERB = re.compile(r"%([-0]*)(\*|\d*)(?:\.(\*|\d*))?(.?)", re.DOTALL)
-
-
-def _format_parts(fmt: str) -> list[Any]:
-    """Text pieces and (flags, width, precision, verb) for each verb; _Fail on verbs we lack.
-    A width or precision of "*" is taken from the arguments (Granite's templates count with it)."""
-    parts: list[Any] = []
-    pos = 0
-    while (start := fmt.find("%", pos)) >= 0:
-        parts.append(fmt[pos:start])
-        match = _VERB.match(fmt, start)
-        flags, width, precision, verb = match.groups()
-        if verb not in ("s", "d", "v", "q", "f", "%"):
-            raise _Fail(f"printf {match.group()!r} is not supported: use %s, %d, %v, %q, %f or %% "
-                        "with an optional width, precision and - or 0 flag")
-        if precision is not None and precision != "*":
-            precision = int(precision or 0)
-        parts.append((flags, width if width in ("", "*") else int(width), precision, verb))
-        pos = match.end()
-    parts.append(fmt[pos:])
-    return parts
-
-
-def _sprintf(fmt: Any, *args: Any) -> str:
-    """Go's ``fmt.Sprintf`` for the verbs in _format_parts, with its %!v(MISSING) and EXTRA notes."""
-    if not isinstance(fmt, str):
-        raise _Fail(f"the format must be a string, not {_go_type(fmt)}")
-    out, queue = _Bounded(), list(args)
-    for part in _format_parts(fmt):
-        if isinstance(part, str):
-            out.append(part)
-            continue
-        flags, width, precision, verb = part
-        if width == "*":
-            width = queue.pop(0) if queue else None
-            if not isinstance(width, int) or isinstance(width, bool):
-                out.append("%!(BADWIDTH)")
-                width = 0
-            elif width < 0:
-                flags, width = flags + "-", -width
-        if precision == "*":
-            precision = queue.pop(0) if queue else None
-            if not isinstance(precision, int) or isinstance(precision, bool):
-                out.append("%!(BADPREC)")
-                precision = None
-            elif precision < 0:
-                precision = None
-        if verb == "%":
-            out.append("%")
-        elif not queue:
-            out.append(f"%!{verb}(MISSING)")
-        else:
-            if max(width or 0, precision or 0) > MAX_OUTPUT:
-                raise _Fail(f"printf width or precision over {MAX_OUTPUT} is too large")
-            text = _format_one(queue.pop(0), verb, precision)
-            if len(text) < (width or 0):
-                text = text.ljust(width) if "-" in flags else text.zfill(width) if "0" in flags else text.rjust(width)
-            out.append(text)
-    if queue:
-        out.append("%!(EXTRA " + ", ".join(_bad_verb_value(arg) for arg in queue) + ")")
-    return "".join(out)
-
-
-def _format_one(value: Any, verb: str, precision: int | None) -> str:
-    if isinstance(value, (JsonMap, JsonList)) and verb in "sqv":
-        value = _go_json(value)  # Go calls the String method for these verbs
-    elif isinstance(value, (dict, list, tuple)):  # verb applied to each item; a nil item is <nil>
-        def item(v: Any) -> str:
-            return "<nil>" if v is None else _format_one(v, verb, precision)
-        if isinstance(value, dict):
-            return "map[" + " ".join(f"{item(k)}:{item(value[k])}" for k in sorted(value, key=_key_order)) + "]"
-        return "[" + " ".join(item(v) for v in value) + "]"
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if verb == "v" and not (precision is not None and isinstance(value, (str, float))):
-        return _sprint_one(value)
-    if isinstance(value, str) and verb in "sqv":
-        text = value if precision is None else value[:precision]
-        return _go_quote(text) if verb == "q" else text
-    if verb == "v" or (verb == "f" and number and isinstance(value, float)):
-        if not math.isfinite(value):
-            return _go_float(value, json_style=False)
-        return format(value, f".{6 if precision is None else precision}{'f' if verb == 'f' else 'g'}")
-    if verb == "d" and number and isinstance(value, int):
-        digits = str(abs(value)).zfill(precision or 0)
-        return ("-" if value < 0 else "") + digits
-    if verb == "q" and number and isinstance(value, int) and 0 <= value <= 0x10FFFF:
-        return _go_quote(chr(value), "'")
-    return f"%!{verb}({_bad_verb_value(value)})"
-
-
-def _bad_verb_value(value: Any) -> str:
-    return "<nil>" if value is None else f"{_go_type(value)}={_sprint_one(value)}"
-
-
-# ---------------------------------------------------------------- functions
-
-def _len(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value.encode())  # Go counts bytes
-    if isinstance(value, (list, tuple, dict)):
-        return len(value)
-    raise _Fail("len of nil pointer" if value is None else f"len of type {_go_type(value)}")
-
-
-def _index(item: Any, *keys: Any) -> Any:
-    for key in keys:
-        if isinstance(item, dict):
-            try:
-                item = item.get(key)
-            except TypeError:
-                raise _Fail(f"value has type {_go_type(key)}; it cannot be a map key") from None
-            continue
-        if item is None:
-            raise _Fail("index of untyped nil")
-        if not isinstance(item, (list, tuple, str)):
-            raise _Fail(f"can't index item of type {_go_type(item)}")
-        if not isinstance(key, int) or isinstance(key, bool):
-            raise _Fail(f"cannot index slice/array with type {_go_type(key)}")
-        sequence = item.encode() if isinstance(item, str) else item  # a string's items are its bytes
-        if not 0 <= key < len(sequence):
-            raise _Fail(f"index out of range: {key}")
-        item = sequence[key]
-    return item
-
-
-def _slice(item: Any, *indexes: Any) -> Any:
-    if item is None:
-        raise _Fail("slice of untyped nil")
-    if not isinstance(item, (list, tuple, str)):
-        raise _Fail(f"can't slice item of type {_go_type(item)}")
-    if len(indexes) == 3 and isinstance(item, str):
-        raise _Fail("cannot 3-index slice a string")
-    sequence = item.encode() if isinstance(item, str) else item
-    for index in indexes:
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise _Fail(f"cannot index slice/array with type {_go_type(index)}")
-        if not 0 <= index <= len(sequence):
-            raise _Fail(f"index out of range: {index}")
-    low = indexes[0] if indexes else 0
-    high = indexes[1] if len(indexes) > 1 else len(sequence)
-    if low > high:
-        raise _Fail(f"invalid slice index: {low} > {high}")
-    if len(indexes) == 3 and indexes[2] < high:
-        raise _Fail(f"invalid slice index: {high} > {indexes[2]}")
-    part = sequence[low:high]
-    return part.decode("utf-8", "replace") if isinstance(item, str) else list(part)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nil"
-    for kind, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "string")):
-        if isinstance(value, kind):
-            return name
-    return "other"
-
-
-def _eq(first: Any, *others: Any) -> bool:
-    """Go's eq: true when ``first`` equals any of the others; values of basic kinds only."""
-    for other in others:
-        if _kind(first) != _kind(other):
-            if first is not None and other is not None:
-                raise _Fail("incompatible types for comparison")
-        elif _kind(first) == "other":
-            raise _Fail(f"non-comparable type {_go_type(first)}")
-        elif first == other:
-            return True
-    return False
-
-
-def _lt(first: Any, second: Any) -> bool:
-    if _kind(first) in ("nil", "bool", "other") or _kind(second) in ("nil", "bool", "other"):
-        raise _Fail("invalid type for comparison")
-    if _kind(first) != _kind(second):
-        raise _Fail("incompatible types for comparison")
-    return first < second
-
-
-def _text(args: tuple) -> str:
-    """The one string argument as is, else the arguments printed (Go's evalArgs)."""
-    return args[0] if len(args) == 1 and isinstance(args[0], str) else _sprint(*args)
-
-
-def _html(*args: Any) -> str:
-    text = _text(args)
-    for char, entity in (("&", "&amp;"), ("'", "&#39;"), ('"', "&#34;"), ("<", "&lt;"), (">", "&gt;"),
-                         ("\0", "\ufffd")):
-        text = text.replace(char, entity)
-    return text
-
-
-_JS_ESCAPES = {"\\": "\\\\", "'": "\\'", '"': '\\"', "<": "\\u003C", ">": "\\u003E", "&": "\\u0026", "=": "\\u003D"}
-
-
-def _js(*args: Any) -> str:
-    return "".join(_JS_ESCAPES.get(c) or (c if c.isprintable() else f"\\u{ord(c):04X}") for c in _text(args))
-
-
-def _json(value: Any) -> str:
-    try:
-        return _go_json(value)
-    except _Fail:
-        return ""  # as Ollama's json, which drops json.Marshal's error
-
-
-def _date(days_ago: int) -> Callable[..., str]:
-    return lambda *_: (datetime.date.today() - datetime.timedelta(days=days_ago)).isoformat()
-
-
-# name: (fewest arguments, most or None, the function); "and" and "or" are evaluated in _Call.
-_FUNCTIONS: dict[str, tuple[int, int | None, Callable[..., Any] | None]] = {
-    "and": (1, None, None),
-    "or": (1, None, None),
-    "not": (1, 1, lambda value: not _truth(value)),
-    "eq": (2, None, _eq),
-    "ne": (2, 2, lambda a, b: not _eq(a, b)),
-    "lt": (2, 2, _lt),
-    "le": (2, 2, lambda a, b: _lt(a, b) or _eq(a, b)),
-    "gt": (2, 2, lambda a, b: not (_lt(a, b) or _eq(a, b))),
-    "ge": (2, 2, lambda a, b: not _lt(a, b)),
-    "len": (1, 1, _len),
-    "index": (1, None, _index),
-    "slice": (1, 4, _slice),
-    "print": (0, None, _sprint),
-    "println": (0, None, _sprintln),
-    "printf": (1, None, _sprintf),
-    "html": (0, None, _html),
-    "js": (0, None, _js),
-    "urlquery": (0, None, lambda *args: urllib.parse.quote_plus(_text(args), safe="")),
-    "json": (1, 1, _json),
-    "currentDate": (0, None, _date(0)),
-    "yesterdayDate": (0, None, _date(1)),
-}
-
-
-# ---------------------------------------------------------------- data
-
-def message_values(messages: Iterable[Any]) -> list[dict[str, Any]]:
-    """Chat messages (dicts or models with ``model_dump``: role, content, thinking, images,
-    tool_calls, tool_name, tool_call_id) as Ollama's templates read them, every field present
-    as Go's struct would have it; a call's ``Function.Arguments`` prints as JSON."""
-    values = []
-    for message in messages:
-        m = message.model_dump() if hasattr(message, "model_dump") else message
-        calls = []
-        for i, call in enumerate(m.get("tool_calls") or []):
-            function = call.get("function", call)  # Ollama's wire shape or our flat ToolCall
-            arguments = function.get("arguments") or {}
-            calls.append({"ID": call.get("id") or "", "Function": {
-                "Index": function.get("index", i), "Name": function.get("name") or "",
-                "Arguments": JsonMap(arguments)}})
-        values.append({"Role": m.get("role") or "", "Content": m.get("content") or "",
-                       "Thinking": m.get("thinking") or "", "Images": list(m.get("images") or []),
-                       "ToolCalls": calls, "ToolName": m.get("tool_name") or "",
-                       "ToolCallID": m.get("tool_call_id") or ""})
-    return values
-
-
-def tool_values(tools: Iterable[dict[str, Any]]) -> JsonList:
-    """Function tools (``{"type": "function", "function": {"name", "description", "parameters"}}``)
-    as Ollama's templates read them: Go field names, and the list, each tool, its function, its
-    parameters and their properties printing as the JSON Ollama writes for them (its fields in
-    its order, the keys it does not know left out; properties in the order given)."""
-    values = JsonList()
-    for tool in tools:
-        wire = _tool_json(tool)
-        function, params = wire["function"], wire["function"]["parameters"]
-        properties = (tool.get("function") or {}).get("parameters", {}).get("properties") or {}
-        param_fields = {"Type": params["type"], "Defs": params.get("$defs"), "Items": params.get("items"),
-                        "Required": params.get("required", []),
-                        "Properties": JsonMap({name: _property_value(p) for name, p in properties.items()},
-                                              params["properties"])}
-        function_fields = {"Name": function["name"], "Description": function["description"],
-                           "Parameters": JsonMap(param_fields, params)}
-        values.append(JsonMap({"Type": wire["type"], "Items": wire.get("items"),
-                               "Function": JsonMap(function_fields, function)}, wire))
-    return values
-
-
-def _tool_json(tool: dict[str, Any]) -> dict[str, Any]:
-    function = tool.get("function") or {}
-    params = function.get("parameters") or {}
-    params_json = {"type": params.get("type") or "", **_present(params, "$defs", "items"), **_given(params, "required")}
-    properties = params.get("properties")
-    params_json["properties"] = None if properties is None else {k: _property_json(p) for k, p in properties.items()}
-    return {"type": tool.get("type") or "", **_present(tool, "items"),
-            "function": {"name": function.get("name") or "", "description": function.get("description") or "",
-                         "parameters": params_json}}
-
-
-def _property_json(prop: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if prop.get("anyOf"):
-        out["anyOf"] = [_property_json(p) for p in prop["anyOf"]]
-    kind = prop.get("type")
-    if kind:
-        out["type"] = kind[0] if isinstance(kind, list) and len(kind) == 1 else kind
-    out |= _present(prop, "items") | _given(prop, "description", "enum")
-    if prop.get("properties"):
-        out["properties"] = {k: _property_json(p) for k, p in prop["properties"].items()}
-    return out | _given(prop, "required")
-
-
-def _present(source: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {key: source[key] for key in keys if source.get(key) is not None}
-
-
-def _given(source: dict[str, Any], *keys: str) -> dict[str, Any]:
-    """The keys Go's ``omitempty`` keeps: those neither missing nor empty."""
-    return {key: source[key] for key in keys if source.get(key)}
-
-
-def _property_value(prop: dict[str, Any]) -> JsonMap:
-    wire = _property_json(prop)
-    return JsonMap({"AnyOf": [_property_value(p) for p in prop.get("anyOf") or []], "Type": wire.get("type", ""),
-                    "Items": prop.get("items"), "Description": prop.get("description") or "",
-                    "Enum": list(prop.get("enum") or []), "Properties": prop.get("properties"),
-                    "Required": list(prop.get("required") or [])}, wire)

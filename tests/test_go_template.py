@@ -10,14 +10,9 @@ import time
 
 import pytest
 
-from common.go_template import (
-    HINT,
-    JsonMap,
-    TemplateError,
-    message_values,
-    parse,
-    tool_values,
-)
+from common.go_template import HINT, TemplateError, parse
+from common.go_values import JsonMap
+from common.ollama_templates import message_values, tool_values
 from common.protocol import ChatMessage
 from common.tool_calls import ToolCall
 

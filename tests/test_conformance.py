@@ -8,6 +8,7 @@ thinking one whose template renders tools, so reasoning and tool calls are in th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -58,7 +59,8 @@ def conforms(model: type[BaseModel] | Any, obj: dict[str, Any], where: str = "")
 def thinking_tools_stack(redis_server, tmp_path, **settings):
     write_model(tmp_path, MODEL, chat_template=THINKING_TEMPLATE)
     return fake_stack(redis_server.url, pull_worker=True, home=tmp_path,
-                      engine=FakeEngine(reply=REPLY, chat_template=THINKING_TEMPLATE, vision=True), **settings)
+                      engine=FakeEngine(reply=REPLY, chat_template=THINKING_TEMPLATE, vision=True,
+                                        special_tokens=("<fim_prefix>", "<fim_suffix>", "<fim_middle>")), **settings)
 
 
 def ndjson(text: str) -> list[dict[str, Any]]:
@@ -117,6 +119,24 @@ async def test_ollama(redis_server, tmp_path):
         conforms(ot.GenerateResponse, r.json())
         r = await http.post("/api/generate", json={"model": MODEL, "prompt": "raw text", "raw": True, "stream": False})
         conforms(ot.GenerateResponse, r.json())
+        for extra in ({"suffix": "return x"}, {"template": "{{ .System }} {{ .Prompt }}", "system": "Be brief."}):
+            r = await http.post("/api/generate", json={"model": MODEL, "prompt": "def f(", "stream": False, **extra})
+            assert r.status_code == 200, r.text
+            conforms(ot.GenerateResponse, r.json())
+
+        # The model-building API: a blob, a model made from another and from files, as the client types them.
+        blob = b"not a model, just bytes"
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        assert (await http.post(f"/api/blobs/{digest}", content=blob)).status_code == 201
+        assert (await http.head(f"/api/blobs/{digest}")).status_code == 200
+        r = await http.post("/api/create", json={
+            "model": "made:1b", "from": MODEL, "system": "Be brief.", "template": "{{ .Prompt }}",
+            "parameters": {"temperature": 0.2}, "messages": [{"role": "user", "content": "hi"}], "license": "MIT"})
+        for line in ndjson(r.text):
+            conforms(ot.ProgressResponse, line)
+        assert ndjson(r.text)[-1] == {"status": "success"}
+        r = await http.post("/api/create", json={"model": "bad:1b", "files": {"model.gguf": digest}, "stream": False})
+        assert r.status_code == 400 and set(r.json()) == {"error"}  # the client raises ResponseError(error)
 
         shown = (await http.post("/api/show", json={"model": MODEL, "verbose": True})).json()
         conforms(ot.ShowResponse, shown, "show")

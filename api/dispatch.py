@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 
 from api.loading import Loader
 from api.pubsub import FrameMultiplexer, Subscription
+from api.routing import Router
 from common import catalog, clock, keys, model_defaults, registry
 from common.errors import StreamBroken, Unavailable, VllamaError, WorkerLost, from_code
 from common.job_queue import JOB_LOST_MESSAGE, JobQueue, worker_lost_message
@@ -44,6 +45,7 @@ class Dispatcher:
         self._workers: list[registry.WorkerInfo] = []
         self._workers_at = 0.0
         self.queue = JobQueue(redis, settings.keep_result_s)
+        self.router = Router(redis, settings.route_hold_s)
         self.loader = Loader(redis, mux, settings)
         mux.on_orphan = self._orphaned
         self._aborting: set[asyncio.Task] = set()
@@ -105,8 +107,17 @@ class Dispatcher:
         # they wait, and at most max_queue may wait (Ollama's OLLAMA_MAX_QUEUE).
         running = sum(s.max_jobs for w in workers if (s := w.status_of(job.model)) is not None)
         stream = JobStream(self, job)
-        await stream.open(running + self.settings.max_queue, keep_alive)
+        await self.route(job, workers)
+        try:
+            await stream.open(running + self.settings.max_queue, keep_alive)
+        finally:
+            self.router.settle([job])
         return stream
+
+    async def route(self, job: GenerationJob, workers: list[registry.WorkerInfo] | None = None) -> None:
+        """Pick the worker ``job`` goes to (api/routing.py), unless routing is off."""
+        if self.settings.route:
+            await self.router.route([job], await self.workers_for(job.model) if workers is None else workers)
 
     async def record(self, job: GenerationJob, status: JobStatus, **fields: object) -> None:
         await self.queue.mark(job, status, **fields)

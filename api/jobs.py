@@ -49,7 +49,11 @@ async def submit(dispatcher: Dispatcher, job: GenerationJob, keep_alive: float |
     await dispatcher.with_model_defaults(job)
     settings = dispatcher.settings
     limit = settings.max_batch_queue if job.priority == "batch" else settings.max_queue
-    await dispatcher.queue.enqueue(job, limit, keep_alive)
+    await dispatcher.route(job)
+    try:
+        await dispatcher.queue.enqueue(job, limit, keep_alive)
+    finally:
+        dispatcher.router.settle([job])
     now_ms = int(clock.now() * 1000)
     async with dispatcher.redis.pipeline(transaction=False) as pipe:
         pipe.zadd(keys.JOBS, {job.job_id: now_ms})

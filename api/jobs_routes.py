@@ -141,6 +141,9 @@ def _job_json(state: jobs.JobState, full: bool = False) -> dict[str, Any]:
         "worker_id": r.worker_id,
         "error": state.error.message if state.error is not None else r.error,
     }
+    if r.route is not None:  # where the API sent it, and why (api/routing.py)
+        body["route"] = {"worker_id": r.route.worker_id, "reason": r.route.reason,
+                         "prefix_chars": r.route.prefix_chars}
     if r.kind == "pull":
         pull = state.pull or jobs.PullProgress()
         body.update(stores=r.stores, completed=pull.completed, total=pull.total)

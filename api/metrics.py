@@ -97,7 +97,27 @@ async def metrics(request: Request) -> Response:
                labelled(lambda m: m.stats.engine_waiting))
     out.family("vllama_engine_kv_cache_usage_ratio", "gauge", "share of vLLM's KV cache in use (0-1)",
                labelled(lambda m: m.stats.kv_cache_usage))
+    out.family("vllama_prefix_cache_queries_total", "counter", "prompt tokens looked up in vLLM's prefix cache",
+               labelled(lambda m: m.stats.prefix_cache_queries))
+    out.family("vllama_prefix_cache_hits_total", "counter", "prompt tokens found in vLLM's prefix cache",
+               labelled(lambda m: m.stats.prefix_cache_hits))
+    await _routes(d, out, workers)
     return Response(out.text(), media_type=Exposition.CONTENT_TYPE)
+
+
+async def _routes(d: Dispatcher, out: Exposition, workers: list) -> None:
+    """Routing decisions per worker, model and reason (api/routing.py), the whole cluster's."""
+    async with d.redis.pipeline(transaction=False) as pipe:
+        for w in workers:
+            pipe.hgetall(keys.route_counts(w.worker_id))
+        counts = await pipe.execute()
+    samples = []
+    for w, fields in zip(workers, counts):
+        for field, n in sorted(fields.items()):
+            model, _, reason = field.decode().partition("\t")
+            samples.append(({"worker": w.worker_id, "model": model, "reason": reason}, int(n)))
+    out.family("vllama_route_decisions_total", "counter", "jobs routed to a worker, by why (balance or affinity)",
+               samples)
 
 
 async def _per_key(request: Request, out: Exposition, key_requests: Counter[str]) -> None:

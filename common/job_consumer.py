@@ -78,13 +78,16 @@ class JobConsumer(Worker):
     one more poll, however many they are."""
 
     def __init__(self, *args: Any, wake_ups: bool = False, end_writer: EndWriter | None = None,
-                 claimed_by: str | None = None, **kwargs: Any) -> None:
+                 claimed_by: str | None = None, busy_field: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._end_writer = end_writer
         # The worker id that keys.RUNNING names for each job from the moment it is claimed to
         # its end, so the API's sweep settles the jobs of a worker that died, even those it
         # had taken and not started yet (arq's marker would hold them for the job timeout).
+        # Jobs routed to this worker (api/routing.py) are its alone for a while; others' are not.
         self.claimed_by = claimed_by
+        # The field of keys.busy(claimed_by) that counts the jobs it runs: the model's name.
+        self.busy_field = busy_field
         self._result_unkept: set[str] = set()  # filled by keep_no_result
         self.ctx[RESULT_UNKEPT] = self._result_unkept
         self.wake_ups = wake_ups
@@ -216,13 +219,25 @@ class JobConsumer(Worker):
             pipe.delete(retry_key_prefix + job_id, job_key_prefix + job_id, in_progress_key(job_id))
             if self.claimed_by is not None:
                 pipe.hdel(keys.RUNNING, job_id)
+                if self.busy_field:
+                    pipe.hincrby(keys.busy(self.claimed_by), self.busy_field, -1)
 
         return end
 
     async def _unclaimed(self, job_id: str) -> None:
-        """The job ended here, or went back to its queue: no longer ours in keys.RUNNING."""
-        if self.claimed_by is not None:
-            await until_redis_answers(lambda: self.pool.hdel(keys.RUNNING, job_id), f"end of job {job_id}")
+        """The job ended here, or went back to its queue: no longer ours in keys.RUNNING, nor
+        counted among the jobs this worker runs."""
+        if self.claimed_by is None:
+            return
+
+        async def unclaim() -> None:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                pipe.hdel(keys.RUNNING, job_id)
+                if self.busy_field:
+                    pipe.hincrby(keys.busy(self.claimed_by), self.busy_field, -1)
+                await pipe.execute()
+
+        await until_redis_answers(unclaim, f"end of job {job_id}")
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         # A job that failed before it ran (aborted as it was taken, expired): its function
@@ -252,9 +267,15 @@ class JobConsumer(Worker):
             if candidates and free <= 0:
                 self._jobs_left = True  # the next job to end polls for them
             return
-        claimed = await self.pool.eval(_CLAIM, 2, self.queue_name, keys.RUNNING, in_progress_key(""), clock.now_ms(),
-                                       int(self.in_progress_timeout_s * 1000), free, self.claimed_by or "",
-                                       *candidates)
+        claimer = self.claimed_by or ""
+        *claimed, held_ms = await self.pool.eval(
+            _CLAIM, 3, self.queue_name, keys.RUNNING, keys.busy(claimer), in_progress_key(""), clock.now_ms(),
+            int(self.in_progress_timeout_s * 1000), free, claimer, keys.route(""), keys.routed(""), self.busy_field,
+            *candidates)
+        if int(held_ms) >= 0:
+            # Jobs routed to other workers were left; if still queued when their hold lapses,
+            # they are anyone's (api/routing.py): look again then.
+            self._wake_in(int(held_ms) / 1000 + TIE_BREAK_S)
         for job_id, score in zip(claimed[::2], claimed[1::2]):
             job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
             await self.sem.acquire()  # never waits: only free slots were claimed
@@ -266,26 +287,46 @@ class JobConsumer(Worker):
             self._jobs_left = True  # the next job to end polls for the others
 
 
-# KEYS: the queue zset, keys.RUNNING. ARGV: the in-progress key prefix, now (ms), the
-# in-progress marker's TTL (ms), how many to claim at most, the claiming worker's id ("" to
-# record none), then the candidate job ids in queue order.
-# Returns id, score, id, score, ... of the jobs claimed (marked in progress) for this worker.
+# KEYS: the queue zset, keys.RUNNING, keys.busy(claimer). ARGV: the in-progress key prefix,
+# now (ms), the in-progress marker's TTL (ms), how many to claim at most, the claiming worker's
+# id ("" to record none), the route hold key prefix, the routed zset prefix, the busy field,
+# then the candidate job ids in queue order.
+# A job held for another worker (keys.route names it) is left; one held for this worker, or
+# no longer held, is claimed, and its hold removed.
+# Returns id, score, id, score, ... of the jobs claimed (marked in progress) for this worker,
+# then the ms until the first hold on a job left lapses (-1: none left).
 _CLAIM = """
 local claimed = {}
 local room = tonumber(ARGV[4])
 local claimer = ARGV[5]
-for i = 6, #ARGV do
+local soonest = -1
+for i = 9, #ARGV do
   if room == 0 then break end
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], id)
   local marker = ARGV[1] .. id
   if score and tonumber(score) <= tonumber(ARGV[2]) and redis.call('EXISTS', marker) == 0 then
-    redis.call('PSETEX', marker, ARGV[3], '1')
-    if claimer ~= '' then redis.call('HSET', KEYS[2], id, claimer) end
-    claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = score
-    room = room - 1
+    local hold = ARGV[6] .. id
+    local holder = redis.call('GET', hold)
+    if holder and holder ~= claimer then
+      local left = redis.call('PTTL', hold)
+      if left >= 0 and (soonest < 0 or left < soonest) then soonest = left end
+    else
+      if holder then
+        redis.call('DEL', hold)
+        redis.call('ZREM', ARGV[7] .. holder, id)
+      end
+      redis.call('PSETEX', marker, ARGV[3], '1')
+      if claimer ~= '' then redis.call('HSET', KEYS[2], id, claimer) end
+      claimed[#claimed + 1] = id
+      claimed[#claimed + 1] = score
+      room = room - 1
+    end
   end
 end
+if claimer ~= '' and ARGV[8] ~= '' and #claimed > 0 then
+  redis.call('HINCRBY', KEYS[3], ARGV[8], #claimed / 2)
+end
+claimed[#claimed + 1] = soonest
 return claimed
 """

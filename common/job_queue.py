@@ -37,7 +37,7 @@ from arq.constants import (
 )
 from arq.jobs import Job, JobResult, serialize_job
 
-from common import clock, keys, registry
+from common import clock, keys, prefixes, registry
 from common.errors import ServerBusy, VllamaError
 from common.pipelined import Pipelined
 from common.protocol import GenerationJob
@@ -83,15 +83,27 @@ def record_ttl(record: JobRecord, keep_result_s: int) -> int:
     return keep_result_s
 
 _ENQUEUE_IF_ROOM = """
--- KEYS: queue zset, arq job key, arq result key, our job record, the model's keep_alive
+-- KEYS: queue zset, arq job key, arq result key, our job record, the model's keep_alive,
+--       the job's route hold, the routed worker's zset of routed jobs, its route counts
 -- ARGV: queue limit, job payload, expires ms, score, job id, job record, record TTL s,
---       keep_alive seconds ('' = the worker's default), wake-up channel ('' = none)
+--       keep_alive seconds ('' = the worker's default), wake-up channel ('' = none),
+--       routed worker ('' = none), hold ms, hold ends (ms), route count field, prefix TTL s,
+--       then the prefix keys the routed worker now owns (api/routing.py)
 if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return -1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 -- The record first: at maxmemory Redis refuses a script at its first write that may grow
 -- the data (a DEL would let every later write through), so a full Redis writes nothing.
 redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
 if ARGV[8] == '' then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], ARGV[8]) end
+-- The route before the job is visible: no worker may take it in between unheld.
+if ARGV[10] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[10], 'PX', ARGV[11])
+  redis.call('ZADD', KEYS[7], ARGV[12], ARGV[5])
+  redis.call('EXPIRE', KEYS[7], 3600)
+  redis.call('HINCRBY', KEYS[8], ARGV[13], 1)
+  redis.call('EXPIRE', KEYS[8], 86400)
+  for i = 15, #ARGV do redis.call('SET', ARGV[i], ARGV[10], 'EX', ARGV[14]) end
+end
 redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
 -- Wake the queue's workers (PUBLISH is not refused at maxmemory, and runs only once queued).
@@ -99,8 +111,9 @@ if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[4] .. ' ' .. KEYS[1]) 
 return 1
 """
 _ENQUEUED, _QUEUE_FULL = 1, 0
-# Where a prepared job's arguments hold its queue, its score and the wake-up channel.
-_QUEUE_ARG, _SCORE_ARG, _WAKEUP_ARG = 2, 10, -1
+# Where a prepared job's arguments (script, key count, 8 keys, then ARGV) hold its queue, its
+# score and the wake-up channel.
+_QUEUE_ARG, _SCORE_ARG, _WAKEUP_ARG = 2, 13, 18
 
 
 def wakeup_message(queue: str, score_ms: int) -> str:
@@ -192,12 +205,18 @@ class JobQueue:
         payload = serialize_job("generate", (job.model_dump(mode="json"),), {}, None, now_ms,
                                 serializer=job_serializer)
         job_id = job.job_id
+        route = job.route
+        worker = route.worker_id if route is not None else ""
         return (job_id, (
-            _ENQUEUE_IF_ROOM, 5,
+            _ENQUEUE_IF_ROOM, 8,
             keys.queue_for(job.model, job.priority), job_key_prefix + job_id, result_key_prefix + job_id,
-            keys.job_record(job_id), keys.keep_alive(job.model),
+            keys.job_record(job_id), keys.keep_alive(job.model), keys.route(job_id), keys.routed(worker),
+            keys.route_counts(worker),
             limit, payload, JOB_EXPIRES_MS, now_ms, job_id, JobRecord.of(job, "queued").dump(), self.keep_result_s,
             "" if keep_alive is None else repr(keep_alive), keys.WAKEUP,
+            worker, max(1, route.until_ms - now_ms) if route else 0, route.until_ms if route else 0,
+            f"{job.model}\t{route.reason}" if route else "", prefixes.PREFIX_TTL_S,
+            *(prefixes.owned_prefix_keys(job) if route else ()),
         ))
 
     async def enqueue_many(self, jobs: list[PreparedJob]) -> list[VllamaError | None]:
@@ -212,7 +231,7 @@ class JobQueue:
             for _, args in jobs:
                 queue, score = args[_QUEUE_ARG], args[_SCORE_ARG]
                 newest[queue] = max(score, newest.get(queue, score))
-                pipe.eval(*args[:_WAKEUP_ARG], "")
+                pipe.eval(*args[:_WAKEUP_ARG], "", *args[_WAKEUP_ARG + 1:])
             for queue, score in newest.items():
                 pipe.publish(keys.WAKEUP, wakeup_message(queue, score))
             outcomes = await pipe.execute()

@@ -190,6 +190,42 @@ def push_alive(job_id: str) -> str:
     return f"{PREFIX}:push-alive:{job_id}"
 
 
+# ---------------------------------------------------------------- routing (api/routing.py)
+
+
+def route(job_id: str) -> str:
+    """The worker a queued job is routed to (api/routing.py). TTL: settings.route_hold_s, the
+    time only that worker may take it; after it any worker may (the shared queue stays the
+    safety net: a job routed to a worker that died or stalled is taken by another)."""
+    return f"{PREFIX}:route:{job_id}"
+
+
+def routed(worker_id: str) -> str:
+    """Zset: ids of the jobs routed to a worker and not taken yet, scored by when the route
+    lapses (ms): the routing's count of what waits for it. TTL: 1 hour, renewed by every add;
+    the worker drops lapsed members every heartbeat."""
+    return f"{PREFIX}:routed:{worker_id}"
+
+
+def busy(worker_id: str) -> str:
+    """Hash: model -> jobs the worker runs now. Counted up as it takes jobs and down as they
+    end, and set to its own count every heartbeat (which heals any drift); TTL: the heartbeat
+    TTL, so a dead worker's lapses with its record."""
+    return f"{PREFIX}:busy:{worker_id}"
+
+
+def prefix_owner(model: str, prefix_hash: str) -> str:
+    """The worker that last ran a prompt beginning with this prefix (api/routing.py), whose
+    prefix cache likely holds it. TTL: 10 minutes, renewed by each prompt that shares it."""
+    return f"{PREFIX}:prefix:{model}:{prefix_hash}"
+
+
+def route_counts(worker_id: str) -> str:
+    """Hash: "<model>\t<reason>" -> jobs routed to the worker for that reason (/metrics).
+    TTL: 1 day, renewed by every count: a worker gone a day takes its counters with it."""
+    return f"{PREFIX}:route-counts:{worker_id}"
+
+
 # Zset of models waiting for a worker to load them, scored by request time (ms). No TTL:
 # a worker removes a model when it claims it, and the API when it gives up waiting; its
 # housekeeping drops requests older than settings.load_timeout_s for which no job waits.

@@ -52,6 +52,9 @@ class ModelStats(BaseModel):
     engine_running: int = 0
     engine_waiting: int = 0
     kv_cache_usage: float = 0.0  # 0..1
+    # Prompt tokens the engine looked up in its prefix cache, and found there (vLLM's counters).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def ended(self, status: str) -> None:
         self.jobs[status] += 1

@@ -93,6 +93,16 @@ class EmbedInput(BaseModel):
     normalize: bool = True  # L2-normalize (after cutting to ``dimensions``)
 
 
+class JobRoute(BaseModel):
+    """Which worker a job was routed to, and why (api/routing.py): it alone may take the job
+    until ``until_ms``; then any worker may."""
+
+    worker_id: str
+    reason: Literal["balance", "affinity"]
+    prefix_chars: int = 0  # affinity: how much of the prompt that worker ran before
+    until_ms: int = 0
+
+
 class GenerationJob(BaseModel):
     """One generation request as the worker runs it."""
 
@@ -126,6 +136,7 @@ class GenerationJob(BaseModel):
     priority: Literal["interactive", "batch"] = "interactive"  # batch: served after interactive work
     batch: BatchRef | None = None  # a line of an OpenAI batch: its outcome is recorded there
     owner: str | None = None  # the name of the API key that made it (None: no keys configured)
+    route: JobRoute | None = None  # the worker it was routed to (None: whichever takes it first)
     created_at: float = Field(default_factory=clock.now)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from common import clock
-from common.protocol import GenerationJob
+from common.protocol import GenerationJob, JobRoute
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 FINISHED: tuple[JobStatus, ...] = ("done", "failed", "cancelled")
@@ -40,11 +40,13 @@ class JobRecord(BaseModel):
     error: str | None = None
     stores: list[str] = Field(default_factory=list)  # a pull job: the stores it pulls into
     owner: str | None = None  # the API key's name that made it; None: made before keys, or without them
+    route: JobRoute | None = None  # the worker the API routed it to, and why (api/routing.py)
 
     @classmethod
     def of(cls, job: GenerationJob, status: JobStatus, **fields: object) -> JobRecord:
         return cls(job_id=job.job_id, model=job.model, kind=job.kind, priority=job.priority,
-                   is_async=not job.stream, status=status, created_at=job.created_at, owner=job.owner, **fields)
+                   is_async=not job.stream, status=status, created_at=job.created_at, owner=job.owner,
+                   route=job.route, **fields)
 
     @property
     def finished(self) -> bool:

@@ -207,6 +207,16 @@ class Settings(BaseSettings):
         description="How often a worker looks for jobs and aborts unasked. Enqueues and aborts wake workers at "
                     "once; this is the fallback for wake-ups lost while Redis reconnects.",
     )
+    route: bool = Field(
+        default=True,
+        description="Route each job to a worker by load and prompt prefix (api/routing.py); off: whichever worker "
+                    "looks first takes as many queued jobs as it has room for.",
+    )
+    route_hold_s: float = Field(
+        default=2.0, gt=0,
+        description="How long only the worker a job is routed to may take it; then any worker may (a worker that "
+                    "died or stalls strands nothing).",
+    )
     job_log: bool = Field(default=False, description="Log each job's start and end in the worker (arq's lines); "
                           "off by default: at hundreds of jobs a second they cost a share of the worker's CPU.")
 

@@ -31,6 +31,9 @@ class SchedulerView:
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
     kv_cache_usage: float = 0.0
+    # Prompt tokens looked up in the prefix cache, and found there, since the engine started.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def logger_factory(self):  # -> vllm StatLoggerFactory
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -46,6 +49,9 @@ class SchedulerView:
                     view.num_running_reqs = scheduler_stats.num_running_reqs
                     view.num_waiting_reqs = scheduler_stats.num_waiting_reqs
                     view.kv_cache_usage = scheduler_stats.kv_cache_usage
+                    cache = scheduler_stats.prefix_cache_stats
+                    view.prefix_cache_queries += cache.queries
+                    view.prefix_cache_hits += cache.hits
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -110,6 +116,9 @@ class Engine(Protocol):
 
     def scheduler_stats(self) -> tuple[int, int, float]:
         """(requests running, requests waiting, KV cache use 0..1), as the engine last said."""
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, tokens found there), since it started."""
 
     def close(self) -> None: ...
 
@@ -316,6 +325,9 @@ class VllmEngine:
     def scheduler_stats(self) -> tuple[int, int, float]:
         s = self._scheduler
         return s.num_running_reqs, s.num_waiting_reqs, s.kv_cache_usage
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        return self._scheduler.prefix_cache_queries, self._scheduler.prefix_cache_hits
 
     def close(self) -> None:
         if self._llm is not None:

@@ -35,6 +35,7 @@ from workers.engine import Delta
 
 REPLY_CHARS_PER_TOKEN = 4
 EMBED_DIM = 16
+PREFIX_BLOCK = 16  # tokens per prefix-cache block, as vLLM's default
 VOCAB_SIZE = 50_000  # "tokens" are characters modulo this
 _LABEL = re.compile(r"label:(\w+)")
 
@@ -94,6 +95,8 @@ class FakeEngine:
         self.last_chat: tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
         self.last_sampling: Sampling | None = None
         self.last_prompt: list[int] = []  # the latest generation's prompt token ids
+        self._cached_blocks: set[int] = set()  # chained hashes of every prompt block seen
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
         self.last_template_kwargs: dict[str, Any] = {}
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -138,6 +141,7 @@ class FakeEngine:
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
         self.last_prompt = list(prompt_token_ids)
+        self._look_up_prefix(self.last_prompt)
         self.last_sampling = sampling
         self.last_images = list(images or [])
         self._in_flight.add(request_id)
@@ -197,6 +201,23 @@ class FakeEngine:
     def kill(self) -> None:
         """What a killed engine process looks like: every request fails, now and later."""
         self._dead = True
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        return self.prefix_cache_queries, self.prefix_cache_hits
+
+    def _look_up_prefix(self, prompt: list[int]) -> None:
+        """As vLLM's prefix cache counts: the prompt's whole blocks are looked up, and a hit
+        is the run of blocks from its start that an earlier prompt had (this engine forgets
+        nothing)."""
+        blocks = len(prompt) // PREFIX_BLOCK
+        self.prefix_cache_queries += len(prompt)
+        found, chain = 0, ()
+        for i in range(blocks):
+            chain = hash((chain, tuple(prompt[i * PREFIX_BLOCK:(i + 1) * PREFIX_BLOCK])))
+            if chain in self._cached_blocks and found == i:
+                found += 1
+            self._cached_blocks.add(chain)
+        self.prefix_cache_hits += found * PREFIX_BLOCK
 
     def scheduler_stats(self) -> tuple[int, int, float]:
         if self._steps is not None:

@@ -89,6 +89,7 @@ class LoadedModel:
             wake_ups=True,
             end_writer=sink.write,  # a job's end travels with the frames: one round trip for many jobs
             claimed_by=self.runner.worker_id,  # in keys.RUNNING from its claim to its end
+            busy_field=self.name,  # counted in keys.busy(worker) meanwhile, for the API's routing
             allow_abort_jobs=True,
             keep_result=settings.keep_result_s,
             job_serializer=job_serializer,
@@ -206,5 +207,7 @@ class LoadedModel:
         if self.runner is None or self.engine is None:
             return None
         running, waiting, kv_cache_usage = self.engine.scheduler_stats()
+        queries, hits = self.engine.prefix_cache_stats()
         return self.runner.stats.model_copy(update={"engine_running": running, "engine_waiting": waiting,
-                                                    "kv_cache_usage": kv_cache_usage})
+                                                    "kv_cache_usage": kv_cache_usage, "prefix_cache_queries": queries,
+                                                    "prefix_cache_hits": hits})

@@ -197,6 +197,7 @@ async def test_json_under_a_form_content_type_still_works(stack):
             ("DELETE", "/api/delete", {"model": "copied:1b"}, 200),
             ("POST", "/api/create", {"model": "made:1b", "from": MODEL, "system": "Be brief.", "stream": False}, 200),
             ("POST", "/api/pull", {"model": "no-such-model-anywhere", "stream": False}, 404),
+            ("POST", "/api/push", {"model": "you/no-such-model", "stream": False}, 404),
             ("POST", "/api/embed", {"model": MODEL, "input": []}, 200),
             ("POST", "/api/embeddings", {"model": MODEL, "prompt": ""}, 200),
             # Parsed, and refused for what it asks: the fake model generates, it does not embed.

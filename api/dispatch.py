@@ -45,7 +45,7 @@ class Dispatcher:
         self._workers: list[registry.WorkerInfo] = []
         self._workers_at = 0.0
         self.queue = JobQueue(redis, settings.keep_result_s)
-        self.router = Router(redis, settings.route_hold_s)
+        self.router = Router(redis, settings.route_hold_s, settings.route_affinity)
         self.loader = Loader(redis, mux, settings)
         mux.on_orphan = self._orphaned
         self._aborting: set[asyncio.Task] = set()

@@ -46,9 +46,10 @@ class Candidate:
 class Router:
     """Routes jobs to workers (see the module's docstring); one per API process."""
 
-    def __init__(self, redis: Redis, hold_s: float) -> None:
+    def __init__(self, redis: Redis, hold_s: float, affinity: bool = True) -> None:
         self.redis = redis
         self.hold_ms = int(hold_s * 1000)
+        self.affinity = affinity  # off: balance alone
         # Jobs this process routed whose enqueue has not reached Redis yet: requests routed at
         # the same moment must see each other, or a burst would all pick the same worker.
         self._pending: dict[tuple[str, str], int] = {}
@@ -62,7 +63,7 @@ class Router:
         if not candidates:
             return
         now_ms = clock.now_ms()
-        prefixes = [prefix_hashes(j) for j in jobs]
+        prefixes = [prefix_hashes(j) if self.affinity else [] for j in jobs]
         lookups = sorted({h for hs in prefixes for h in hs[FIRST_COMPARED:]})
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in candidates:
@@ -72,8 +73,8 @@ class Router:
                 pipe.mget([keys.prefix_owner(model, h) for h in lookups])
             answers = await pipe.execute()
         for i, c in enumerate(candidates):
-            c.load = int(answers[2 * i] or 0) + int(answers[2 * i + 1] or 0) + \
-                self._pending.get((model, c.worker_id), 0)
+            running = max(0, int(answers[2 * i] or 0))  # never below 0, should a write have been lost
+            c.load = running + int(answers[2 * i + 1] or 0) + self._pending.get((model, c.worker_id), 0)
         owners = dict(zip(lookups, (o.decode() if o else None for o in answers[-1]))) if lookups else {}
         for job, hashes in zip(jobs, prefixes):
             chosen, reason, shared = self._choose(candidates, hashes, owners)

@@ -208,9 +208,9 @@ def routed(worker_id: str) -> str:
 
 
 def busy(worker_id: str) -> str:
-    """Hash: model -> jobs the worker runs now. Counted up as it takes jobs and down as they
-    end, and set to its own count every heartbeat (which heals any drift); TTL: the heartbeat
-    TTL, so a dead worker's lapses with its record."""
+    """Hash: model -> jobs the worker runs now, counted up by the script that claims them and
+    down with each job's end (so Redis sees every end after its claim). TTL: the heartbeat TTL,
+    renewed every heartbeat, so a dead worker's lapses with its record."""
     return f"{PREFIX}:busy:{worker_id}"
 
 

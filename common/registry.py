@@ -68,13 +68,9 @@ def publish_heartbeat(client: SyncRedis, info: WorkerInfo, ttl_s: float) -> None
     with client.pipeline(transaction=False) as pipe:
         pipe.set(keys.worker_record(info.worker_id), info.model_dump_json(), px=ttl_ms)
         pipe.zadd(keys.WORKERS, {info.worker_id: int(info.heartbeat_at * 1000)})
-        # What the API routes by (api/routing.py): the jobs it runs, counted exactly now (the
-        # counts its claims and ends keep in between may drift), and no lapsed routes.
-        busy = keys.busy(info.worker_id)
-        pipe.delete(busy)
-        if info.loaded:
-            pipe.hset(busy, mapping={m.name: m.running for m in info.loaded})
-            pipe.pexpire(busy, ttl_ms)
+        # What the API routes by (api/routing.py): the count of the jobs it runs (kept by its
+        # claims and ends, which Redis orders) lives as long as the worker; lapsed routes go.
+        pipe.pexpire(keys.busy(info.worker_id), ttl_ms)
         pipe.zremrangebyscore(keys.routed(info.worker_id), "-inf", int(info.heartbeat_at * 1000))
         pipe.execute()
 

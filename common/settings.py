@@ -212,6 +212,11 @@ class Settings(BaseSettings):
         description="Route each job to a worker by load and prompt prefix (api/routing.py); off: whichever worker "
                     "looks first takes as many queued jobs as it has room for.",
     )
+    route_affinity: bool = Field(
+        default=True,
+        description="Send a prompt that begins as one run recently to the worker that ran it, whose prefix cache "
+                    "holds it (unless it is much busier); off: balance by load alone.",
+    )
     route_hold_s: float = Field(
         default=2.0, gt=0,
         description="How long only the worker a job is routed to may take it; then any worker may (a worker that "

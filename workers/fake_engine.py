@@ -81,7 +81,7 @@ class FakeEngine:
     def __init__(
         self, *, max_model_len: int = 2048, max_num_seqs: int = 64, answer_tokens: int = 16, step_s: float = 0.0,
         reply: str | None = None, stepwise: bool = False, embedding: bool = False, chat_template: str = "",
-        vision: bool = False, special_tokens: tuple[str, ...] = (),
+        vision: bool = False, special_tokens: tuple[str, ...] = (), prefill_s_per_token: float = 0.0,
     ) -> None:
         self.tokenizer = FakeTokenizer(special_tokens)  # special_tokens: e.g. fill-in-the-middle markers
         self.embedding = embedding
@@ -96,6 +96,9 @@ class FakeEngine:
         self.last_sampling: Sampling | None = None
         self.last_prompt: list[int] = []  # the latest generation's prompt token ids
         self._cached_blocks: set[int] = set()  # chained hashes of every prompt block seen
+        # Time to compute a prompt token not in the prefix cache (0: none), for routing benchmarks.
+        self.prefill_s_per_token = prefill_s_per_token
+        self._prefilling = asyncio.Lock()
         self.prefix_cache_queries = self.prefix_cache_hits = 0
         self.last_template_kwargs: dict[str, Any] = {}
         self.max_model_len = max_model_len
@@ -141,7 +144,10 @@ class FakeEngine:
     ) -> AsyncIterator[Delta]:
         self.started.append(request_id)
         self.last_prompt = list(prompt_token_ids)
-        self._look_up_prefix(self.last_prompt)
+        uncached = self._look_up_prefix(self.last_prompt)
+        if self.prefill_s_per_token:  # one prefill at a time, as one engine computes them
+            async with self._prefilling:
+                await asyncio.sleep(uncached * self.prefill_s_per_token)
         self.last_sampling = sampling
         self.last_images = list(images or [])
         self._in_flight.add(request_id)
@@ -205,10 +211,10 @@ class FakeEngine:
     def prefix_cache_stats(self) -> tuple[int, int]:
         return self.prefix_cache_queries, self.prefix_cache_hits
 
-    def _look_up_prefix(self, prompt: list[int]) -> None:
+    def _look_up_prefix(self, prompt: list[int]) -> int:
         """As vLLM's prefix cache counts: the prompt's whole blocks are looked up, and a hit
         is the run of blocks from its start that an earlier prompt had (this engine forgets
-        nothing)."""
+        nothing). Returns how many of its tokens were not found (the prefill to do)."""
         blocks = len(prompt) // PREFIX_BLOCK
         self.prefix_cache_queries += len(prompt)
         found, chain = 0, ()
@@ -218,6 +224,7 @@ class FakeEngine:
                 found += 1
             self._cached_blocks.add(chain)
         self.prefix_cache_hits += found * PREFIX_BLOCK
+        return len(prompt) - found * PREFIX_BLOCK
 
     def scheduler_stats(self) -> tuple[int, int, float]:
         if self._steps is not None:

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api import ndjson
-from api.answers import ending_in_band
 from api.blob_routes import create_from_files
 from api.dispatch import Dispatcher
 from api.errors import parse_body
@@ -60,29 +59,14 @@ async def pull_response(d: Dispatcher, model: str, stream: bool) -> Response:
         finally:
             await states.aclose()
         return JSONResponse({"status": "success"})
-    return StreamingResponse(_relay_pull(lines, first, states), media_type=ndjson.NDJSON)
+    return StreamingResponse(ndjson.relay_progress(lines, states, "pull again", lines.lines(first)),
+                             media_type=ndjson.NDJSON)
 
 
 async def _from(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
     yield first
     async for item in rest:
         yield item
-
-
-async def _relay_pull(lines: PullLines, first: dict, states: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    async def pull_lines() -> AsyncIterator[bytes]:
-        async for state in _from(first, states):
-            for line in lines.lines(state):
-                yield ndjson.line(line)
-            if lines.error:
-                yield ndjson.error_line(lines.error.message)
-                return
-
-    try:
-        async for chunk in ending_in_band(pull_lines(), ndjson.error_line, retry="pull again"):
-            yield chunk
-    finally:
-        await states.aclose()
 
 
 @router.head("/api/tags", include_in_schema=False)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
-from api.answers import logprobs_json
+from api.answers import ending_in_band, logprobs_json
 from common.protocol import DoneFrame, TokenLogprob
 from common.tool_calls import ToolCall
 
@@ -121,3 +122,28 @@ def load_response(kind: str, model: str, reason: str) -> dict[str, Any]:
     """Answer to an empty prompt / empty messages: Ollama's load (or unload) acknowledgement."""
     base = generate_chunk(model, "") if kind == "generate" else chat_chunk(model, "")
     return {**base, "done": True, "done_reason": reason}
+
+
+async def relay_progress(lines: Any, states: AsyncIterator[Any], retry: str,
+                         before: list[dict[str, Any]] | None = None) -> AsyncIterator[bytes]:
+    """A pull's or a push's progress as NDJSON: ``before`` (lines already made from its first
+    state), then ``lines.lines(state)`` of each later state; once ``lines.error`` is set, that
+    error in-band, and the end. ``states`` is closed however the stream ends."""
+    async def progress() -> AsyncIterator[bytes]:
+        for obj in before or []:
+            yield line(obj)
+        if lines.error:
+            yield error_line(lines.error.message)
+            return
+        async for state in states:
+            for obj in lines.lines(state):
+                yield line(obj)
+            if lines.error:
+                yield error_line(lines.error.message)
+                return
+
+    try:
+        async for chunk in ending_in_band(progress(), error_line, retry=retry):
+            yield chunk
+    finally:
+        await states.aclose()

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import TypeAdapter
 
 from api import ndjson
-from api.answers import ending_in_band
 from api.dispatch import Dispatcher
 from api.pubsub import Overflowed, Subscription
 from common import catalog, keys
@@ -144,23 +143,4 @@ async def push_response(d: Dispatcher, store_id: str, model: str, repo: str, rev
     except BaseException:
         await states.aclose()
         raise
-    return StreamingResponse(_relay(lines, first, states), media_type=ndjson.NDJSON)
-
-
-async def _relay(lines: PushLines, first: list[dict[str, Any]], states: AsyncIterator[PushState]
-                 ) -> AsyncIterator[bytes]:
-    async def push_lines() -> AsyncIterator[bytes]:
-        for line in first:
-            yield ndjson.line(line)
-        async for state in states:
-            for line in lines.lines(state):
-                yield ndjson.line(line)
-            if lines.error:
-                yield ndjson.error_line(lines.error.message)
-                return
-
-    try:
-        async for chunk in ending_in_band(push_lines(), ndjson.error_line, retry="push again"):
-            yield chunk
-    finally:
-        await states.aclose()
+    return StreamingResponse(ndjson.relay_progress(lines, states, "push again", first), media_type=ndjson.NDJSON)

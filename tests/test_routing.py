@@ -79,7 +79,9 @@ async def all_done(stack, ids: list[str], within: float = 30) -> list[dict]:
 
 @pytest.mark.parametrize(("workers", "burst"), [(2, 12), (2, 48), (3, 12), (3, 48), (3, 200)])
 async def test_a_burst_spreads_over_the_workers_by_load(redis_server, workers, burst):
-    async with workers_stack(redis_server, workers) as (stack, engines), stack.client() as http:
+    # Jobs of 5 s: the whole burst is in flight at once, however slowly a busy machine submits it.
+    async with workers_stack(redis_server, workers, step_s=0.05, answer_tokens=100) as (stack, engines), \
+            stack.client() as http:
         ids = await submit(http, burst)
         done = await all_done(stack, ids)
         ran = Counter(r["worker_id"] for r in done)

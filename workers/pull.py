@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from common import clock
 from common.catalog import CatalogEntry, Manifest, ManifestFile
@@ -32,7 +32,7 @@ from common.errors import ErrorCode, Forbidden, InsufficientStorage, ModelNotFou
 from common.model_info import describe
 from common.model_paths import model_dir_problems, path_problem
 from common.models import ModelSource, is_repo_id, source_for, with_repo_spelling
-from common.protocol import PullFile, PullState, PullStatus
+from common.protocol import PullFile, PullState, PullStatus, PushState, PushStatus
 from common.redact import without_paths
 from workers.disk_space import FreeSpace, Space
 from workers.store import ModelStore, describe_files, file_sha256, with_changes
@@ -47,16 +47,20 @@ _LICENSE_NAMES = {"LICENSE", "LICENSE.md", "LICENSE.txt"}
 _SENTENCE_STEP = re.compile(r"\d+_[A-Za-z]+/[^/]+\.(?:json|safetensors)")
 
 
-class Progress:
-    """A pull's state, updated from download threads; ``notify`` is called after each change
-    and must be thread-safe (the pull worker hands it to its event loop)."""
+State = TypeVar("State", PullState, PushState)
 
-    def __init__(self, state: PullState, notify: Callable[[], None] = lambda: None) -> None:
+
+class Progress(Generic[State]):
+    """A pull's (or a push's) state, updated from the threads moving its files; ``notify`` is
+    called after each change and must be thread-safe (the pull worker hands it to its event
+    loop)."""
+
+    def __init__(self, state: State, notify: Callable[[], None] = lambda: None) -> None:
         self.state = state
         self._notify = notify
         self._lock = threading.Lock()
 
-    def phase(self, status: PullStatus) -> None:
+    def phase(self, status: PullStatus | PushStatus) -> None:
         with self._lock:
             self.state.status = status
             self.state.updated_at = clock.now()
@@ -75,7 +79,7 @@ class Progress:
             self.state.updated_at = clock.now()
         self._notify()
 
-    def snapshot(self) -> PullState:
+    def snapshot(self) -> State:
         with self._lock:
             return self.state.model_copy(deep=True)
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,11 +26,11 @@ from arq.connections import ArqRedis
 
 from common import clock, keys
 from common.errors import ErrorCode, Forbidden, ModelNotFound, Upstream, VllamaError
-from common.protocol import PullFile, PushFrame, PushState, PushStatus
+from common.protocol import PullFile, PushFrame, PushState
 from common.redact import without_paths
 from common.settings import Settings
 from workers.frames import FramePublisher, FrameSink
-from workers.pull import check_model_dir
+from workers.pull import Progress, check_model_dir
 from workers.store import ModelStore, file_sha256
 
 log = logging.getLogger(__name__)
@@ -43,33 +42,8 @@ NO_TOKEN = ("pushing needs a Hugging Face token with write access: set HF_TOKEN 
             "or `vllama serve`), restart them and push again")
 
 
-class PushProgress:
-    """A push's state, updated from the upload thread; ``notify`` is called after each change
-    and must be thread-safe (the job hands it to its event loop)."""
-
-    def __init__(self, state: PushState, notify: Callable[[], None] = lambda: None) -> None:
-        self.state = state
-        self._notify = notify
-        self._lock = threading.Lock()
-
-    def phase(self, status: PushStatus) -> None:
-        with self._lock:
-            self.state.status = status
-            self.state.updated_at = clock.now()
-        self._notify()
-
-    def add_files(self, files: list[PullFile]) -> None:
-        with self._lock:
-            self.state.files = files
-        self._notify()
-
-    def advance(self, path: str, completed: int) -> None:
-        with self._lock:
-            for f in self.state.files:
-                if f.path == path:
-                    f.completed = max(0, min(completed, f.total))
-            self.state.updated_at = clock.now()
-        self._notify()
+class PushProgress(Progress[PushState]):
+    """A push's state, updated from the upload thread (as a pull's is, workers/pull.py)."""
 
     def all_sent(self) -> None:
         """Every file is on the Hub or in the commit about to be sent."""
@@ -83,10 +57,6 @@ class PushProgress:
             self.state.status = "failed" if error else "success"
             self.state.commit, self.state.code, self.state.error = commit, code, error
             self.state.updated_at = clock.now()
-            return self.state.model_copy(deep=True)
-
-    def snapshot(self) -> PushState:
-        with self._lock:
             return self.state.model_copy(deep=True)
 
 

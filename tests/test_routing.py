@@ -25,30 +25,49 @@ from workers.main import GenerationWorker
 SYSTEM = "You are a careful assistant. " * 80  # about 2,300 characters shared by every chat below
 
 
+class Workers:
+    """Workers serving MODEL in this process, each with its own fake engine, started as a
+    test needs them."""
+
+    def __init__(self, stack, redis_url: str) -> None:
+        self.stack, self.redis_url = stack, redis_url
+        self.engines: dict[str, FakeEngine] = {}  # worker id -> its engine
+        self._running: list[tuple[GenerationWorker, asyncio.Task]] = []
+
+    async def add(self, engine: FakeEngine) -> str:
+        worker = GenerationWorker(self.stack.settings, engine=engine,
+                                  engine_factory=lambda name, path: FakeEngine())
+        self._running.append((worker, asyncio.create_task(worker.run(redis=await connect(self.redis_url)))))
+        self.engines[worker.worker_id] = engine
+
+        async def ready() -> bool:
+            live = {w.worker_id: w for w in await registry.live_workers(self.stack.redis)}
+            status = live[worker.worker_id].status_of(MODEL) if worker.worker_id in live else None
+            return status is not None and status.state == "ready"
+
+        await async_wait_until(ready, 20, f"worker {worker.worker_id} to be ready")
+        async with self.stack.client() as http:
+            await http.get("/api/ps")  # the API's view of the workers, refreshed now
+        return worker.worker_id
+
+    async def stop(self) -> None:
+        for worker, _ in self._running:
+            worker.stop()
+        await asyncio.gather(*(task for _, task in self._running), return_exceptions=True)
+
+
 @asynccontextmanager
 async def workers_stack(redis_server, count: int, *, step_s: float = 0.02, answer_tokens: int = 20, **settings):
     """An API and ``count`` workers serving MODEL, each with its own fake engine."""
     settings = {"max_jobs": 100, "batch_share": 1.0, **settings}
     async with fake_stack(redis_server.url, worker=False, **settings) as stack:
-        engines = [FakeEngine(step_s=step_s, answer_tokens=answer_tokens, max_model_len=8192) for _ in range(count)]
-        workers = [GenerationWorker(stack.settings, engine=e, engine_factory=lambda name, path: FakeEngine())
-                   for e in engines]
-        tasks = [asyncio.create_task(w.run(redis=await connect(redis_server.url))) for w in workers]
-
-        async def all_ready() -> bool:
-            live = await registry.live_workers(stack.redis)
-            return sum(1 for w in live if w.state == "ready" and (s := w.status_of(MODEL)) is not None
-                       and s.state == "ready") == count
-
-        await async_wait_until(all_ready, 20, f"{count} workers to be ready")
-        async with stack.client() as http:
-            await http.get("/api/ps")  # the API's view of the workers, refreshed now
+        workers = Workers(stack, redis_server.url)
         try:
-            yield stack, dict(zip((w.worker_id for w in workers), engines))
+            for _ in range(count):
+                await workers.add(FakeEngine(step_s=step_s, answer_tokens=answer_tokens, max_model_len=8192))
+            yield stack, workers.engines
         finally:
-            for w in workers:
-                w.stop()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await workers.stop()
 
 
 async def submit(http, n: int, prompt=lambda i: f"job {i}", path: str = "/api/jobs/generate", **extra) -> list[str]:
@@ -90,6 +109,30 @@ async def test_a_burst_spreads_over_the_workers_by_load(redis_server, workers, b
         assert all(r["route"]["reason"] == "balance" and r["route"]["worker_id"] == r["worker_id"] for r in done)
         # Each engine ran the jobs its worker says it did.
         assert {w: len(e.started) for w, e in engines.items()} == dict(ran)
+
+
+async def test_a_slower_worker_gets_fewer_jobs_and_a_joining_worker_takes_its_share(redis_server):
+    async with fake_stack(redis_server.url, worker=False, max_jobs=100, batch_share=1.0) as stack, \
+            stack.client() as http:
+        workers = Workers(stack, redis_server.url)
+        try:
+            fast = await workers.add(FakeEngine(step_s=0.01, answer_tokens=20))  # 0.2 s a job
+            slow = await workers.add(FakeEngine(step_s=0.05, answer_tokens=20))  # 1 s a job
+            ids = []
+            for _ in range(40):  # a steady stream: balance sends each job where fewer are running
+                ids += await submit(http, 1)
+                await asyncio.sleep(0.05)
+            ran = Counter(r["worker_id"] for r in await all_done(stack, ids))
+            # Equal running counts mean five times the jobs on the worker five times as fast.
+            assert ran[fast] >= 2 * ran[slow], ran
+
+            joined = await workers.add(FakeEngine(step_s=0.05, answer_tokens=100))
+            ids = await submit(http, 12, options={"num_predict": 100})
+            ran = Counter(r["worker_id"] for r in await all_done(stack, ids))
+            assert ran[joined] >= 3, ran  # the empty newcomer takes its part of the burst
+            assert sum(ran.values()) == 12
+        finally:
+            await workers.stop()
 
 
 def chat(user: str, history: tuple = ()) -> list[dict]:

@@ -14,7 +14,12 @@ prefill per prompt token it does not find there, one prefill at a time:
 - decision cost: the API's route() for one job (reads the workers' loads and the prompt's
   prefix owners in one round trip), mean over --decisions jobs.
 
+With --vllm, the affinity figures come from real vLLM instead: two `vllama worker` processes
+serving the bundled model (vLLM's prefix caching on, as always), an `vllama api` process per
+setting, and the hit rate from vLLM's own counters in /metrics.
+
     .venv/bin/python scripts/bench_routing.py [--chats 64] [--prefix-tokens 2000] [--prefixes 1]
+    .venv/bin/python scripts/bench_routing.py --vllm [--chats 64] [--prefix-tokens 2000]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -84,35 +90,102 @@ async def burst(redis_url: str, workers: int, size: int, route: bool) -> list[in
 
 
 async def chats(redis_url: str, args: argparse.Namespace, affinity: bool) -> dict:
-    prompts = [f"System prompt {p}: " + "Answer as a careful assistant would. " * (args.prefix_tokens // 37)
-               for p in range(args.prefixes)]
     engine = {"step_s": 0.005, "answer_tokens": 8, "prefill_s_per_token": args.prefill_us / 1e6}
     async with cluster(redis_url, 2, engine, route_affinity=affinity) as (stack, engines), \
             stack.client() as http:
-        gate = asyncio.Semaphore(args.concurrency)
-        ttfts: list[float] = []
-
-        async def one(i: int) -> None:
-            body = {"model": MODEL, "messages": [{"role": "system", "content": prompts[i % len(prompts)]},
-                                                 {"role": "user", "content": f"Question number {i}?"}]}
-            async with gate:
-                started = time.perf_counter()
-                async with http.stream("POST", "/api/chat", json=body) as r:
-                    lines = r.aiter_lines()
-                    async for line in lines:
-                        if line and json.loads(line)["message"]["content"]:
-                            ttfts.append(time.perf_counter() - started)
-                            break
-                    async for _ in lines:
-                        pass
-
-        await asyncio.gather(*(one(i) for i in range(args.chats)))
+        ttfts = await ttfts_of_chats(http, args, MODEL, system_prompts(args, len(REPEATED)))  # a token per character
         queries = sum(e.prefix_cache_queries for e in engines.values())
         hits = sum(e.prefix_cache_hits for e in engines.values())
-        q = statistics.quantiles(ttfts, n=10)
-        return {"hit_rate": round(hits / queries, 3), "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
-                "ttft_p90_ms": round(q[8] * 1000, 1), "chats_per_worker": sorted(
-                    (len(e.started) for e in engines.values()), reverse=True)}
+        return {"hit_rate": round(hits / queries, 3), **percentiles_ms(ttfts), "chats_per_worker": sorted(
+            (len(e.started) for e in engines.values()), reverse=True)}
+
+
+REPEATED = "Answer as a careful assistant would. "  # 37 characters, 7 tokens of the bundled model
+
+
+def system_prompts(args: argparse.Namespace, tokens_per_repeat: int, tag: str = "") -> list[str]:
+    """--prefixes system prompts of about --prefix-tokens tokens each."""
+    return [f"System prompt {tag}{p}: " + REPEATED * (args.prefix_tokens // tokens_per_repeat)
+            for p in range(args.prefixes)]
+
+
+async def ttfts_of_chats(http, args: argparse.Namespace, model: str, prompts: list[str], **extra) -> list[float]:
+    """--chats chats over the prompts, --concurrency at a time: each one's time to first token."""
+    gate = asyncio.Semaphore(args.concurrency)
+    ttfts: list[float] = []
+
+    async def one(i: int) -> None:
+        body = {"model": model, "messages": [{"role": "system", "content": prompts[i % len(prompts)]},
+                                             {"role": "user", "content": f"Question number {i}?"}], **extra}
+        async with gate:
+            started = time.perf_counter()
+            async with http.stream("POST", "/api/chat", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"chat {i}: {r.status_code} {(await r.aread()).decode()}")
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line and "error" in (got := json.loads(line)):
+                        raise RuntimeError(f"chat {i}: {got['error']}")
+                    if line and got["message"]["content"]:
+                        ttfts.append(time.perf_counter() - started)
+                        break
+                async for _ in lines:
+                    pass
+
+    await asyncio.gather(*(one(i) for i in range(args.chats)))
+    return ttfts
+
+
+def percentiles_ms(ttfts: list[float]) -> dict:
+    return {"ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+            "ttft_p90_ms": round(statistics.quantiles(ttfts, n=10)[8] * 1000, 1)}
+
+
+def metric_by_worker(text: str, name: str) -> Counter:
+    return Counter({m.group(1): float(m.group(2)) for m in re.finditer(rf'{name}\{{worker="([^"]+)",[^}}]*\}} (\S+)', text)})
+
+
+async def vllm_chats(args: argparse.Namespace) -> None:
+    """The affinity figures through real vLLM: worker and API processes, as a user runs them."""
+    import httpx
+
+    from tests.e2e.conftest import MODEL as BUNDLED
+    from tests.e2e.conftest import start_worker, wait_ready
+    from tests.harness import start_api
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home, logs = Path(tmp) / "home", Path(tmp) / "logs"
+        logs.mkdir()
+        redis = EmbeddedRedis(data_dir=Path(tmp) / "redis").start()
+        env = {"VLLAMA_HOME": str(home), "HF_HUB_OFFLINE": "1", "VLLAMA_MAX_JOBS": str(2 * args.concurrency)}
+        workers = [start_worker(redis.url, logs / f"worker-{i}.log", **env) for i in range(2)]
+        try:
+            api, base = start_api(redis.url, logs, **env)
+            wait_ready(base, workers[0], n_workers=2)
+            api.stop()
+            for affinity in (False, True):
+                api, base = start_api(redis.url, logs, VLLAMA_ROUTE_AFFINITY=str(affinity).lower(), **env)
+                try:
+                    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+                        before = (await http.get("/metrics")).text
+                        # A prompt of its own per setting, so each starts from a cold cache.
+                        ttfts = await ttfts_of_chats(http, args, BUNDLED, system_prompts(args, 7, "A" if affinity else "B"),
+                                                     options={"num_predict": 8, "temperature": 0, "num_ctx": 8192})
+                        await asyncio.sleep(3)  # vLLM's counters reach /metrics with the next heartbeat
+                        after = (await http.get("/metrics")).text
+                finally:
+                    api.stop()
+                queries, hits = (metric_by_worker(after, n) - metric_by_worker(before, n)
+                                 for n in ("vllama_prefix_cache_queries_total", "vllama_prefix_cache_hits_total"))
+                prompt_tokens = sorted((int(v) for v in queries.values()), reverse=True)
+                print(f"vLLM, {args.chats} chats, {args.prefixes} shared prefix(es) of about {args.prefix_tokens} "
+                      f"tokens, {'affinity' if affinity else 'load alone'}: hit rate "
+                      f"{sum(hits.values()) / sum(queries.values()):.3f}, {percentiles_ms(ttfts)}, "
+                      f"prompt tokens per worker {prompt_tokens}", flush=True)
+        finally:
+            for w in workers:
+                w.stop()
+            redis.stop()
 
 
 async def decision_cost(redis_url: str, n: int) -> dict:
@@ -140,7 +213,11 @@ async def main() -> None:
     parser.add_argument("--prefill-us", type=float, default=200.0, help="prefill per uncached prompt token (µs)")
     parser.add_argument("--decisions", type=int, default=2000)
     parser.add_argument("--skip-bursts", action="store_true")
+    parser.add_argument("--vllm", action="store_true", help="the affinity figures through real vLLM, nothing else")
     args = parser.parse_args()
+    if args.vllm:
+        await vllm_chats(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(data_dir=Path(tmp)).start()
         try:

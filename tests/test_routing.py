@@ -163,8 +163,13 @@ async def test_prompts_sharing_a_long_prefix_go_where_it_ran_and_hit_its_cache(r
         assert more["worker_id"] == home and more["route"]["reason"] == "affinity"
         shown = (await http.get(f"/api/jobs/{more['job_id']}")).json()
         assert shown["route"] == {"worker_id": home, "reason": "affinity", "prefix_chars": more["route"]["prefix_chars"]}
+        # The same through OpenAI's API, as a client that resends the conversation does.
+        r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": chat("and then?", history)})
+        assert r.status_code == 200, r.text
+        (openai_chat,) = await records(stack, [r.json()["id"].removeprefix("chatcmpl-")])
+        assert openai_chat["worker_id"] == home and openai_chat["route"]["reason"] == "affinity"
 
-        expected = [f'vllama_route_decisions_total{{worker="{home}",model="{MODEL}",reason="affinity"}} 7',
+        expected = [f'vllama_route_decisions_total{{worker="{home}",model="{MODEL}",reason="affinity"}} 8',
                     f'vllama_route_decisions_total{{worker="{home}",model="{MODEL}",reason="balance"}} 1',
                     f'vllama_prefix_cache_hits_total{{worker="{home}",model="{MODEL}"}} {engine.prefix_cache_hits}']
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from arq.connections import ArqRedis
 from pydantic import TypeAdapter
 
+from api.brief_cache import BriefCache
 from api.loading import Loader
 from api.pubsub import FrameMultiplexer, Subscription
 from api.routing import Router
@@ -42,28 +43,27 @@ class Dispatcher:
         self.redis = redis
         self.mux = mux
         self.settings = settings
-        self._workers: list[registry.WorkerInfo] = []
-        self._workers_at = 0.0
+        self._workers: BriefCache[None, list[registry.WorkerInfo]] = BriefCache(
+            WORKER_CACHE_S, lambda _: registry.live_workers(redis))
         self.queue = JobQueue(redis, settings.keep_result_s)
         self.router = Router(redis, settings.route_hold_s, settings.route_affinity)
         self.loader = Loader(redis, mux, settings)
         mux.on_orphan = self._orphaned
         self._aborting: set[asyncio.Task] = set()
-        self._descriptions: dict[str, tuple[float, ModelDescription | None]] = {}
+        self._descriptions: BriefCache[str, ModelDescription | None] = BriefCache(WORKER_CACHE_S, self._description)
 
     async def with_model_defaults(self, job: GenerationJob) -> None:
         """Give ``job`` what its model was created with (common/model_defaults.py). The model's
         description comes from the catalog, cached as briefly as the workers are."""
         if job.kind == "embed":
             return
-        now = time.monotonic()
-        at, description = self._descriptions.get(job.model, (0.0, None))
-        if now - at > WORKER_CACHE_S:
-            entry = await catalog.lookup(self.redis, job.model)
-            description = entry.manifest.description if entry is not None else None
-            self._descriptions[job.model] = (now, description)
+        description = await self._descriptions.get(job.model)
         if description is not None:
             model_defaults.apply(job, description)
+
+    async def _description(self, model: str) -> ModelDescription | None:
+        entry = await catalog.lookup(self.redis, model)
+        return entry.manifest.description if entry is not None else None
 
     def _orphaned(self, job_id: str) -> None:
         """A worker streams a job nobody here reads: its client left and the abort sent then
@@ -74,11 +74,7 @@ class Dispatcher:
 
     async def live_workers(self, fresh: bool = False) -> list[registry.WorkerInfo]:
         """Live workers, cached briefly: every request asks, Redis need not answer each."""
-        now = time.monotonic()
-        if fresh or now - self._workers_at > WORKER_CACHE_S:
-            self._workers = await registry.live_workers(self.redis)
-            self._workers_at = now
-        return self._workers
+        return await self._workers.get(None, fresh)
 
     async def workers_for(self, model: str, fresh: bool = False) -> list[registry.WorkerInfo]:
         return [w for w in await self.live_workers(fresh) if model in w.models]

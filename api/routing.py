@@ -63,6 +63,10 @@ class Router:
         if not candidates:
             return
         now_ms = clock.now_ms()
+        if len(candidates) == 1:  # no choice to make: no loads or owners to read
+            for job in jobs:
+                self._set(job, candidates[0], "balance", 0, now_ms)
+            return
         prefixes = [prefix_hashes(j) if self.affinity else [] for j in jobs]
         lookups = sorted({h for hs in prefixes for h in hs[FIRST_COMPARED:]})
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -78,11 +82,14 @@ class Router:
         owners = dict(zip(lookups, (o.decode() if o else None for o in answers[-1]))) if lookups else {}
         for job, hashes in zip(jobs, prefixes):
             chosen, reason, shared = self._choose(candidates, hashes, owners)
-            chosen.load += 1
-            job.route = JobRoute(worker_id=chosen.worker_id, reason=reason, prefix_chars=shared,
-                                 until_ms=now_ms + self.hold_ms)
-            key = (model, chosen.worker_id)
-            self._pending[key] = self._pending.get(key, 0) + 1
+            self._set(job, chosen, reason, shared, now_ms)
+
+    def _set(self, job: GenerationJob, chosen: Candidate, reason: Reason, shared: int, now_ms: int) -> None:
+        chosen.load += 1
+        job.route = JobRoute(worker_id=chosen.worker_id, reason=reason, prefix_chars=shared,
+                             until_ms=now_ms + self.hold_ms)
+        key = (job.model, chosen.worker_id)
+        self._pending[key] = self._pending.get(key, 0) + 1
 
     def settle(self, jobs: list[GenerationJob]) -> None:
         """The jobs' enqueues are done (or failed): Redis counts them from now on."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,18 +17,19 @@ NDJSON = "application/x-ndjson"
 # Line separators that str.splitlines() (and so ollama-python's line reader) splits on,
 # but JSON allows raw inside strings; escape them so every line is one object.
 _LINE_BREAKS = {"\u2028".encode(): b"\\u2028", "\u2029".encode(): b"\\u2029", "\u0085".encode(): b"\\u0085"}
-_created_at: tuple[int, str] = (0, "")  # (millisecond, its RFC 3339 text)
+_second: tuple[int, str] = (0, "")  # (a second since the epoch, its RFC 3339 text up to the ".")
 
 
 def now_rfc3339() -> str:
-    """Now, as Ollama's created_at. Made once per millisecond: a busy stream writes
-    thousands of lines a second, and formatting a time costs more than the rest of a line."""
-    global _created_at
+    """Now, as Ollama's created_at (UTC, to the microsecond). The date and time of day are
+    formatted once per second: a busy API writes tens of thousands of lines a second, each at
+    a different microsecond, and formatting a whole time costs more than the rest of a line."""
+    global _second
     now = time.time()
-    ms = int(now * 1000)
-    if ms != _created_at[0]:
-        _created_at = (ms, datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-    return _created_at[1]
+    second = int(now)
+    if second != _second[0]:
+        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+    return f"{_second[1]}{int((now - second) * 1_000_000):06d}Z"
 
 
 def line(obj: dict[str, Any]) -> bytes:

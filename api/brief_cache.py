@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -35,8 +36,12 @@ class BriefCache(Generic[K, V]):
         fetch = asyncio.ensure_future(self._fetch_into(key))
         if not fresh:
             self._fetching[key] = fetch
-            fetch.add_done_callback(lambda f: self._fetching.pop(key, None) if self._fetching.get(key) is f else None)
+            fetch.add_done_callback(partial(self._fetched, key))
         return await asyncio.shield(fetch)
+
+    def _fetched(self, key: K, fetch: asyncio.Future[V]) -> None:
+        if self._fetching.get(key) is fetch:
+            del self._fetching[key]
 
     async def _fetch_into(self, key: K) -> V:
         started = time.monotonic()

@@ -15,7 +15,7 @@ prefill per prompt token it does not find there, one prefill at a time:
   prefix owners in one round trip), mean over --decisions jobs.
 
 With --vllm, the affinity figures come from real vLLM instead: two `vllama worker` processes
-serving the bundled model (vLLM's prefix caching on, as always), an `vllama api` process per
+serving the bundled model (vLLM's prefix caching on, as always), a `vllama api` process per
 setting, and the hit rate from vLLM's own counters in /metrics.
 
     .venv/bin/python scripts/bench_routing.py [--chats 64] [--prefix-tokens 2000] [--prefixes 1]

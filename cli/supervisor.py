@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 STOP_GRACE_S = 45.0  # workers drain running jobs for 30 s when stopped
 REDIS_LOST_GRACE_S = 5.0
+STOP_AGAIN_S = 2.0  # how often a failure asks again for the stop, until it has begun
 
 # One line of a part's log that says why it failed: "<time> ERROR <logger>: <message>".
 _ERROR_LINE = re.compile(rb"\b(?:ERROR|CRITICAL) [\w.]+: (.+)$")
@@ -284,3 +285,9 @@ class Supervisor:
             self.failure = message
             log.error("%s; stopping", message)
             self._on_failure()
+            # Asked once, the stop can be lost: a signal that comes while serve's API is still
+            # starting may land where a library swallows the KeyboardInterrupt (seen once: the
+            # API then started and served on, its worker gone). Ask until stop() has begun.
+            while not self._stopping.wait(STOP_AGAIN_S):
+                log.warning("asking again to stop (%s)", message)
+                self._on_failure()

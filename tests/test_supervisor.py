@@ -9,12 +9,13 @@ import logging
 import sys
 import textwrap
 import threading
+import time
 import uuid
 
 import pytest
 import redis
 
-from cli.supervisor import Backoff, Part, Registration, StderrTail, Supervisor
+from cli.supervisor import STOP_AGAIN_S, Backoff, Part, Registration, StderrTail, Supervisor
 from tests.harness import wait_until
 
 # Run n (counted in a file) does what PLAN[n] says: "ready" registers and lives, "ready-die"
@@ -116,3 +117,16 @@ def test_a_part_that_never_was_ready_stops_everything_and_says_why(run_factory):
     assert run.failed.wait(30)
     assert run.supervisor.failure == "the stand-in could not start: cannot start: run 0 (it exited with status 4)"
     assert run.count() == 1, "a part that cannot start is not started again"
+
+
+def test_a_failure_asks_again_to_stop_until_the_stop_begins(run_factory):
+    """A stop signal lost while serve's API was starting must not leave serve running."""
+    run = run_factory("die")
+    asked = []
+    run.supervisor._on_failure = lambda: asked.append(time.monotonic())
+    run.supervisor.start()
+    wait_until(lambda: len(asked) >= 2, 30, "the stop to be asked for twice")
+    run.supervisor.stop()
+    count = len(asked)
+    time.sleep(2 * STOP_AGAIN_S)
+    assert len(asked) == count, "asked again after the stop had begun"

@@ -31,6 +31,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.load_client import StreamClient
+
 PROMPTS = [
     "Explain why the sky is blue.",
     "Write a short poem about the sea.",
@@ -198,16 +200,20 @@ async def model_dir(settings) -> Path | None:
 @dataclass
 class Running:
     http: object  # aiohttp.ClientSession
+    streams: StreamClient  # for the streamed answers measured
     pids: dict[str, list[int]]  # kind of process -> their pids, for cpu()
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far per kind of process; a worker's engine processes (vLLM's engine
-        core: the model's compute) are counted apart from the worker's own."""
+        core: the model's compute) are counted apart from the worker's own. The load
+        generator's own (this process: "client") is counted too: on a small machine every
+        part takes from the same cores."""
         seconds = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.pids.items()}
         if "worker" in self.pids:
             seconds["engine"] = seconds["worker"]
             seconds["worker"] = sum(cpu_seconds(pid, below=False) for pid in self.pids["worker"])
             seconds["engine"] -= seconds["worker"]
+        seconds["client"] = time.process_time()
         return seconds
 
 
@@ -223,11 +229,14 @@ async def running_stack(settings, workers: int = 1):
     worker_procs = [subprocess.Popen([*command, "worker"], env=env) for _ in range(workers)]
     api = subprocess.Popen([*command, "api", "--port", str(port)], env=env)
     procs = [*worker_procs, api]
+    streams = StreamClient("127.0.0.1", port)
     try:
         async with _session(port, procs) as http:
             await _workers_ready(redis.url, workers, procs)  # all of them before the clock starts
-            yield Running(http, {"api": [api.pid], "worker": [p.pid for p in worker_procs]})
+            yield Running(http, streams,
+                          {"api": [api.pid], "worker": [p.pid for p in worker_procs], "redis": [redis.pid]})
     finally:
+        streams.close()
         _stop(procs)
         redis.stop()
 
@@ -275,10 +284,12 @@ async def running_vllm_server(settings, path: Path):
     if (not cuda) if settings.enforce_eager is None else settings.enforce_eager:
         command.append("--enforce-eager")
     proc = subprocess.Popen(command, env=env)
+    streams = StreamClient("127.0.0.1", port)
     try:
         async with _session(port, [proc], health="/health") as http:
-            yield Running(http, {"server": [proc.pid]})
+            yield Running(http, streams, {"server": [proc.pid]})
     finally:
+        streams.close()
         _stop([proc])
 
 
@@ -307,61 +318,49 @@ def _stop(procs) -> None:
             p.kill()
 
 
-async def stream_generate(http, body: dict) -> tuple[Sample, float]:
+async def stream_generate(streams: StreamClient, body: dict) -> tuple[Sample, float]:
     """One streamed /api/generate: (time to first token and tokens, mean seconds between the
-    writes that carried tokens). The client reads every byte but parses only the final line:
+    reads that carried tokens). The client reads every byte but parses only the final line:
     on a small machine a client that parses each line takes CPU the server is measured on."""
     start = time.perf_counter()
-    first = last = None
-    writes = 0
-    tail = b""
-    async with http.post("/api/generate", json=body) as r:
-        async for data in r.content.iter_any():
-            last = time.perf_counter()
-            first = first or last - start
-            writes += 1
-            tail = (tail + data)[-4096:]
-    final = json.loads(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])
-    if "error" in final:
-        raise RuntimeError(final["error"])
-    between = (last - start - first) / (writes - 1) if first is not None and writes > 1 else 0.0
-    return Sample(first or 0.0, final["eval_count"]), between
+    reply = await streams.post("/api/generate", json.dumps(body).encode())
+    final = json.loads(reply.tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])
+    if reply.status != 200 or "error" in final:
+        raise RuntimeError(final.get("error", final))
+    first = reply.first_s - start
+    between = (reply.last_s - reply.first_s) / (reply.reads - 1) if reply.reads > 1 else 0.0
+    return Sample(first, final["eval_count"]), between
 
 
-async def stream_completion(http, body: dict) -> Sample:
+async def stream_completion(streams: StreamClient, body: dict) -> Sample:
     """One streamed OpenAI /v1/completions: time to first token, and tokens (from usage),
     read the same way."""
     start = time.perf_counter()
-    first = None
-    tail = b""
-    async with http.post("/v1/completions", json={**body, "stream": True,
-                                                  "stream_options": {"include_usage": True}}) as r:
-        if r.status != 200:
-            raise RuntimeError(await r.text())
-        async for data in r.content.iter_any():
-            first = first or time.perf_counter() - start
-            tail = (tail + data)[-8192:]
-    events = [e for e in tail.split(b"\n\n") if e.startswith(b"data: {")]
+    reply = await streams.post("/v1/completions", json.dumps(
+        {**body, "stream": True, "stream_options": {"include_usage": True}}).encode())
+    if reply.status != 200:
+        raise RuntimeError(reply.tail.decode(errors="replace"))
+    events = [line for line in reply.tail.split(b"\n") if line.startswith(b"data: {")]
     usage = json.loads(events[-1][6:]).get("usage") if events else None
     if not usage:
-        raise RuntimeError(f"the stream ended without usage: {tail[-300:]!r}")
-    return Sample(first or 0.0, usage["completion_tokens"])
+        raise RuntimeError(f"the stream ended without usage: {reply.tail[-300:]!r}")
+    return Sample(reply.first_s - start, usage["completion_tokens"])
 
 
-def _generate_one(settings, http, num_predict: int) -> One:
+def _generate_one(settings, streams: StreamClient, num_predict: int) -> One:
     async def one(i: int) -> Sample:
         body = {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
                 "options": {"temperature": 0, "num_predict": length(num_predict, i)}}
-        return (await stream_generate(http, body))[0]
+        return (await stream_generate(streams, body))[0]
 
     return one
 
 
-def _completion_one(model: str, http, num_predict: int) -> One:
+def _completion_one(model: str, streams: StreamClient, num_predict: int) -> One:
     async def one(i: int) -> Sample:
         body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": length(num_predict, i),
                 "temperature": 0}
-        return await stream_completion(http, body)
+        return await stream_completion(streams, body)
 
     return one
 
@@ -369,7 +368,7 @@ def _completion_one(model: str, http, num_predict: int) -> One:
 async def bench_stack(settings, levels: list[int], num_predict: int, per_level, workers: int = 1
                       ) -> list[LevelResult]:
     async with running_stack(settings, workers) as stack:
-        return await measure(_generate_one(settings, stack.http, num_predict), levels, per_level,
+        return await measure(_generate_one(settings, stack.streams, num_predict), levels, per_level,
                              f"stack, {workers} worker(s)", stack.cpu)
 
 
@@ -379,10 +378,10 @@ async def bench_peer(settings, levels: list[int], num_predict: int, per_level
         raise SystemExit("--peer compares with vLLM's own server, which needs the real engine (unset VLLAMA_ENGINE)")
     path = await model_dir(settings)
     async with running_stack(settings) as stack:
-        ours = await measure(_completion_one(settings.model, stack.http, num_predict), levels, per_level,
+        ours = await measure(_completion_one(settings.model, stack.streams, num_predict), levels, per_level,
                              "vLLama /v1/completions", stack.cpu)
     async with running_vllm_server(settings, path) as server:
-        theirs = await measure(_completion_one(settings.model, server.http, num_predict), levels, per_level,
+        theirs = await measure(_completion_one(settings.model, server.streams, num_predict), levels, per_level,
                                "vLLM's server /v1/completions", server.cpu)
     return ours, theirs
 
@@ -398,7 +397,7 @@ async def bench_during_batch(settings, jobs: int, num_predict: int, samples: int
         http = stack.http
 
         async def probe() -> list[tuple[Sample, float]]:
-            return [await stream_generate(http, {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
+            return [await stream_generate(stack.streams, {"model": settings.model, "prompt": PROMPTS[i % len(PROMPTS)],
                                                  "options": {"temperature": 0, "num_predict": 16}})
                     for i in range(samples)]
 
@@ -478,6 +477,17 @@ def print_scaling(by_workers: dict[int, list[LevelResult]]) -> None:
     print()
 
 
+def _run(main: Awaitable):
+    """uvloop where it imports, as the API and the worker run: on a small machine the load
+    generator's own loop takes CPU from what is measured (and the engine measured in-process
+    runs on the same loop, so the two ways stay comparable)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def run_bench(args: argparse.Namespace) -> None:
     from common.settings import Settings
 
@@ -495,24 +505,24 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.during_batch:
         print(f"model {settings.model}: a streamed request idle and behind {args.during_batch} jobs of "
               f"{args.num_predict} tokens, median of 5")
-        asyncio.run(bench_during_batch(settings, args.during_batch, args.num_predict))
+        _run(bench_during_batch(settings, args.during_batch, args.num_predict))
         return
     spread = " (0.5x-1.5x, varied)" if VARY_LENGTH else ""
     header = (f"model {settings.model}, {args.num_predict} tokens per request{spread}, greedy, levels {levels}, "
               f"median of {REPEATS} runs per level")
     if args.peer:
         print(header + "; vLLama's /v1/completions, then vLLM's own server's")
-        ours, theirs = asyncio.run(bench_peer(settings, levels, args.num_predict, per_level))
+        ours, theirs = _run(bench_peer(settings, levels, args.num_predict, per_level))
         print_table(theirs, ours, ("vLLM", "vLLama"))
         return
     if args.workers:
         counts = [int(x) for x in args.workers.split(",") if x.strip()]
         print(header + f"; the stack with {counts} workers")
-        print_scaling({n: asyncio.run(bench_stack(settings, levels, args.num_predict, per_level, n)) for n in counts})
+        print_scaling({n: _run(bench_stack(settings, levels, args.num_predict, per_level, n)) for n in counts})
         return
     print(header)
     print("phase 1/2: engine in-process")
-    engine = asyncio.run(bench_engine(settings, levels, args.num_predict, per_level))
+    engine = _run(bench_engine(settings, levels, args.num_predict, per_level))
     print("phase 2/2: through the stack (redis-server, vllama worker, vllama api)")
-    stack = asyncio.run(bench_stack(settings, levels, args.num_predict, per_level))
+    stack = _run(bench_stack(settings, levels, args.num_predict, per_level))
     print_table(engine, stack)

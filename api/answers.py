@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from api.disconnect import unless_disconnected
+from api.disconnect import StreamedAnswer, unless_disconnected
 from api.dispatch import Dispatcher, JobStream
 from common.errors import VllamaError
 from common.protocol import (
@@ -90,7 +90,7 @@ async def respond(request: Request, streams: list[JobStream], *,
     except BaseException:
         await close_streams(streams)
         raise
-    return StreamingResponse(_relayed(relay(outputs), streams, error), media_type=media_type, headers=headers)
+    return StreamedAnswer(_relayed(relay(outputs), streams, error), media_type=media_type, headers=headers)
 
 
 async def whole_answer(request: Request, stream: JobStream) -> Answer:

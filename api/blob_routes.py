@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from api import ndjson
 from api.answers import ending_in_band
+from api.disconnect import StreamedAnswer
 from api.dispatch import Dispatcher
 from api.model_wire import CreateRequest
 from api.file_quota import shown
@@ -169,7 +170,7 @@ async def create_from_files(d: Dispatcher, body: CreateRequest) -> Response:
         finally:
             await waiting.aclose()
 
-    return StreamingResponse(relayed(), media_type=ndjson.NDJSON)
+    return StreamedAnswer(relayed(), media_type=ndjson.NDJSON)
 
 
 def _best_store(held: dict[str, list[tuple[StoreInfo, int]]]) -> str:

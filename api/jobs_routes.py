@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api import jobs, ndjson, ownership
 from api.answers import ending_in_band, singly
+from api.disconnect import StreamedAnswer
 from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.limits import RequestLimits
@@ -101,7 +102,7 @@ async def stream_job(request: Request, job_id: str) -> Response:
     record = state.record
     if record.kind == "pull":  # the pull's progress lines, joining it (or re-checking it, if done)
         return await pull_response(dispatcher, record.model, stream=True)
-    return StreamingResponse(_relay(dispatcher, job_id, record.model, record.kind), media_type=ndjson.NDJSON)
+    return StreamedAnswer(_relay(dispatcher, job_id, record.model, record.kind), media_type=ndjson.NDJSON)
 
 
 @router.delete("/{job_id}")

@@ -16,10 +16,11 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api import ndjson
 from api.blob_routes import create_from_files
+from api.disconnect import StreamedAnswer
 from api.dispatch import Dispatcher
 from api.errors import parse_body
 from api.model_wire import (CopyRequest, CreateRequest, DeleteRequest, PullRequest, PushRequest, ShowRequest,
@@ -59,7 +60,7 @@ async def pull_response(d: Dispatcher, model: str, stream: bool) -> Response:
         finally:
             await states.aclose()
         return JSONResponse({"status": "success"})
-    return StreamingResponse(ndjson.relay_progress(lines, states, "pull again", lines.lines(first)),
+    return StreamedAnswer(ndjson.relay_progress(lines, states, "pull again", lines.lines(first)),
                              media_type=ndjson.NDJSON)
 
 

@@ -15,10 +15,11 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter
 
 from api import ndjson
+from api.disconnect import StreamedAnswer
 from api.dispatch import Dispatcher
 from api.pubsub import Overflowed, Subscription
 from common import catalog, keys
@@ -143,4 +144,4 @@ async def push_response(d: Dispatcher, store_id: str, model: str, repo: str, rev
     except BaseException:
         await states.aclose()
         raise
-    return StreamingResponse(ndjson.relay_progress(lines, states, "push again", first), media_type=ndjson.NDJSON)
+    return StreamedAnswer(ndjson.relay_progress(lines, states, "push again", first), media_type=ndjson.NDJSON)

@@ -10,6 +10,7 @@ in common/job_queue.py, which also decides what results are kept (keep_no_result
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from typing import Any
 import arq.worker
 from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.utils import to_ms
+from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -271,36 +273,91 @@ class JobConsumer(Worker):
         *claimed, held_ms = await self.pool.eval(
             _CLAIM, 3, self.queue_name, keys.RUNNING, keys.busy(claimer), in_progress_key(""), clock.now_ms(),
             int(self.in_progress_timeout_s * 1000), free, claimer, keys.route(""), keys.routed(""), self.busy_field,
-            *candidates)
+            job_key_prefix, retry_key_prefix, abort_jobs_ss if self.allow_abort_jobs else "", *candidates)
         if int(held_ms) >= 0:
             # Jobs routed to other workers were left; if still queued when their hold lapses,
             # they are anyone's (api/routing.py): look again then.
             self._wake_in(int(held_ms) / 1000 + TIE_BREAK_S)
-        for job_id, score in zip(claimed[::2], claimed[1::2]):
+        for i in range(0, len(claimed), _CLAIMED_FIELDS):
+            job_id, score, payload, tries, aborted = claimed[i:i + _CLAIMED_FIELDS]
             job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
             await self.sem.acquire()  # never waits: only free slots were claimed
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            # arq's run_job opens with its start transaction; the claim ran it already.
+            started = [payload, tries, 1, aborted] if self.allow_abort_jobs else [payload, tries, 1]
+            context = contextvars.copy_context()
+            context.run(_CLAIMED_START.set, _ClaimedStart(started))
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))), context=context)
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
-        if len(claimed) // 2 == free and len(candidates) > free:
+        if len(claimed) // _CLAIMED_FIELDS == free and len(candidates) > free:
             self._jobs_left = True  # the next job to end polls for the others
+
+    @property
+    def pool(self) -> ArqRedis:
+        # In a job's task, the first use of the pool is arq's start transaction (run_job's
+        # first statement), which the claim ran already: it gets the claim's results instead
+        # of a round trip per job, the worker's largest cost per job started.
+        started = _CLAIMED_START.get()
+        if started is None:
+            return self._pool
+        _CLAIMED_START.set(None)
+        return started  # type: ignore[return-value]
+
+
+# The claim's results of arq's start transaction, for the task of the job they are for.
+_CLAIMED_START: contextvars.ContextVar[_ClaimedStart | None] = contextvars.ContextVar("claimed_start", default=None)
+
+
+class _ClaimedStart:
+    """Stands in for the pool in arq's ``run_job`` (arq 0.28, pinned), which opens with
+    ``async with self.pool.pipeline(transaction=True)``: GET the job, INCR and EXPIRE its try
+    counter, ZREM it from the abort set. The claim script did these already, atomically with
+    the claim; this replays their results, and fails loudly should arq queue anything else."""
+
+    _EXPECTED = ("get", "incr", "expire", "zrem")
+
+    def __init__(self, results: list[Any]) -> None:
+        self._results = results
+        self._queued: list[str] = []
+
+    def pipeline(self, transaction: bool = True) -> _ClaimedStart:
+        return self
+
+    async def __aenter__(self) -> _ClaimedStart:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, command: str) -> Callable[..., None]:
+        if command not in self._EXPECTED:
+            raise AttributeError(f"arq's start transaction queued {command!r}; the claim script does not run it")
+        return lambda *args: self._queued.append(command)
+
+    async def execute(self) -> list[Any]:
+        if tuple(self._queued) != self._EXPECTED[:len(self._results)]:
+            raise RuntimeError(f"arq's start transaction was {self._queued}, not what the claim script ran")
+        return self._results
 
 
 # KEYS: the queue zset, keys.RUNNING, keys.busy(claimer). ARGV: the in-progress key prefix,
 # now (ms), the in-progress marker's TTL (ms), how many to claim at most, the claiming worker's
 # id ("" to record none), the route hold key prefix, the routed zset prefix, the busy field,
-# then the candidate job ids in queue order.
+# arq's job and retry key prefixes, arq's abort zset ("" if aborts are not watched), then the
+# candidate job ids in queue order.
 # A job held for another worker (keys.route names it) is left; one held for this worker, or
-# no longer held, is claimed, and its hold removed.
-# Returns id, score, id, score, ... of the jobs claimed (marked in progress) for this worker,
-# then the ms until the first hold on a job left lapses (-1: none left).
+# no longer held, is claimed, and its hold removed. A claimed job is also started as arq's
+# run_job starts it: its payload read, its try counted, its abort request (if any) taken.
+# Returns id, score, payload, try, aborted (0/1) for each job claimed (marked in progress) for
+# this worker, then the ms until the first hold on a job left lapses (-1: none left).
+_CLAIMED_FIELDS = 5
 _CLAIM = """
 local claimed = {}
 local room = tonumber(ARGV[4])
 local claimer = ARGV[5]
 local soonest = -1
-for i = 9, #ARGV do
+for i = 12, #ARGV do
   if room == 0 then break end
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], id)
@@ -318,14 +375,22 @@ for i = 9, #ARGV do
       end
       redis.call('PSETEX', marker, ARGV[3], '1')
       if claimer ~= '' then redis.call('HSET', KEYS[2], id, claimer) end
+      local retry = ARGV[10] .. id
+      local tries = redis.call('INCR', retry)
+      redis.call('EXPIRE', retry, 88400)
+      local aborted = 0
+      if ARGV[11] ~= '' then aborted = redis.call('ZREM', ARGV[11], id) end
       claimed[#claimed + 1] = id
       claimed[#claimed + 1] = score
+      claimed[#claimed + 1] = redis.call('GET', ARGV[9] .. id)
+      claimed[#claimed + 1] = tries
+      claimed[#claimed + 1] = aborted
       room = room - 1
     end
   end
 end
 if claimer ~= '' and ARGV[8] ~= '' and #claimed > 0 then
-  redis.call('HINCRBY', KEYS[3], ARGV[8], #claimed / 2)
+  redis.call('HINCRBY', KEYS[3], ARGV[8], #claimed / 5)
 end
 claimed[#claimed + 1] = soonest
 return claimed

@@ -55,7 +55,8 @@ def run_api(settings: Settings) -> None:
     # Clients keep connections open between requests (ollama-python, httpx pools); closing
     # idle ones after uvicorn's default 5 s races with their reuse and fails a request.
     options: dict = dict(host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
-                         timeout_keep_alive=120, loop=_event_loop(), http=_http_parser())
+                         timeout_keep_alive=120, loop=_event_loop(), http=_http_parser(),
+                         access_log=settings.access_log)
     if settings.api_workers > 1:
         _run_api_processes(settings, options)
         return

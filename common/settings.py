@@ -224,6 +224,8 @@ class Settings(BaseSettings):
     )
     job_log: bool = Field(default=False, description="Log each job's start and end in the worker (arq's lines); "
                           "off by default: at hundreds of jobs a second they cost a share of the worker's CPU.")
+    access_log: bool = Field(default=True, description="Log a line per HTTP request in the API, as Ollama does; "
+                             "off saves the API a share of its CPU per request under heavy load.")
 
     # --- liveness ---
     heartbeat_interval_s: float = Field(default=1.0, gt=0)

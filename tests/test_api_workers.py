@@ -262,3 +262,30 @@ def test_metrics_count_the_requests_of_every_api_process(redis_server, fake_work
     finally:
         api.stop()
         api.kill_tree()
+
+
+@pytest.mark.parametrize(("setting", "logged"), [(None, True), ("0", False)])
+def test_the_access_log_is_on_unless_turned_off(redis_server, tmp_path, setting, logged):
+    port = free_port()
+    env = {"VLLAMA_REDIS_URL": redis_server.url, "OLLAMA_HOST": ""}
+    if setting is not None:
+        env["VLLAMA_ACCESS_LOG"] = setting
+    api = Proc(["api", "--port", str(port)], env, tmp_path / "api.log")
+    try:
+        wait_until(lambda: _version(port), 60, "the API to answer")
+        api.stop()
+        log = api.log_path.read_text()
+        assert "Application startup complete" in log  # the API's other lines stay either way
+        assert ('"GET /api/version HTTP/1.1" 200' in log) == logged, log[-2000:]
+    finally:
+        api.stop()
+        api.kill_tree()
+
+
+def _version(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/api/version")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import arq.worker
+from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.utils import to_ms
-from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -258,11 +258,12 @@ class JobConsumer(Worker):
         """Start as many of ``job_ids`` as there are free slots, claimed in one round trip.
 
         arq claims each job with its own WATCH/MULTI transaction, four round trips one after
-        another: under load (hundreds of jobs a second starting on one worker) that was the
-        limit on how fast a worker could take work, and every job waited behind the others'
-        round trips. The claim script does for all of them at once what arq's transaction does
-        for one (skip a job another worker started, or one scored in the future; mark the rest
-        in progress), atomically, so two workers still never start the same job."""
+        another, then starts it with another transaction: under load (hundreds of jobs a
+        second starting on one worker) that was the limit on how fast a worker could take
+        work, and every job waited behind the others' round trips. The claim script does for
+        all of them at once what arq's transactions do for one (skip a job another worker
+        started, or one scored in the future; mark the rest in progress; read each, count its
+        try, take its abort request), atomically, so two workers still never start the same job."""
         candidates = [j.decode() for j in job_ids if j.decode() not in self.tasks]
         free = self.max_jobs - self.job_counter
         if not candidates or free <= 0 or not self.allow_pick_jobs:

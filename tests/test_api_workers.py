@@ -83,10 +83,10 @@ def _generate(port: int, processes: list[psutil.Process], stream: bool) -> int |
         conn.close()
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, path: str = "/health") -> bool:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", "/health")
+        conn.request("GET", path)
         return conn.getresponse().status == 200
     except OSError:
         return False
@@ -272,7 +272,7 @@ def test_the_access_log_is_on_unless_turned_off(redis_server, tmp_path, setting,
         env["VLLAMA_ACCESS_LOG"] = setting
     api = Proc(["api", "--port", str(port)], env, tmp_path / "api.log")
     try:
-        wait_until(lambda: _version(port), 60, "the API to answer")
+        wait_until(lambda: _answers(port, "/api/version"), 60, "the API to answer")
         api.stop()
         log = api.log_path.read_text()
         assert "Application startup complete" in log  # the API's other lines stay either way
@@ -280,12 +280,3 @@ def test_the_access_log_is_on_unless_turned_off(redis_server, tmp_path, setting,
     finally:
         api.stop()
         api.kill_tree()
-
-
-def _version(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", "/api/version")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
